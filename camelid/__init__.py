@@ -1,0 +1,45 @@
+"""camelid: LLaMA in PyTorch (Touvron et al., 2023).
+
+    import camelid, torch
+    llm = camelid.load("model.gguf", device="cpu", dtype=torch.float32)
+    print(llm.generate("The capital of France is", max_new_tokens=16, temperature=0.0))
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from camelid.errors import CamelidError
+
+__version__ = "0.1.0"
+__all__ = ["CamelidError", "LLM", "load", "__version__"]
+
+
+def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         quantize: str | None = None, compile: bool = False, progress: bool = False) -> "LLM":
+    """Load a checkpoint as an LLM: a GGUF file, a Hugging Face model directory, a Meta directory
+    (params.json + consolidated.*.pth), a camelid checkpoint directory, or a known model name.
+
+    quantize: None, "int8" or "int4" (weight-only). compile: decode with a torch.compile'd step
+    (slow first call, fast tokens after)."""
+    from camelid.checkpoint import build_model, read_checkpoint
+    from camelid.generate import LLM
+
+    if quantize not in (None, "int8", "int4"):
+        raise CamelidError(f"quantize={quantize!r}: choose None, 'int8' or 'int4'")
+    if quantize is not None:
+        raise CamelidError("quantize: weight-only int8/int4 is not available in this version yet")
+    ckpt = read_checkpoint(path)
+    if ckpt.tokenizer is None:
+        raise CamelidError(f"{ckpt.path}: no tokenizer found beside the weights (tokenizer.model or tokenizer.json)")
+    model = build_model(ckpt, dtype=dtype, device=device, progress=progress)
+    return LLM(model, ckpt.tokenizer, source=str(ckpt.path), compile=compile)
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from camelid.generate import LLM
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,82 @@
+"""What every reader returns, and how weights become a model without a second copy in memory.
+
+A reader opens the files lazily (mmap) and returns a `Checkpoint`: the config, the tokenizer and
+a `read(name)` that yields one tensor at a time in camelid's names and q/k layout. `build_model`
+creates the model on the meta device and assign-loads the tensors, converting each one on its
+own, so peak memory is one model plus one tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from camelid.checkpoint.names import expected_shapes
+from camelid.config import ModelConfig
+from camelid.errors import CamelidError
+from camelid.model import Transformer
+from camelid.tokenizer import Tokenizer
+
+# Buffers that some checkpoints carry but that are derived, not learned (Meta's rope.freqs).
+IGNORED = ("rope.freqs",)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str                             # "gguf" | "hf" | "meta" | "camelid"
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    names: list[str]                        # camelid weight names present in the files
+    read: Callable[[str], torch.Tensor]     # one weight, camelid layout, stored dtype (dequantized)
+    dtype: torch.dtype | None = None        # the stored dtype when all matrices share one
+    details: dict[str, Any] = field(default_factory=dict)
+    where: Callable[[str], str] = str       # which file holds a weight, for error messages
+
+    def check(self) -> None:
+        """Missing, unexpected and mis-shaped weights, all reported at once."""
+        want = expected_shapes(self.config)
+        have = [n for n in self.names if n not in IGNORED]
+        missing = [n for n in want if n not in have]
+        unexpected = [n for n in have if n not in want]
+        problems = []
+        if missing:
+            problems.append(f"missing weights {_brief(missing)}")
+        if unexpected:
+            problems.append(f"unexpected weights {_brief(unexpected)}")
+        if problems:
+            raise CamelidError(f"{self.path}: " + "; ".join(problems) +
+                               "; the checkpoint does not match its config")
+
+    def tensors(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Validated weights one at a time, converted to dtype/device."""
+        self.check()
+        want = expected_shapes(self.config)
+        names = [n for n in self.names if n in want]
+        bar = tqdm(names, desc=f"loading {self.path.name}", unit="tensor", disable=not progress, leave=False)
+        for name in bar:
+            t = self.read(name)
+            if tuple(t.shape) != want[name]:
+                raise CamelidError(
+                    f"{self.where(name)}: weight {name} has shape {list(t.shape)} but the config implies "
+                    f"{list(want[name])}{self.details.get('shape_hint', '')}")
+            yield name, t.to(device=device, dtype=dtype or t.dtype)
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                progress: bool = False) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    state = dict(ckpt.tensors(dtype, device, progress))
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _brief(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} in all)"

@@ -1,0 +1,46 @@
+"""camelid's own format: camelid.json (the ModelConfig) + model.safetensors in camelid's names and
+Meta's q/k layout + the tokenizer files. Loading is an mmap and an assign: no conversion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from camelid.checkpoint.base import Checkpoint
+from camelid.checkpoint.safetensors_io import SafetensorsFiles, save_safetensors
+from camelid.config import ModelConfig
+from camelid.errors import CamelidError
+from camelid.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+
+CONFIG = "camelid.json"
+VERSION = 1
+
+
+def read_native(directory: Path) -> Checkpoint:
+    directory = Path(directory)
+    path = directory / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CamelidError(f"{path}: cannot read ({e})") from None
+    if meta.get("format") != "camelid" or "config" not in meta:
+        raise CamelidError(f"{path}: not a camelid checkpoint description (no format/config keys)")
+    if meta.get("version", 0) > VERSION:
+        raise CamelidError(f"{path}: written by a newer camelid (format version {meta['version']}); upgrade camelid")
+    config = ModelConfig.from_dict(meta["config"], where=f"{path} config")
+    files = SafetensorsFiles(directory)
+    tokenizer = load_tokenizer(directory) if has_tokenizer(directory) else None
+    return Checkpoint(path=directory, format="camelid", config=config, tokenizer=tokenizer, names=files.names(),
+                      read=files.get, dtype=files.dtype(), where=lambda n: str(files.file_of.get(n, directory)))
+
+
+def write_native(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None,
+                 tensors: Iterable[tuple[str, torch.Tensor]], extra: dict | None = None) -> None:
+    save_safetensors(directory, tensors)
+    meta = {"format": "camelid", "version": VERSION, "config": config.to_dict(), **(extra or {})}
+    (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)

@@ -1,0 +1,68 @@
+"""Choosing the next token: pure functions of the logits.
+
+Temperature 0 is greedy (argmax). Otherwise softmax(logits / T), optionally cut to the top k
+tokens, then to the nucleus with Meta's `sample_top_p` rule: sort descending, and drop each
+token whose preceding cumulative probability already exceeds p (so the token that crosses p
+is kept), renormalise, draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from camelid.errors import CamelidError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0):
+            raise CamelidError(f"temperature must be >= 0 (got {self.temperature})")
+        if not (0 < self.top_p <= 1):
+            raise CamelidError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k is not None and self.top_k < 1:
+            raise CamelidError(f"top_k must be >= 1 (got {self.top_k})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits outside the k largest per row set to -inf."""
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_probs(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Meta's sample_top_p mask applied to probs [B, V], renormalised, in vocabulary order."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs > p, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution that `sample` draws from, for logits [B, V]."""
+    logits = logits.float() / params.temperature
+    if params.top_k is not None:
+        logits = top_k_filter(logits, params.top_k)
+    probs = torch.softmax(logits, dim=-1)
+    return top_p_probs(probs, params.top_p) if params.top_p < 1.0 else probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] for logits [B, V]."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, params)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,107 @@
+"""Chat formats: the model's own Jinja template (GGUF `tokenizer.chat_template`, Hugging Face
+`tokenizer_config.json`), else a built-in format chosen from the vocabulary: ChatML,
+Llama-3 headers, or Llama-2's `[INST]` format (Meta's `chat_completion`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from typing import TYPE_CHECKING
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from camelid.errors import CamelidError
+
+if TYPE_CHECKING:
+    from camelid.tokenizer.base import Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: object) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise CamelidError("chat messages: expected a non-empty list of {'role': ..., 'content': ...}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise CamelidError(f"chat messages[{i}]: expected {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+    return messages
+
+
+def render(tok: "Tokenizer", messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    check_messages(messages)
+    if tok.chat_template:
+        return render_jinja(tok.chat_template, messages, add_generation_prompt,
+                            bos_token=tok.token(tok.bos_id) or "", eos_token=tok.token(tok.eos_id) or "")
+    specials = tok.special_tokens()
+    if "<|im_start|>" in specials:
+        return chatml(messages, add_generation_prompt)
+    if "<|start_header_id|>" in specials:
+        return llama3(messages, add_generation_prompt, tok.token(tok.bos_id) or "")
+    return llama2(messages, tok.token(tok.bos_id) or "<s>", tok.token(tok.eos_id) or "</s>")
+
+
+# ---- Jinja templates, rendered as transformers does ---------------------------------------------
+
+def _raise(message: str) -> None:
+    raise CamelidError(f"chat template: {message}")
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise CamelidError(f"chat template: cannot parse it ({e})") from None
+
+
+def render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
+                 bos_token: str, eos_token: str) -> str:
+    try:
+        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos_token, eos_token=eos_token)
+    except jinja2.TemplateError as e:
+        raise CamelidError(f"chat template: rendering failed ({e})") from None
+
+
+# ---- built-in formats -------------------------------------------------------------------------
+
+def chatml(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def llama3(messages: list[dict[str, str]], add_generation_prompt: bool, bos: str) -> str:
+    text = bos + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                         for m in messages)
+    return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def llama2(messages: list[dict[str, str]], bos: str, eos: str) -> str:
+    """Meta's Llama-2 chat format: every exchange `BOS[INST] user [/INST] answer EOS`, the system
+    prompt folded into the first user turn, contents stripped; ends with an open [INST] turn."""
+    msgs = list(messages)
+    if msgs[0]["role"] == "system":
+        if len(msgs) < 2:
+            raise CamelidError("chat messages: a system message must be followed by a user message")
+        msgs = [{"role": "user", "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}] + msgs[2:]
+    if [m["role"] for m in msgs[::2]] != ["user"] * len(msgs[::2]) or \
+            [m["role"] for m in msgs[1::2]] != ["assistant"] * len(msgs[1::2]):
+        raise CamelidError("chat messages: Llama-2 format needs user/assistant turns alternating, user first")
+    if msgs[-1]["role"] != "user":
+        raise CamelidError("chat messages: the last message must come from the user")
+    text = ""
+    for user, answer in zip(msgs[::2], msgs[1::2]):
+        text += f"{bos}{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} {eos}"
+    return text + f"{bos}{B_INST} {msgs[-1]['content'].strip()} {E_INST}"
