@@ -41,7 +41,8 @@ def open_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
         reader = gguf.GGUFReader(path)
         meta = {k: f.contents() for k, f in reader.fields.items()}
     except Exception as e:  # struct / numpy errors on a truncated or corrupt header
-        raise CamelidError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
+        raise CamelidError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); "
+                           "download or convert it again") from None
     size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -69,7 +70,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], where: str) 
                                                 else int(embd.shape[1]))
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        scaling = {"rope_type": "linear", "factor": _f32(meta[f"{arch}.rope.scaling.factor"])}
     if "rope_freqs.weight" in tensors:
         scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in np.asarray(tensors["rope_freqs.weight"].data)]}
     kv = key("attention.head_count_kv", n_heads)
@@ -78,10 +79,16 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], where: str) 
     return ModelConfig(
         dim=dim, n_layers=int(key("block_count")), n_heads=n_heads, n_kv_heads=int(kv),
         vocab_size=int(vocab), hidden_dim=int(key("feed_forward_length")),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
+        norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
         max_seq_len=int(key("context_length", 2048)), tie_embeddings="output.weight" not in tensors,
         head_dim_override=head_dim if head_dim != dim // n_heads else None)
+
+
+def _f32(value: float) -> float:
+    """GGUF stores floats as float32: 1e-5 comes back as 9.99999975e-06. Keep the decimal the
+    writer meant (float32 has about 7 significant digits)."""
+    return float(f"{float(value):.7g}")
 
 
 def read_gguf(path: Path) -> Checkpoint:

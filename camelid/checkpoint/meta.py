@@ -107,14 +107,27 @@ def merge(parts: list[torch.Tensor], shape: tuple[int, ...] | None, name: str) -
     return torch.cat(parts, dim=1 if name.endswith(ROW_PARALLEL) else 0)
 
 
+def ffn_params(config: ModelConfig) -> tuple[int, float | None]:
+    """multiple_of and ffn_dim_multiplier that make Meta's formula give this config's FFN width
+    (Hugging Face and GGUF state the width; params.json can only derive it)."""
+    target = config.ffn_dim
+    base = int(2 * (4 * config.dim) / 3)
+    candidates = [(config.multiple_of, config.ffn_dim_multiplier)]
+    candidates += [(m, None) for m in (256, 1024, 4096, 512, 128, 64, 32, 16, 8, 4, 2, 1)]
+    candidates += [(1, (target + 0.5) / base)]
+    for multiple_of, multiplier in candidates:
+        if config.replace(hidden_dim=None, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_dim == target:
+            return multiple_of, multiplier
+    raise CamelidError(f"FFN width {target} cannot be expressed by Meta's params.json; "
+                       "export to Hugging Face or GGUF instead")
+
+
 def write_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None,
                tensors: Iterable[tuple[str, torch.Tensor]], shards: int = 1) -> None:
     """Write params.json, `shards` consolidated.NN.pth files and the tokenizer into `directory`."""
     if config.rope_scaling and config.rope_scaling.get("rope_type") != "llama3":
         raise CamelidError("Meta's params.json can only express Llama-3.1 RoPE scaling")
-    if config.hidden_dim is not None and ModelConfig(**{**config.to_dict(), "hidden_dim": None}).ffn_dim != config.hidden_dim:
-        raise CamelidError(f"FFN width {config.hidden_dim} cannot be expressed by Meta's params.json "
-                           "(multiple_of / ffn_dim_multiplier); export to Hugging Face or GGUF instead")
+    multiple_of, multiplier = ffn_params(config)
     if config.tie_embeddings:
         raise CamelidError("Meta's format has no tied embeddings; export this model to Hugging Face or GGUF")
     parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
@@ -132,10 +145,10 @@ def write_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None
         torch.save(p, directory / f"consolidated.{k:02d}.pth")
     params: dict[str, Any] = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
                               "n_kv_heads": config.kv_heads, "vocab_size": config.vocab_size,
-                              "multiple_of": config.multiple_of, "norm_eps": config.norm_eps,
+                              "multiple_of": multiple_of, "norm_eps": config.norm_eps,
                               "rope_theta": config.rope_theta, "max_seq_len": config.max_seq_len}
-    if config.ffn_dim_multiplier is not None:
-        params["ffn_dim_multiplier"] = config.ffn_dim_multiplier
+    if multiplier is not None:
+        params["ffn_dim_multiplier"] = multiplier
     if config.rope_scaling:
         params["use_scaled_rope"] = True
         params["rope_scaling_factor"] = config.rope_scaling["factor"]

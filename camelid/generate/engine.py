@@ -35,7 +35,8 @@ class Stats:
 
     @property
     def decode_tps(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+        # the first new token comes out of the prefill; each later one costs a decode step
+        return max(self.new_tokens - 1, 0) / self.decode_s if self.decode_s else 0.0
 
 
 @dataclass

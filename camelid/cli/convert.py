@@ -1,0 +1,51 @@
+"""Convert a checkpoint between formats. The result is written beside DST and renamed into
+place when complete, so an interrupted conversion never leaves a half-written model.
+
+formats:
+  camelid  camelid.json + model.safetensors + tokenizer (loads with no conversion)
+  hf       Hugging Face: config.json + safetensors + tokenizer (q/k permuted for rotate-half RoPE)
+  meta     Meta: params.json + consolidated.NN.pth (--shards N for model-parallel files)
+  gguf     one .gguf file for llama.cpp: --gguf-type F32, F16, BF16 or Q8_0
+
+examples:
+  camelid convert path/to/Llama-2-7b-hf llama2-7b.gguf --to gguf --gguf-type Q8_0
+  camelid convert model.gguf model-hf --to hf --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from camelid.checkpoint import FORMATS, read_checkpoint, write_checkpoint
+from camelid.checkpoint.gguf import WRITABLE
+from camelid.cli.common import DTYPES
+from camelid.errors import CamelidError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="source checkpoint (any format camelid reads)")
+    p.add_argument("dst", metavar="DST", help="destination file (gguf) or directory")
+    p.add_argument("--to", required=True, choices=FORMATS, help="destination format")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="weight dtype (default: the source's; float32 for quantized sources)")
+    p.add_argument("--gguf-type", choices=list(WRITABLE), default=None,
+                   help="GGUF tensor type (default: from --dtype); norms always stay F32")
+    p.add_argument("--shards", type=int, default=1, help="model-parallel files for --to meta (default 1)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.shards < 1:
+        raise CamelidError(f"--shards must be >= 1 (got {args.shards})")
+    if args.gguf_type and args.to != "gguf":
+        raise CamelidError("--gguf-type only applies with --to gguf")
+    t0 = time.perf_counter()
+    ckpt = read_checkpoint(args.src)
+    dst = write_checkpoint(ckpt, args.dst, args.to, dtype=DTYPES[args.dtype] if args.dtype else None,
+                           gguf_type=args.gguf_type, shards=args.shards, overwrite=args.force,
+                           progress=sys.stderr.isatty())
+    print(f"wrote {dst} ({args.to}) from {ckpt.path} ({ckpt.format}) in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,67 @@
+"""`camelid` command line: a table of subcommands, each a small function in this package.
+
+Every user mistake arrives here as a CamelidError and leaves as one line on stderr with exit
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from camelid import __version__
+from camelid.cli import chat, convert, generate, info, quickstart
+from camelid.errors import CamelidError
+
+# name -> (module with add_arguments(parser) and main(args), one-line help)
+COMMANDS = {
+    "quickstart": (quickstart, "the end-to-end demo behind the README's first command"),
+    "info": (info, "config, parameter count and memory of a named size or a checkpoint"),
+    "generate": (generate, "continue a prompt with a model"),
+    "chat": (chat, "talk to a model in the terminal, with its chat template"),
+    "convert": (convert, "convert a checkpoint between camelid, Hugging Face, Meta and GGUF formats"),
+}
+
+EPILOG = """examples:
+  camelid quickstart
+  camelid info 7B
+  camelid generate --model smollm2-135m-instruct --prompt "The capital of France is" --temperature 0
+  camelid chat --model path/to/model.gguf
+  camelid convert path/to/hf-model out.gguf --to gguf --gguf-type Q8_0
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="camelid", description="LLaMA in PyTorch: train, evaluate and run LLaMA-family models.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"camelid {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except CamelidError as e:
+        print(f"camelid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Builders for the tiny tokenizers and checkpoints the tests share."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from tokenizers import Tokenizer as HFBackend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from camelid.tokenizer import HFTokenizer, SentencePieceTokenizer
+
+# A little public-domain text (Shakespeare, Sonnet 18, and a few lines of code and numbers).
+CORPUS = """Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date;
+Sometime too hot the eye of heaven shines,
+And often is his gold complexion dimm'd;
+And every fair from fair sometime declines,
+By chance or nature's changing course untrimm'd;
+But thy eternal summer shall not fade,
+Nor lose possession of that fair thou ow'st;
+Nor shall death brag thou wander'st in his shade,
+When in eternal lines to time thou grow'st:
+So long as men can breathe or eyes can see,
+So long lives this, and this gives life to thee.
+def fibonacci(n):
+    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
+The year 1609 had 365 days; 3.14159 is pi, 2718 is e times 1000.
+"""
+
+TEXTS = [
+    "Hello, world!",
+    "Shall I compare thee to a summer's day?",
+    "  leading spaces and   runs of spaces  ",
+    "tabs\tand\nnewlines\n\n",
+    "numbers 1234567 and 3.14",
+    "unicode: caf\u00e9, na\u00efve, \u4f60\u597d, \U0001f999 llama",
+    "def f(x):\n    return x * 2\n",
+]
+
+
+def train_sentencepiece(directory: Path, vocab_size: int = 512) -> SentencePieceTokenizer:
+    """A LLaMA-style SentencePiece BPE model (byte fallback, split digits, identity normalisation)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 20), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, hard_vocab_limit=False,
+        minloglevel=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    return SentencePieceTokenizer.from_file(directory / "tokenizer.model")
+
+
+def train_byte_bpe(vocab_size: int = 512) -> HFTokenizer:
+    """A GPT-2-style byte-level BPE with ChatML special tokens."""
+    backend = HFBackend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS.splitlines() * 20, trainer)
+    tok = HFTokenizer(backend)
+    tok.bos_id, tok.eos_id, tok.add_bos = 1, 2, False
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def random_hf_llama(directory: Path, tokenizer, tied: bool = False, kv_heads: int = 2, seed: int = 0,
+                    dtype: torch.dtype = torch.float32, **overrides):
+    """A random transformers LlamaForCausalLM saved with save_pretrained, plus our tokenizer files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
+               bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype).eval()
+    with torch.no_grad():  # HF initialises norms to one; randomise them so the test can see them
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save(directory)
+    return model

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from camelid.generate import LLM, SamplingParams, TokenGenerator, sample
+from camelid.generate.sampling import top_p_probs
+from camelid.tokenizer import StreamDecoder
+from test_model import tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(bpe_tokenizer):
+    model = tiny("tiny")
+    return LLM(model, bpe_tokenizer)
+
+
+def test_top_p_follows_metas_rule():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    # cumulative before each token (sorted): 0, 0.5, 0.8, 0.95 -> with p=0.7 keep 0.5 and 0.3
+    torch.testing.assert_close(top_p_probs(probs, 0.7), torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    # the most likely token always survives, even when it alone exceeds p
+    torch.testing.assert_close(top_p_probs(probs, 0.49), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    # p=1 keeps everything
+    torch.testing.assert_close(top_p_probs(probs, 1.0), probs)
+
+
+def test_sampling_is_seeded_and_greedy_is_argmax():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0)), logits.argmax(-1))
+    p = SamplingParams(temperature=1.0, top_p=0.95)
+    a = sample(logits, p, torch.Generator().manual_seed(5))
+    b = sample(logits, p, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    draws = torch.stack([sample(logits, SamplingParams(1.0, 1.0, top_k=3), torch.Generator().manual_seed(s))
+                         for s in range(50)])
+    top3 = logits.topk(3).indices
+    assert all(torch.isin(draws[:, r], top3[r]).all() for r in range(4))
+
+
+def test_sampling_frequencies_match_the_distribution():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, SamplingParams(1.0, 1.0), gen) for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=3).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time(tiny_llm):
+    prompts = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [99]]
+    batched = tiny_llm.generate_batch(prompts, max_new_tokens=12, temperature=0)
+    for p, b in zip(prompts, batched):
+        single = tiny_llm.generate_batch([p], max_new_tokens=12, temperature=0)[0]
+        assert single.tokens == b.tokens
+
+
+def test_batched_logits_equal_single_logits():
+    model = tiny("tiny")
+    prompts = [[5, 17, 42], [7, 8, 9, 10, 11, 12]]
+    seen = {}
+    real_forward = model.forward
+
+    def spy(tokens, **kw):
+        out = real_forward(tokens, **kw)
+        seen.setdefault(tokens.shape[0], []).append(out[:, -1].clone())
+        return out
+
+    model.forward = spy
+    list(TokenGenerator(model, prompts, 5, SamplingParams(0)))
+    for row, p in enumerate(prompts):
+        list(TokenGenerator(model, [p], 5, SamplingParams(0)))
+    batched = torch.stack(seen[2])                                       # [steps, B, V]
+    singles = [torch.stack(seen[1][k * 5:(k + 1) * 5])[:, 0] for k in range(2)]  # [steps, V]
+    for row in range(2):
+        torch.testing.assert_close(batched[:, row], singles[row], atol=1e-5, rtol=1e-5)
+
+
+def test_stop_token_and_stop_string(tiny_llm, bpe_tokenizer):
+    free = tiny_llm.generate_batch(["Shall I"], max_new_tokens=10, temperature=0)[0]
+    assert free.finish_reason == "length" and len(free.tokens) == 10
+    stop_token = free.tokens[3]
+    tok = bpe_tokenizer
+    saved = tok.extra_stop_ids
+    tok.extra_stop_ids = frozenset({stop_token})
+    try:
+        stopped = tiny_llm.generate_batch(["Shall I"], max_new_tokens=10, temperature=0)[0]
+    finally:
+        tok.extra_stop_ids = saved
+    assert stopped.finish_reason == "stop"
+    assert stopped.tokens[: free.tokens.index(stop_token)] == free.tokens[: free.tokens.index(stop_token)]
+    assert stopped.text == tok.decode(free.tokens[: free.tokens.index(stop_token)])
+    # a stop string cuts the text where it starts, even mid-token
+    full = free.text
+    cut = full[3:6]
+    res = tiny_llm.generate_batch(["Shall I"], max_new_tokens=10, temperature=0, stop=[cut])[0]
+    assert res.text == full[: full.index(cut)] and res.finish_reason == "stop"
+
+
+def test_stream_equals_generate(tiny_llm):
+    whole = tiny_llm.generate("Shall I compare", max_new_tokens=16, temperature=0.9, seed=3)
+    pieces = list(tiny_llm.stream("Shall I compare", max_new_tokens=16, temperature=0.9, seed=3))
+    assert "".join(pieces) == whole and len(pieces) > 1
+
+
+def test_seed_reproducibility(tiny_llm):
+    a = tiny_llm.generate("Shall I", max_new_tokens=12, temperature=1.0, seed=11)
+    b = tiny_llm.generate("Shall I", max_new_tokens=12, temperature=1.0, seed=11)
+    c = tiny_llm.generate("Shall I", max_new_tokens=12, temperature=1.0, seed=12)
+    assert a == b and a != c
+
+
+def test_stream_decoder_keeps_spaces_and_whole_characters(spm_tokenizer):
+    tok = spm_tokenizer
+    text = "Shall I compare thee \U0001f999 to a summer's day?"
+    ids = tok.encode(text)
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+    # the llama is spelled with byte tokens: nothing comes out until its last byte
+    byte_ids = [i for i in ids if tok.id_to_piece(i).startswith("<0x")]
+    assert len(byte_ids) == 4
+    # a continuation streamed after a prompt keeps its leading spaces
+    prompt, whole = tok.encode("Shall I"), tok.encode("Shall I compare thee")
+    assert whole[: len(prompt)] == prompt
+    dec = StreamDecoder(tok, prompt)
+    assert "".join(dec.push(i) for i in whole[len(prompt):]) == " compare thee"
+    # while decoding those tokens alone loses the first space
+    assert tok.decode(whole[len(prompt):]) == "compare thee"
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(bpe_tokenizer):
+    eager = LLM(tiny("tiny"), bpe_tokenizer)
+    compiled = LLM(tiny("tiny"), bpe_tokenizer, compile=True)
+    prompts = ["Shall I compare thee", "Rough"]
+    a = eager.generate_batch(prompts, max_new_tokens=8, temperature=0)
+    b = compiled.generate_batch(prompts, max_new_tokens=8, temperature=0)
+    assert [r.tokens for r in a] == [r.tokens for r in b]

@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camelid.config import get_size
+from camelid.model import KVCache, RMSNorm, Transformer, apply_rope, rope_inv_freq, rope_tables
+
+
+def tiny(name="tiny", seed=0, dtype=torch.float32):
+    with torch.device("meta"):
+        model = Transformer(get_size(name))
+    model.to_empty(device="cpu")
+    model.init_weights(seed=seed)
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied", "tiny-mha"])
+def test_kv_cache_decode_equals_full_forward(name):
+    model = tiny(name)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.config, 2, 32)
+        pieces = [model(tokens[:, :10], cache=cache, start=0)]          # prefill from 0
+        pieces.append(model(tokens[:, 10:16], cache=cache, start=10))   # a chunk at an offset
+        for t in range(16, 24):                                         # one token at a time
+            pieces.append(model(tokens[:, t:t + 1], cache=cache, start=t))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_path_equals_full_forward():
+    model = tiny()
+    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.config, 1, 16)
+        out = [model(tokens[:, :4], cache=cache, start=0)]
+        slots = torch.arange(16)
+        for t in range(4, 12):
+            mask = (slots <= t).view(1, 1, 1, 16)
+            out.append(model(tokens[:, t:t + 1], cache=cache, start=torch.tensor([t]), mask=mask))
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_future_tokens_never_change_earlier_outputs():
+    model = tiny()
+    a = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(3))
+    b = a.clone()
+    b[0, 9:] = (b[0, 9:] + 7) % 512
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+    torch.testing.assert_close(la[:, :9], lb[:, :9], atol=0, rtol=0)
+    assert not torch.allclose(la[:, 9:], lb[:, 9:])
+
+
+def test_rmsnorm_is_computed_in_fp32():
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 64) * 100
+    xb = x.bfloat16()
+    ref = (x.bfloat16().float() * torch.rsqrt(x.bfloat16().float().pow(2).mean(-1, keepdim=True) + 1e-6))
+    expected = ref.bfloat16() * norm.weight.bfloat16()
+    assert torch.equal(norm.to(torch.bfloat16)(xb), expected)
+
+
+def test_rope_matches_metas_complex_formulation():
+    cfg = get_size("tiny")
+    x = torch.randn(2, 5, 4, cfg.head_dim)
+    pos = torch.arange(3, 8)
+    ours = apply_rope(x, rope_tables(pos, rope_inv_freq(cfg, torch.device("cpu"))))
+    # The rotation written out in reals: (a, b) -> (a cos - b sin, a sin + b cos) per pair.
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    angle = torch.outer(pos.float(), freqs).view(1, 5, 1, -1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    ref = torch.stack((a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()), -1).flatten(3)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import LlamaConfig
+
+    cfg = get_size("llama3-8B").replace(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, max_position_embeddings=131072,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    hf_inv, _ = rope_utils.ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    torch.testing.assert_close(rope_inv_freq(cfg, torch.device("cpu")), hf_inv.float(), atol=0, rtol=1e-6)
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+    model = tiny()
+    attn = model.layers[0].attention
+    x = torch.randn(1, 7, 64)
+    rot = rope_tables(torch.arange(7), rope_inv_freq(model.config, torch.device("cpu")))
+    with torch.no_grad():
+        ours = attn(x, rot, None, 0, None)
+        q = apply_rope(attn.wq(x).view(1, 7, 4, 16), rot).transpose(1, 2)
+        k = apply_rope(attn.wk(x).view(1, 7, 2, 16), rot).transpose(1, 2).repeat_interleave(2, dim=1)
+        v = attn.wv(x).view(1, 7, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(16)
+        scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+        ref = attn.wo((F.softmax(scores, -1) @ v).transpose(1, 2).reshape(1, 7, 64))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_init_weights_is_seeded_and_scaled():
+    a, b, c = tiny(seed=1), tiny(seed=1), tiny(seed=2)
+    assert torch.equal(a.layers[0].attention.wq.weight, b.layers[0].attention.wq.weight)
+    assert not torch.equal(a.layers[0].attention.wq.weight, c.layers[0].attention.wq.weight)
+    assert torch.all(a.norm.weight == 1)
+    std_in = a.layers[0].feed_forward.w1.weight.std().item()
+    std_out = a.layers[0].feed_forward.w2.weight.std().item()
+    assert abs(std_in - 0.02) < 0.003 and abs(std_out - 0.02 / math.sqrt(4)) < 0.002
