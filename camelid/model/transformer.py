@@ -64,17 +64,24 @@ def rope_inv_freq(config: ModelConfig, device: torch.device) -> torch.Tensor:
 
 
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """e^(i * position * freq) for positions [T] or [B, T], complex64, shaped [(B,) T, 1, D/2] to
-    broadcast over heads."""
+    """(cos, sin) of position * freq for positions [T] or [B, T], fp32, shaped
+    [(B,) T, 1, D/2, 2] to broadcast over heads."""
     angles = positions.float().unsqueeze(-1) * inv_freq  # [(B,) T, D/2]
-    return torch.polar(torch.ones_like(angles), angles).unsqueeze(-2)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1).unsqueeze(-3)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, heads, D] as complex numbers, in fp32
-    (Meta's formulation; one complex multiply is also the fastest form on CPU)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, T, heads, D/2]
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, heads, D] by the angles in `rotation`,
+    in fp32 as Meta does. Eagerly this is one complex multiply (Meta's formulation, and the
+    fastest on CPU); inductor generates no code for complex numbers, so a compiled graph gets
+    the same rotation written out in reals."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, D/2, 2]
+    if torch.compiler.is_compiling():
+        a, b, cos, sin = pairs[..., 0], pairs[..., 1], rotation[..., 0], rotation[..., 1]
+        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation))
+    return rotated.flatten(-2).type_as(x)
 
 
 # ---- attention and feed-forward ---------------------------------------------------------------
