@@ -118,9 +118,10 @@ def _llama2(dim: int, heads: int, layers: int, kv: int | None = None,
 
 
 def _stories(dim: int, layers: int, heads: int, seq: int) -> ModelConfig:
-    # Karpathy's llama2.c TinyStories models: multiple_of 32, eps 1e-5, Llama-2 tokenizer.
+    # Karpathy's llama2.c TinyStories models: multiple_of 32, eps 1e-5, Llama-2 tokenizer, the
+    # output head tied to the embedding (hence "15M").
     return ModelConfig(dim=dim, n_layers=layers, n_heads=heads, vocab_size=32000,
-                       multiple_of=32, norm_eps=1e-5, max_seq_len=seq)
+                       multiple_of=32, norm_eps=1e-5, max_seq_len=seq, tie_embeddings=True)
 
 
 SIZES: dict[str, ModelConfig] = {

@@ -135,3 +135,22 @@ def test_compiled_decode_equals_eager(bpe_tokenizer):
     a = eager.generate_batch(prompts, max_new_tokens=8, temperature=0)
     b = compiled.generate_batch(prompts, max_new_tokens=8, temperature=0)
     assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+def test_compiled_decoder_reuses_its_cache_and_falls_back_to_eager(bpe_tokenizer):
+    llm = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=True)
+    llm.generate_batch(["Shall I compare thee"], max_new_tokens=4, temperature=0)
+    cache = llm.decoder.cache
+    assert cache.max_len == 256
+    llm.generate_batch(["Rough"], max_new_tokens=8, temperature=0)
+    assert llm.decoder.cache is cache                      # a shorter request: same shapes, no recompile
+    assert "output.weight" not in llm.model.state_dict()   # the tied head stays tied
+
+    def broken(*args):
+        raise RuntimeError("inductor is unavailable")
+
+    reference = LLM(tiny("tiny-tied"), bpe_tokenizer).generate_batch(["Rough winds"], max_new_tokens=6, temperature=0)
+    llm.decoder._step = broken
+    with pytest.warns(UserWarning, match="continuing without compilation"):
+        again = llm.generate_batch(["Rough winds"], max_new_tokens=6, temperature=0)
+    assert again[0].tokens == reference[0].tokens

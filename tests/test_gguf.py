@@ -87,3 +87,29 @@ def test_reads_quantized_tensor_types(tmp_path, hf_dir, qtype):
     back = read_checkpoint(path)
     for name, want in expected.items():
         assert np.array_equal(back.read(name).float().numpy(), want.astype(np.float32)), name
+
+
+def test_unsupported_rope_scaling_is_an_error_not_plain_rope(tmp_path, hf_dir):
+    from camelid.checkpoint.gguf import config_from_gguf
+    from camelid.errors import CamelidError
+
+    convert(hf_dir, tmp_path / "m.gguf", to="gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    meta["llama.rope.scaling.type"] = "yarn"
+    with pytest.raises(CamelidError, match="yarn"):
+        config_from_gguf(meta, {t.name: t for t in reader.tensors}, "m.gguf")
+
+
+def test_converted_files_get_ordinary_permissions(tmp_path, hf_dir):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        convert(hf_dir, tmp_path / "m.gguf", to="gguf")
+        convert(hf_dir, tmp_path / "native", to="camelid")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "native").stat().st_mode) == 0o755

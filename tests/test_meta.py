@@ -70,3 +70,12 @@ def test_params_that_disagree_with_weights(tmp_path, hf_dir):
     (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
     with pytest.raises(CamelidError, match=r"meta.*attention\.wk\.weight has shape \[32, 64\].*\[64, 64\]"):
         camelid.load(tmp_path / "meta")
+
+
+def test_params_json_has_only_keys_metas_modelargs_takes(tmp_path, hf_dir):
+    convert(hf_dir, tmp_path / "meta", to="meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    # Llama-2's ModelArgs(max_seq_len=..., max_batch_size=..., **params) must accept these
+    llama2_fields = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                     "ffn_dim_multiplier", "norm_eps"}
+    assert set(params) <= llama2_fields, set(params) - llama2_fields

@@ -92,3 +92,35 @@ def test_chat_message_errors(bpe_tokenizer):
         bpe_tokenizer.encode_chat([{"role": "robot", "content": "hi"}])
     with pytest.raises(CamelidError, match="non-empty list"):
         bpe_tokenizer.encode_chat([])
+
+
+def test_added_tokens_extend_a_sentencepiece_vocabulary(spm_tokenizer, tmp_path):
+    import json
+
+    from camelid.tokenizer import load_tokenizer
+
+    spm_tokenizer.save(tmp_path)
+    size = spm_tokenizer.vocab_size
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {str(size): {"content": "<|im_start|>", "special": True},
+                                   str(size + 1): {"content": "<|im_end|>", "special": True}}
+    cfg["eos_token"] = "<|im_end|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == size + 2
+    assert tok.encode("<|im_start|>user")[0] == size and tok.eos_id == size + 1
+    assert tok.decode([size + 1]) == "" or tok.decode([size + 1]) == "<|im_end|>"
+    assert size + 1 in tok.stop_ids
+
+
+def test_sentencepiece_style_tokenizer_json_refuses_byte_level_gguf_export():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from camelid.tokenizer import HFTokenizer
+
+    backend = Backend(models.BPE({"▁": 0, "a": 1, "▁a": 2, "<0x41>": 3}, [("▁", "a")], byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    with pytest.raises(CamelidError, match="tokenizer.model"):
+        HFTokenizer(backend).gguf_metadata()

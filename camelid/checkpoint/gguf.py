@@ -69,8 +69,12 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], where: str) 
     vocab = meta.get(f"{arch}.vocab_size") or (len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta
                                                 else int(embd.shape[1]))
     scaling = None
-    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
         scaling = {"rope_type": "linear", "factor": _f32(meta[f"{arch}.rope.scaling.factor"])}
+    elif kind != "none":
+        raise CamelidError(f"{where}: RoPE scaling {kind!r} is not supported (none, linear, and Llama-3 "
+                           "rope_freqs are); running it as plain RoPE would be wrong on long inputs")
     if "rope_freqs.weight" in tensors:
         scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in np.asarray(tensors["rope_freqs.weight"].data)]}
     kv = key("attention.head_count_kv", n_heads)

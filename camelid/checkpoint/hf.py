@@ -119,6 +119,8 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None, dtype: torch.dty
     s = config.rope_scaling
     if s and s["rope_type"] in ("llama3", "linear"):
         cfg["rope_scaling"] = dict(s)
+        if "original_max_position_embeddings" in s:
+            cfg["rope_scaling"]["original_max_position_embeddings"] = int(s["original_max_position_embeddings"])
     elif s:
         raise CamelidError("Hugging Face config.json has no place for per-frequency RoPE factors; "
                            "export this model to GGUF or the camelid format instead")

@@ -130,6 +130,9 @@ def write_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None
     multiple_of, multiplier = ffn_params(config)
     if config.tie_embeddings:
         raise CamelidError("Meta's format has no tied embeddings; export this model to Hugging Face or GGUF")
+    if config.head_dim_override:
+        raise CamelidError("Meta's params.json cannot state a head_dim other than dim / n_heads; "
+                           "export this model to Hugging Face or GGUF")
     parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     for name, t in tensors:
         if t.dim() == 1:
@@ -143,10 +146,15 @@ def write_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None
             p[name] = chunk.clone()
     for k, p in enumerate(parts):
         torch.save(p, directory / f"consolidated.{k:02d}.pth")
+    # Exactly the keys Meta's ModelArgs takes: it is built as ModelArgs(max_seq_len=...,
+    # **params), so max_seq_len must not be here, and Llama-2's has no rope_theta field.
     params: dict[str, Any] = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
-                              "n_kv_heads": config.kv_heads, "vocab_size": config.vocab_size,
-                              "multiple_of": multiple_of, "norm_eps": config.norm_eps,
-                              "rope_theta": config.rope_theta, "max_seq_len": config.max_seq_len}
+                              "vocab_size": config.vocab_size, "multiple_of": multiple_of,
+                              "norm_eps": config.norm_eps}
+    if config.kv_heads != config.n_heads:
+        params["n_kv_heads"] = config.kv_heads
+    if config.rope_theta != 10000.0:
+        params["rope_theta"] = config.rope_theta
     if multiplier is not None:
         params["ffn_dim_multiplier"] = multiplier
     if config.rope_scaling:

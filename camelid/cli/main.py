@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from camelid import __version__
-from camelid.cli import chat, convert, generate, info, quickstart
+from camelid.cli import chat, convert, data, generate, info, quickstart, tokenizer, train
 from camelid.errors import CamelidError
 
 # name -> (module with add_arguments(parser) and main(args), one-line help)
@@ -20,6 +20,9 @@ COMMANDS = {
     "generate": (generate, "continue a prompt with a model"),
     "chat": (chat, "talk to a model in the terminal, with its chat template"),
     "convert": (convert, "convert a checkpoint between camelid, Hugging Face, Meta and GGUF formats"),
+    "data": (data, "prepare training data: clean, deduplicate, filter, tokenize (camelid data prepare)"),
+    "tokenizer": (tokenizer, "train a SentencePiece tokenizer with LLaMA's settings"),
+    "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
 }
 
 EPILOG = """examples:
@@ -28,6 +31,8 @@ EPILOG = """examples:
   camelid generate --model smollm2-135m-instruct --prompt "The capital of France is" --temperature 0
   camelid chat --model path/to/model.gguf
   camelid convert path/to/hf-model out.gguf --to gguf --gguf-type Q8_0
+  camelid data prepare recipes/quickstart-data.toml
+  camelid train recipes/quickstart-train.toml --train.max_steps=100
 """
 
 
@@ -47,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

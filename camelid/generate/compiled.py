@@ -13,6 +13,8 @@ attention mask covers the whole cache.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,14 +32,15 @@ class GemvLinear(nn.Linear):
 
 
 def use_gemv_linears(model: Transformer) -> Transformer:
-    """Swap every nn.Linear for a GemvLinear sharing its weight; a tied model gets an `output`
-    module sharing the embedding matrix, so that the head is swapped too."""
+    """Swap every nn.Linear for a GemvLinear sharing its weight. A tied model's head becomes a
+    GemvLinear over the embedding matrix too; it is set as a plain attribute, not registered as
+    a submodule, so that the model's state dict keeps no separate `output.weight`."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, _gemv_from(child.weight))
     if model.output is None:
-        model.output = _gemv_from(model.tok_embeddings.weight)
+        object.__setattr__(model, "output", _gemv_from(model.tok_embeddings.weight))
     return model
 
 
@@ -49,20 +52,28 @@ def _gemv_from(weight: torch.Tensor) -> GemvLinear:
 
 
 class CompiledDecoder:
-    """Owns the compiled step and the fixed-size caches it runs on."""
+    """Owns the compiled step and the fixed-size KV cache it runs on.
+
+    Cache lengths grow in powers of two (256, 512, ...) and a cache is reused for any shorter
+    request, so a growing chat compiles a handful of shapes, not one per request. Should
+    compilation fail (an unsupported platform, torch's recompile limit), decoding carries on
+    eagerly with a warning."""
 
     def __init__(self, model: Transformer, mode: str | None = None):
         self.model = use_gemv_linears(model)
-        self._caches: dict[tuple[int, int, torch.dtype], KVCache] = {}
+        self.cache: KVCache | None = None
+        self.failed = False
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode)
 
     def cache_for(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        size = min(-(-length // BUCKET) * BUCKET, max(length, self.model.config.max_seq_len))
-        key = (batch, size, dtype)
-        if key not in self._caches:
-            self._caches.clear()  # one live cache: memory stays bounded
-            self._caches[key] = KVCache(self.model.config, batch, size, dtype=dtype, device=device)
-        return self._caches[key]
+        c = self.cache
+        if c is not None and c.batch == batch and c.max_len >= length and c.layers[0].k.dtype == dtype:
+            return c
+        size = max(BUCKET, 1 << (length - 1).bit_length())
+        size = min(size, max(length, self.model.config.max_seq_len))
+        self.cache = None  # one live cache: memory stays bounded
+        self.cache = KVCache(self.model.config, batch, size, dtype=dtype, device=device)
+        return self.cache
 
     def _forward(self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -74,4 +85,12 @@ class CompiledDecoder:
         slots that are not padding."""
         slots = torch.arange(cache.max_len, device=tokens.device)
         mask = (valid & (slots <= slot)).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, S]
-        return self._step(tokens, torch.tensor([slot], device=tokens.device), positions, mask, cache)
+        args = (tokens, torch.tensor([slot], device=tokens.device), positions, mask, cache)
+        if not self.failed:
+            try:
+                return self._step(*args)
+            except Exception as e:  # torch._dynamo / inductor errors: keep generating, eagerly
+                self.failed = True
+                warnings.warn(f"compiled decoding failed ({type(e).__name__}: {str(e)[:200]}); "
+                              "continuing without compilation", stacklevel=2)
+        return self._forward(*args)

@@ -33,10 +33,12 @@ class Stats:
     def prefill_tps(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
 
+    rows: int = 0
+
     @property
     def decode_tps(self) -> float:
-        # the first new token comes out of the prefill; each later one costs a decode step
-        return max(self.new_tokens - 1, 0) / self.decode_s if self.decode_s else 0.0
+        # each row's first new token comes out of the prefill; each later one costs a decode step
+        return max(self.new_tokens - self.rows, 0) / self.decode_s if self.decode_s else 0.0
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TokenGenerator:
         next_tokens = sample(logits[:, -1], self.sampling, generator)
         ids = next_tokens.tolist()
         self.stats.prompt_tokens += sum(len(p) for p in self.prompts)
+        self.stats.rows += B
         self.stats.prefill_s += time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -48,7 +48,7 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     spm_path, json_path = directory / "tokenizer.model", directory / "tokenizer.json"
     tok: Tokenizer
     if spm_path.exists() and _is_sentencepiece(spm_path):
-        tok = SentencePieceTokenizer.from_file(spm_path)
+        tok = SentencePieceTokenizer.from_file(spm_path).with_added_tokens(_added_tokens(directory, cfg))
     elif json_path.exists():
         tok = HFTokenizer.from_file(json_path)
         if cfg.get("camelid_gguf_pre"):
@@ -78,6 +78,20 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     if eos is not None:
         tok.extra_stop_ids = frozenset(eos if isinstance(eos, list) else [eos])
     return tok
+
+
+def _added_tokens(directory: Path, cfg: dict[str, Any]) -> dict[int, tuple[str, bool]]:
+    """Tokens a Hugging Face directory adds on top of tokenizer.model, from any of the three
+    places transformers keeps them."""
+    added: dict[int, tuple[str, bool]] = {}
+    for i, t in (cfg.get("added_tokens_decoder") or {}).items():
+        added[int(i)] = (t["content"], bool(t.get("special", False)))
+    fast = _read_json(directory / "tokenizer.json")
+    for t in fast.get("added_tokens") or []:
+        added.setdefault(int(t["id"]), (t["content"], bool(t.get("special", False))))
+    for text, i in _read_json(directory / "added_tokens.json").items():
+        added.setdefault(int(i), (text, True))
+    return added
 
 
 def _is_sentencepiece(path: Path) -> bool:
@@ -115,6 +129,8 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF file") -> Token
         raise CamelidError(f"{where}: tokenizer model {kind!r} is not supported (supported: 'llama' "
                            "SentencePiece and 'gpt2' byte-level BPE)")
     tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id = ids["bos"], ids["eos"], ids["unknown"], ids["padding"]
-    tok.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    # llama.cpp's defaults when the key is absent: on for SentencePiece and Llama-3's BPE
+    default_bos = kind == "llama" or meta.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3", "llama-v3")
+    tok.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
     tok.chat_template = meta.get("tokenizer.chat_template")
     return tok

@@ -126,9 +126,12 @@ class HFTokenizer(Tokenizer):
         self._write_config(directory, "PreTrainedTokenizerFast", {"camelid_gguf_pre": self.pre})
 
     def gguf_metadata(self) -> dict[str, Any]:
-        model = json.loads(self.backend.to_str())["model"]
-        if model.get("type") != "BPE":
-            raise CamelidError(f"tokenizer: GGUF export supports byte-level BPE, not {model.get('type')}")
+        spec = json.loads(self.backend.to_str())
+        model = spec["model"]
+        if model.get("type") != "BPE" or model.get("byte_fallback") or "Metaspace" in json.dumps(spec.get("pre_tokenizer")):
+            # A SentencePiece-style tokenizer.json (Llama-2's) would be misread as byte-level BPE.
+            raise CamelidError("tokenizer: GGUF export of this tokenizer.json needs its SentencePiece original; "
+                               "put the model's tokenizer.model beside it and convert again")
         vocab = self.backend.get_vocab(with_added_tokens=True)
         tokens = [""] * (max(vocab.values()) + 1)
         for t, i in vocab.items():

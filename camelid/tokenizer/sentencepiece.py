@@ -47,7 +47,9 @@ class SentencePieceTokenizer(Tokenizer):
         trainer.model_type = spm_pb.TrainerSpec.BPE
         trainer.vocab_size = len(pieces)
         trainer.byte_fallback = BYTE in types
-        trainer.split_digits = True
+        # llama.cpp does not split digits for "llama" vocabularies; LLaMA's has no multi-digit
+        # pieces, so either way its digits come out one by one.
+        trainer.split_digits = False
         trainer.unk_id = unk_id if unk_id is not None else (list(types).index(UNKNOWN) if UNKNOWN in types else 0)
         trainer.bos_id = -1 if bos_id is None else bos_id
         trainer.eos_id = -1 if eos_id is None else eos_id
@@ -61,6 +63,26 @@ class SentencePieceTokenizer(Tokenizer):
             p = proto.pieces.add()
             p.piece, p.score, p.type = piece, float(score), int(kind)
         return cls(proto.SerializeToString(), where=where)
+
+    def with_added_tokens(self, added: dict[int, tuple[str, bool]]) -> "SentencePieceTokenizer":
+        """Append Hugging Face added tokens (id -> (text, special)) beyond the SentencePiece
+        vocabulary, as fine-tunes add <|im_start|> and friends at ids 32000, 32001, ..."""
+        size = len(self.proto.pieces)
+        extra = sorted(i for i in added if i >= size)
+        if not extra:
+            return self
+        if extra != list(range(size, size + len(extra))):
+            raise CamelidError(f"{self.where}: added token ids {extra[:5]}... do not follow the vocabulary "
+                               f"of {size} pieces")
+        proto = spm_pb.ModelProto()
+        proto.CopyFrom(self.proto)
+        for i in extra:
+            text, special = added[i]
+            p = proto.pieces.add()
+            p.piece, p.score, p.type = text, 0.0, CONTROL if special else USER_DEFINED
+        tok = SentencePieceTokenizer(proto.SerializeToString(), where=self.where)
+        tok.add_bos = self.add_bos
+        return tok
 
     # ---- Tokenizer ---------------------------------------------------------------------------
     @property

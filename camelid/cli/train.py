@@ -1,0 +1,40 @@
+"""Train a LLaMA model. CONFIG.toml holds the sections run, model, data, train, checkpoint,
+parallel, stability and sample (see recipes/); any key can be overridden on the command line as
+--section.key=value. Running the same command again resumes from the newest complete
+checkpoint in run.dir, exactly where the interrupted run was.
+
+writes into run.dir:
+  metrics.jsonl     one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, ...),
+                    validation (val_loss, val_ppl) and events (skipped steps, rollbacks)
+  loss.png          the loss curve;  tensorboard/  the same numbers for TensorBoard
+  checkpoints/      step_NNNNNNNN/ (each a loadable camelid model plus trainer state)
+  model/            the final model: camelid generate --model RUN_DIR/model
+
+examples:
+  camelid train recipes/bench-stories15m.toml --train.max_steps=20
+  camelid train recipes/quickstart-train.toml --run.dir=runs/mine --train.dtype=float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from camelid.train import Trainer, load_train_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG.toml", help="training recipe")
+    p.set_defaults(accepts_overrides=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_train_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    model_dir = trainer.export()
+    print(f"done: step {result['step']}, loss {result['loss']:.4f}"
+          + (f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
+          + f"\n  metrics    {trainer.metrics.path}\n  loss curve {trainer.run_dir / 'loss.png'}"
+          + f"\n  model      {model_dir}", file=sys.stderr)
+    return 0

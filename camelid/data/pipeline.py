@@ -1,0 +1,316 @@
+"""`camelid data prepare`: sources -> stages -> cleaned text -> tokenizer -> token shards.
+
+Each stage reads the previous stage's output from disk and writes its own (zstd-compressed
+JSONL), so memory stays bounded whatever the corpus size, and every stage can be inspected.
+A report counts documents and bytes in and out of every stage of every source, with the
+reasons documents were dropped and where the first few came from.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from camelid.atomic import write_text_atomic
+from camelid.data import dedup, filters
+from camelid.data.recipe import STAGES, Recipe, SourceConfig
+from camelid.data.shards import MANIFEST, Manifest, ShardWriter, SourceShards, table1, token_dtype
+from camelid.data.sources import Document, expand_paths, read_documents
+from camelid.errors import CamelidError
+
+EXAMPLES = 3  # where-from examples kept per drop reason
+
+
+@dataclass
+class StageReport:
+    source: str
+    stage: str
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        seen = self.examples.setdefault(reason, [])
+        if len(seen) < EXAMPLES:
+            seen.append(where)
+
+
+# ---- intermediate files -------------------------------------------------------------------------------
+
+def write_docs(path: Path, docs: Iterator[Document]) -> None:
+    import zstandard
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
+        for d in docs:
+            out.write((json.dumps({"text": d.text, "where": d.where, "meta": d.meta}, ensure_ascii=False) + "\n").encode())
+    os.replace(tmp, path)
+
+
+def read_docs(path: Path, source: str) -> Iterator[Document]:
+    for d in read_documents(path, source, fmt="jsonl"):
+        meta = d.meta or {}
+        yield Document(d.text, source, meta.get("where", d.where), meta.get("meta"))
+
+
+# ---- stages ----------------------------------------------------------------------------------------------
+
+def make_stage(name: str, src: SourceConfig, workdir: Path) -> Any:
+    if name == "normalize":
+        return filters.Normalize(src.normalize)
+    if name == "quality":
+        return filters.Quality(src.quality)
+    if name == "code":
+        return filters.Code(src.code)
+    if name == "langid":
+        return filters.LangId(src.langid)
+    if name == "exact_dedup":
+        return dedup.ExactDedup(src.exact_dedup, workdir)
+    if name == "line_dedup":
+        return dedup.LineDedup(src.line_dedup, workdir)
+    if name == "near_dedup":
+        return dedup.NearDedup(src.near_dedup, workdir)
+    raise CamelidError(f"unknown stage {name!r}")
+
+
+def run_stage(name: str, stage: Any, docs: Callable[[], Iterator[Document]], out: Path,
+              report: StageReport, progress: bool) -> None:
+    if STAGES[name] == "global":
+        for i, d in enumerate(tqdm(docs(), desc=f"{report.source}: {name} (scan)", unit="doc",
+                                   disable=not progress, leave=False)):
+            stage.observe(i, d.text)
+        stage.finish()
+
+    def kept() -> Iterator[Document]:
+        for i, d in enumerate(tqdm(docs(), desc=f"{report.source}: {name}", unit="doc", disable=not progress,
+                                   leave=False)):
+            report.docs_in += 1
+            report.bytes_in += len(d.text.encode())
+            if STAGES[name] == "global":
+                result = stage(i, d.text)
+            elif name == "code":
+                result = stage(d.text, d.meta)
+            else:
+                result = stage(d.text)
+            if isinstance(result, filters.Drop):
+                report.drop(result.reason, d.where)
+                continue
+            report.docs_out += 1
+            report.bytes_out += len(result.encode())
+            yield Document(result, d.source, d.where, d.meta)
+
+    write_docs(out, kept())
+
+
+def clean_source(src: SourceConfig, work: Path, progress: bool) -> tuple[Path, list[StageReport]]:
+    files = expand_paths(src.paths, Path.cwd(), src.name)
+    sdir = work / src.name
+    shutil.rmtree(sdir, ignore_errors=True)
+    sdir.mkdir(parents=True)
+    reports = []
+
+    def raw() -> Iterator[Document]:
+        for f in files:
+            n = 0
+            for d in read_documents(f, src.name, src.format, src.text_field, src.split, src.on_error):
+                n += 1
+                yield d
+            if n == 0:
+                print(f"warning: {f}: no documents (empty file?)", file=sys.stderr)
+
+    # The input stage only reads: it counts what the source holds before any processing.
+    current = sdir / "00-input.jsonl.zst"
+    read_report = StageReport(src.name, "read")
+    write_docs(current, _count(raw(), read_report))
+    reports.append(read_report)
+    if read_report.docs_out == 0:
+        raise CamelidError(f"source {src.name!r}: its files ({len(files)}) hold no documents")
+    for k, name in enumerate(src.stages, 1):
+        out = sdir / f"{k:02d}-{name}.jsonl.zst"
+        report = StageReport(src.name, name)
+        previous = current
+        run_stage(name, make_stage(name, src, sdir / f"{k:02d}-{name}.work"), lambda p=previous: read_docs(p, src.name),
+                  out, report, progress)
+        reports.append(report)
+        current = out
+        if report.docs_out == 0:
+            raise CamelidError(f"source {src.name!r}: stage {name!r} dropped every document "
+                               f"({_reasons(report)}); loosen its settings in the recipe")
+    return current, reports
+
+
+def _count(docs: Iterator[Document], report: StageReport) -> Iterator[Document]:
+    for d in docs:
+        n = len(d.text.encode())
+        report.docs_in += 1
+        report.docs_out += 1
+        report.bytes_in += n
+        report.bytes_out += n
+        yield d
+
+
+def _reasons(report: StageReport) -> str:
+    return ", ".join(f"{r}: {n}" for r, n in sorted(report.dropped.items(), key=lambda x: -x[1]))
+
+
+def format_reports(reports: list[StageReport]) -> str:
+    lines = [f"{'source':12s} {'stage':12s} {'docs in':>9s} {'docs out':>9s} {'MB in':>8s} {'MB out':>8s}  dropped"]
+    for r in reports:
+        lines.append(f"{r.source:12s} {r.stage:12s} {r.docs_in:9,d} {r.docs_out:9,d} {r.bytes_in / 1e6:8.2f} "
+                     f"{r.bytes_out / 1e6:8.2f}  {_reasons(r)}")
+    return "\n".join(lines)
+
+
+# ---- tokenizer and tokens -------------------------------------------------------------------------------
+
+def tokenizer_lines(clean: dict[str, Path], recipe: Recipe) -> Iterator[str]:
+    """Lines for tokenizer training, each source contributing in proportion to its weight."""
+    total = sum(s.weight for s in recipe.sources)
+    for s in recipe.sources:
+        quota = int(recipe.tokenizer.max_sentences * s.weight / total)
+        lines = sum(d.text.count("\n") + 1 for d in read_docs(clean[s.name], s.name))
+        stride = max(1, lines // max(quota, 1))
+        k = 0
+        for d in read_docs(clean[s.name], s.name):
+            for line in d.text.split("\n"):
+                if k % stride == 0:
+                    yield line
+                k += 1
+
+
+def get_tokenizer(recipe: Recipe, clean: dict[str, Path], out: Path):
+    from camelid.tokenizer import has_tokenizer, load_tokenizer
+    from camelid.tokenizer.train import train_sentencepiece
+
+    target = out / "tokenizer"
+    if recipe.tokenizer.path:
+        src = Path(recipe.tokenizer.path)
+        src_dir = src.parent if src.is_file() else src
+        if not has_tokenizer(src_dir):
+            raise CamelidError(f"tokenizer.path {src}: no tokenizer.model or tokenizer.json there")
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        tok = load_tokenizer(src_dir)
+        tok.save(target)
+        return load_tokenizer(target)
+    t0 = time.perf_counter()
+    tok = train_sentencepiece(tokenizer_lines(clean, recipe), target, recipe.tokenizer.vocab_size,
+                              recipe.tokenizer.character_coverage, threads=max(1, os.cpu_count() or 1))
+    print(f"trained a SentencePiece BPE tokenizer ({tok.vocab_size} pieces) in {time.perf_counter() - t0:.1f}s "
+          f"-> {target}", file=sys.stderr)
+    if tok.vocab_size < recipe.tokenizer.vocab_size:
+        print(f"warning: asked for {recipe.tokenizer.vocab_size} pieces, the corpus supports {tok.vocab_size}",
+              file=sys.stderr)
+    return tok
+
+
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(tokenizer_dir: str) -> None:
+    global _WORKER_TOKENIZER
+    from camelid.tokenizer import load_tokenizer
+
+    _WORKER_TOKENIZER = load_tokenizer(Path(tokenizer_dir))
+
+
+def _worker_encode(texts: list[str]) -> list[np.ndarray]:
+    tok = _WORKER_TOKENIZER
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    # special=False: markup such as "<s>" inside the corpus is text, not a control token
+    return [np.array(bos + tok.encode(t, special=False) + eos, dtype=np.int64) for t in texts]
+
+
+def _batches(docs: Iterator[Document], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for d in docs:
+        batch.append(d.text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def is_validation(seed: int, source: str, index: int, fraction: float) -> bool:
+    return dedup.hash64(f"{seed}:{source}:{index}") % 1_000_000 < fraction * 1_000_000
+
+
+def tokenize(recipe: Recipe, clean: dict[str, Path], tok, out: Path, progress: bool) -> Manifest:
+    dtype = token_dtype(tok.vocab_size)
+    tokens_dir = out / "tokens"
+    shutil.rmtree(tokens_dir, ignore_errors=True)
+    workers = recipe.output.workers or os.cpu_count() or 1
+    sources = {}
+    ctx = mp.get_context("spawn")  # no fork: torch and friends are already loaded here
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(str(out / "tokenizer"),)) as pool:
+        for s in recipe.sources:
+            writers = {split: ShardWriter(tokens_dir / s.name, split, dtype, recipe.output.shard_tokens, out)
+                       for split in ("train", "val")}
+            index = 0
+            bar = tqdm(desc=f"tokenizing {s.name}", unit="doc", disable=not progress, leave=False)
+            for encoded in pool.imap(_worker_encode, _batches(read_docs(clean[s.name], s.name), 64)):
+                for ids in encoded:
+                    split = "val" if is_validation(recipe.output.seed, s.name, index, recipe.output.val_fraction) \
+                        else "train"
+                    writers[split].add(ids)
+                    index += 1
+                bar.update(len(encoded))
+            bar.close()
+            for w in writers.values():
+                w.flush()
+            sources[s.name] = SourceShards(weight=s.weight, train=writers["train"].shards, val=writers["val"].shards)
+            if not sources[s.name].train:
+                raise CamelidError(f"source {s.name!r}: no training documents left after the validation split")
+    return Manifest(vocab_size=tok.vocab_size, dtype=dtype.name, tokenizer="tokenizer", bos_id=tok.bos_id,
+                    eos_id=tok.eos_id, sources=sources, directory=out)
+
+
+# ---- the whole job -------------------------------------------------------------------------------------
+
+def prepare(recipe: Recipe, progress: bool | None = None, keep_work: bool = False) -> Manifest:
+    progress = sys.stderr.isatty() if progress is None else progress
+    out = Path(recipe.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a half-prepared directory must not look complete
+    work = out / "work"
+    t0 = time.perf_counter()
+    reports: list[StageReport] = []
+    clean: dict[str, Path] = {}
+    (out / "clean").mkdir(exist_ok=True)
+    for src in recipe.sources:
+        final, rep = clean_source(src, work, progress)
+        reports.extend(rep)
+        clean[src.name] = out / "clean" / f"{src.name}.jsonl.zst"
+        shutil.copyfile(final, clean[src.name])
+    print(format_reports(reports), file=sys.stderr)
+    tok = get_tokenizer(recipe, clean, out)
+    manifest = tokenize(recipe, clean, tok, out, progress)
+    manifest.save()
+    report = {"recipe": asdict(recipe), "stages": [asdict(r) for r in reports],
+              "seconds": time.perf_counter() - t0}
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table1(manifest, recipe.budget_tokens), file=sys.stderr)
+    print(f"prepared {out} in {time.perf_counter() - t0:.0f}s: manifest {out / MANIFEST}, report {out / 'report.json'}",
+          file=sys.stderr)
+    return manifest
+
+

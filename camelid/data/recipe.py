@@ -1,0 +1,102 @@
+"""The data recipe (TOML): where each source is, how much it weighs in the mixture, which
+processing stages it goes through, and where the prepared data goes.
+
+    [output]
+    dir = "runs/data"
+
+    [tokenizer]
+    vocab_size = 32000            # train SentencePiece BPE on the cleaned text ...
+    # path = "path/to/tokenizer"  # ... or use an existing tokenizer
+
+    [[sources]]
+    name = "books"
+    paths = ["/data/books/**/*.txt.gz"]
+    weight = 0.045
+    stages = ["normalize", "exact_dedup", "near_dedup", "langid", "quality"]
+    near_dedup = { threshold = 0.9 }
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camelid.data.dedup import ExactDedupConfig, LineDedupConfig, NearDedupConfig
+from camelid.data.filters import CodeConfig, LangIdConfig, NormalizeConfig, QualityConfig
+from camelid.errors import CamelidError
+from camelid.schema import apply_overrides, build, load_toml
+
+# Stage name -> (kind, config field): "doc" stages look at one document, "global" stages look
+# at the whole source first (two passes).
+STAGES = {
+    "normalize": "doc", "quality": "doc", "code": "doc", "langid": "doc",
+    "exact_dedup": "global", "line_dedup": "global", "near_dedup": "global",
+}
+CORPUS = Path(__file__).parent / "corpus"  # the corpus embedded in camelid (see its LICENSES.md)
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    paths: list[str]
+    weight: float = 1.0
+    format: str = "auto"            # auto (from the extension), text, jsonl, parquet
+    text_field: str = "text"        # JSONL key / Parquet column holding the text
+    split: str = "file"             # plain text: one document per file, paragraph or line
+    on_error: str = "raise"         # undecodable bytes, broken JSON lines: raise, skip or replace
+    stages: list[str] = field(default_factory=lambda: ["normalize", "exact_dedup"])
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    code: CodeConfig = field(default_factory=CodeConfig)
+    langid: LangIdConfig = field(default_factory=LangIdConfig)
+    exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    line_dedup: LineDedupConfig = field(default_factory=LineDedupConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "data"
+    val_fraction: float = 0.01      # documents held out for validation, chosen by hash
+    shard_tokens: int = 1 << 27     # tokens per shard file
+    workers: int = 0                # tokenizer processes; 0 = one per CPU
+    seed: int = 0
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""                  # an existing tokenizer (directory, tokenizer.model/json, checkpoint)
+    vocab_size: int = 32000         # otherwise train SentencePiece BPE with LLaMA's settings
+    max_sentences: int = 5_000_000  # lines sampled from the cleaned text for training
+    character_coverage: float = 0.99995
+
+
+@dataclass
+class Recipe:
+    sources: list[SourceConfig]
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    budget_tokens: int = 0          # training budget, for the epochs column of Table 1
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        if not names:
+            raise CamelidError("recipe: no [[sources]]")
+        if len(set(names)) != len(names):
+            raise CamelidError(f"recipe: source names must be unique (got {names})")
+        for s in self.sources:
+            unknown = [st for st in s.stages if st not in STAGES]
+            if unknown:
+                raise CamelidError(f"recipe: source {s.name!r}: unknown stage(s) {unknown}; known: {list(STAGES)}")
+            if s.weight <= 0:
+                raise CamelidError(f"recipe: source {s.name!r}: weight must be positive (got {s.weight})")
+            if s.on_error not in ("raise", "skip", "replace"):
+                raise CamelidError(f"recipe: source {s.name!r}: on_error must be raise, skip or replace")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    data = apply_overrides(load_toml(path), list(overrides))
+    recipe = build(Recipe, data, str(path))
+    for s in recipe.sources:  # "@corpus/..." names the corpus that ships with camelid
+        s.paths = [str(CORPUS / p[len("@corpus/"):]) if p.startswith("@corpus/") else p for p in s.paths]
+    return recipe

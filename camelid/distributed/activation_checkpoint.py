@@ -1,0 +1,48 @@
+"""Activation checkpointing, applied to a built model from the outside, block by block.
+
+- "full": a block keeps only its input and recomputes everything in the backward pass.
+- "selective": the paper's hand-written backward (section 2.4) in PyTorch terms: keep the
+  expensive activations (outputs of the matrix products and of attention) and recompute the
+  cheap element-wise ones (norms, RoPE, SiLU, products, residual adds). Same policy as
+  torchtitan's per-op selective checkpointing.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from camelid.errors import CamelidError
+
+aten = torch.ops.aten
+EXPENSIVE = {
+    aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+MODES = ("none", "selective", "full")
+
+
+def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Wrap every transformer block of `model` (state-dict names are unchanged)."""
+    if mode not in MODES:
+        raise CamelidError(f"train.activation_checkpointing: choose one of {MODES} (got {mode!r})")
+    if mode == "none":
+        return model
+    for i, block in enumerate(model.layers):
+        if mode == "full":
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            model.layers[i] = checkpoint_wrapper(
+                block, preserve_rng_state=False,
+                context_fn=partial(create_selective_checkpoint_contexts, _keep_expensive))
+    return model

@@ -1,0 +1,142 @@
+"""The training configuration: one typed schema for TOML files and `--section.key=value`
+overrides. Every recipe accepts every key below; defaults follow the paper where it says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from camelid.config import ModelConfig, get_size
+from camelid.errors import CamelidError
+from camelid.schema import apply_overrides, build, load_toml
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/train"          # metrics, checkpoints, plots and the final model go here
+
+
+@dataclass
+class ModelSection:
+    size: str = "tiny"               # a named size (camelid info lists them); fields below override it
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None    # default: the tokenizer's
+    hidden_dim: int | None = None
+    multiple_of: int | None = None
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    max_seq_len: int | None = None
+    tie_embeddings: bool | None = None
+    init_std: float = 0.02
+
+    def build(self, vocab_size: int | None) -> ModelConfig:
+        base = get_size(self.size)
+        changes = {f.name: getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("size", "init_std") and getattr(self, f.name) is not None}
+        if vocab_size is not None and "vocab_size" not in changes:
+            changes["vocab_size"] = vocab_size
+        if "dim" in changes and "hidden_dim" not in changes:
+            changes["hidden_dim"] = None
+        return base.replace(**changes)
+
+
+@dataclass
+class DataSection:
+    path: str = ""                   # a directory made by `camelid data prepare` (or its manifest.json)
+    synthetic: bool = False          # uniformly random tokens instead (throughput benchmarks)
+    seq_len: int = 256
+    weights: dict[str, float] = field(default_factory=dict)  # override the recipe's mixture
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    seed: int = 0
+    dtype: str = "bfloat16"          # float32, or bfloat16 autocast (weights and optimizer stay fp32)
+    micro_batch: int = 8             # sequences per forward/backward pass
+    batch_tokens: int = 0            # tokens per optimizer step (gradient accumulation); 0: one micro-batch
+    optimizer: str = "adamw"         # adamw (the paper) or adamax
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1        # cosine decay to 10% of the peak (the paper)
+    warmup_steps: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    activation_checkpointing: str = "none"   # none, selective (keep matmul outputs) or full
+    compile: bool = False
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_batches: int = 20
+    peak_flops: float = 0.0          # per device, for MFU; 0: known GPUs only
+    device: str = "auto"
+    threads: int = 0                 # CPU threads; 0: PyTorch's default
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 500              # steps between checkpoints (and at the end)
+    keep: int = 2                    # newest complete checkpoints kept
+
+
+@dataclass
+class ParallelSection:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+
+@dataclass
+class StabilitySection:
+    skip_nonfinite: bool = True      # a NaN/Inf loss or gradient skips the update
+    spike_factor: float = 3.0        # a loss above factor x the recent median is a spike ...
+    spike_window: int = 50           # ... over this many recent steps (needs 10 before judging)
+    spike_patience: int = 3          # this many spikes in a row roll back to the last checkpoint
+    max_rollbacks: int = 5
+
+
+@dataclass
+class SampleSection:
+    prompts: list[str] = field(default_factory=list)   # generated from at the end of training
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    stability: StabilitySection = field(default_factory=StabilitySection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        checks = [
+            (t.dtype in ("float32", "bfloat16"), f"train.dtype must be float32 or bfloat16 (got {t.dtype!r})"),
+            (t.optimizer in ("adamw", "adamax"), f"train.optimizer must be adamw or adamax (got {t.optimizer!r})"),
+            (t.max_steps > 0, "train.max_steps must be positive"),
+            (t.micro_batch > 0, "train.micro_batch must be positive"),
+            (self.data.seq_len > 0, "data.seq_len must be positive"),
+            (t.lr > 0, "train.lr must be positive"),
+            (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
+            (self.checkpoint.interval > 0, "checkpoint.interval must be positive"),
+            (self.data.synthetic or bool(self.data.path), "data.path is empty: point it at `camelid data prepare` "
+                                                           "output, or set data.synthetic = true"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CamelidError(f"train config: {message}")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    data = load_toml(path) if path else {}
+    return build(TrainConfig, apply_overrides(data, list(overrides)), str(path or "train config"))
