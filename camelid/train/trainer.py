@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from camelid.atomic import atomic_dir
@@ -23,9 +22,11 @@ from camelid.data import Manifest, PackedLoader, SyntheticLoader
 from camelid.distributed import apply_activation_checkpointing
 from camelid.errors import CamelidError
 from camelid.model import Transformer
+from camelid.platform import keep_freed_memory
 from camelid.tokenizer import Tokenizer, load_tokenizer
 from camelid.train import checkpoint as ckpt
 from camelid.train.config import TrainConfig
+from camelid.train.loss import linear_cross_entropy
 from camelid.train.metrics import MetricsLog, flops_per_token, peak_flops
 from camelid.train.optim import build_optimizer, lr_at
 
@@ -40,6 +41,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: bool = True):
         self.cfg = cfg
         t = cfg.train
+        keep_freed_memory()
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
@@ -67,9 +69,10 @@ class Trainer:
         model.to_empty(device=self.device)
         model.init_weights(seed=t.seed, std=cfg.model.init_std)
         self.model = model
-        self.net = apply_activation_checkpointing(model, t.activation_checkpointing)
-        if t.compile:
-            self.net = torch.compile(self.net)
+        apply_activation_checkpointing(model, t.activation_checkpointing)
+        if t.compile:  # block by block, as torchtitan does: one graph, compiled once, reused per layer
+            for i, block in enumerate(model.layers):
+                model.layers[i] = torch.compile(block)
         self.optimizer = build_optimizer(model, t)
 
         micro_tokens = t.micro_batch * cfg.data.seq_len
@@ -101,8 +104,8 @@ class Trainer:
 
     def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            logits = self.net(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            hidden = self.model.hidden(inputs)
+            return linear_cross_entropy(hidden.flatten(0, 1), self.model.head_weight, targets.flatten())
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
