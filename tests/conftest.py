@@ -46,3 +46,40 @@ def smollm2_hf(smollm2_gguf):
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A small two-source corpus run through `camelid data prepare`."""
+    import json
+
+    from camelid.data import load_recipe, prepare
+    from helpers import CORPUS
+
+    d = tmp_path_factory.mktemp("prep")
+    a = d / "a.jsonl"
+    a.write_text("".join(json.dumps({"text": f"{CORPUS} {i}"}) + "\n" for i in range(120)))
+    b = d / "b.txt"
+    b.write_text("\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(400)))
+    recipe = d / "r.toml"
+    recipe.write_text(f'''
+budget_tokens = 100000
+[output]
+dir = "{d / 'out'}"
+val_fraction = 0.1
+workers = 2
+[tokenizer]
+vocab_size = 512
+[[sources]]
+name = "prose"
+paths = ["{a}"]
+weight = 3
+stages = ["normalize", "exact_dedup"]
+[[sources]]
+name = "code"
+paths = ["{b}"]
+split = "line"
+weight = 1
+stages = ["normalize"]
+''')
+    return prepare(load_recipe(recipe), progress=False)

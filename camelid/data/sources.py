@@ -105,7 +105,7 @@ def _text(path: Path, source: str, split: str, errors: str) -> Iterator[Document
     with open_binary(path) as f:
         if split == "file":
             text = _decode(f.read(), str(path), errors)
-            if text is not None:
+            if text is not None and text.strip():
                 yield Document(text, source, str(path))
             return
         if split not in ("line", "paragraph"):

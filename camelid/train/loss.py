@@ -28,9 +28,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
             rows = torch.arange(tc.shape[0], device=tc.device)
-            probs = torch.softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # [chunk, vocab]
-            loss -= torch.log(probs[rows, tc]).sum()
-            probs[rows, tc] -= 1.0                                           # d loss / d logits
+            # log-softmax, not log(softmax): a confident wrong answer must give a large finite
+            # loss, not log(0)
+            probs = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # [chunk, vocab]
+            loss -= probs[rows, tc].sum()
+            probs.exp_()
+            probs[rows, tc] -= 1.0                                               # d loss / d logits
             g = probs if fp32 else probs.to(compute_dtype)
             torch.mm(g, w, out=grad_h[start:start + chunk])
             if fp32:
