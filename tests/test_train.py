@@ -266,3 +266,16 @@ def test_fused_cross_entropy_stays_finite_for_confident_mistakes():
     ours = linear_cross_entropy(h, w, t)
     ref = F.cross_entropy(F.linear(h, w), t, reduction="sum")
     assert torch.isfinite(ours) and ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_every_shipped_recipe_parses():
+    from camelid.data import load_recipe
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        if path.stem.endswith("-data"):
+            load_recipe(path)
+        else:
+            cfg = load_train_config(path)
+            cfg.model.build(32000)
