@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from camelid import __version__
-from camelid.cli import chat, convert, data, generate, info, quickstart, tokenizer, train
+from camelid.cli import chat, convert, data, evaluation, generate, info, quickstart, tokenizer, train
 from camelid.errors import CamelidError
 from camelid.platform import keep_freed_memory
 
@@ -24,6 +24,7 @@ COMMANDS = {
     "data": (data, "prepare training data: clean, deduplicate, filter, tokenize (camelid data prepare)"),
     "tokenizer": (tokenizer, "train a SentencePiece tokenizer with LLaMA's settings"),
     "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
+    "eval": (evaluation, "evaluate zero- and few-shot with the paper's protocol (multiple choice, exact match, pass@k)"),
 }
 
 EPILOG = """examples:

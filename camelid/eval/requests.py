@@ -1,0 +1,82 @@
+"""What a task asks of the model, and how text becomes the token ids that are scored.
+
+Log-likelihood requests follow lm-evaluation-harness, whose conventions published numbers
+assume: trailing spaces of the context move into the continuation; context and continuation are
+tokenized together and split at the character boundary, so a token that merges across it
+belongs to the continuation; an empty context is scored from BOS (or EOS when there is none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from camelid.errors import CamelidError
+from camelid.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Loglikelihood:
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class Rolling:
+    text: str
+
+
+@dataclass(frozen=True)
+class Generate:
+    context: str
+    stop: tuple[str, ...] = ()
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Encoded:
+    context: list[int]                       # never empty: BOS (or EOS) when the text has no tokens
+    continuation: list[int]                  # never empty
+    key: tuple[int, ...] = field(init=False)  # requests sharing a context share its KV cache
+
+    def __post_init__(self) -> None:
+        self.key = tuple(self.context)
+
+
+def prefix_token(tok: Tokenizer) -> int:
+    token = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    if token is None:
+        raise CamelidError("tokenizer has neither BOS nor EOS: an empty context cannot be scored")
+    return token
+
+
+def _context_tokens(tok: Tokenizer, whole: list[int], context: str) -> int:
+    """How many leading tokens of `whole` lie entirely inside `context` (binary search on the
+    decoded prefix, which only grows with more tokens)."""
+    lo, hi = 0, len(whole)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        text = tok.decode(whole[:mid])
+        if len(text) <= len(context) and context.startswith(text):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Encoded:
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    whole = tok.encode(context + continuation, special=False)
+    n = _context_tokens(tok, whole, context) if context else 0
+    ctx, cont = bos + whole[:n], whole[n:]
+    if not cont:
+        raise CamelidError(f"log-likelihood request: the continuation {continuation!r} has no tokens of its own")
+    if not ctx:
+        ctx = [prefix_token(tok)]
+    return Encoded(ctx, cont)

@@ -1,0 +1,48 @@
+"""Running tasks against a model and collecting results, per-sample records and timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from camelid.eval.scoring import Scorer
+from camelid.eval.tasks import Settings, get_task
+from camelid.generate import LLM
+
+
+def evaluate(llm: LLM, tasks: list[str], settings: Settings = Settings(), data_dir: str | Path | None = None,
+             batch_size: int = 16, progress: bool = False, log_samples: bool = False) -> dict[str, Any]:
+    """results[task][metric], time per task, and with log_samples the per-document records."""
+    resolved = [get_task(name, data_dir) for name in tasks]  # fail on a bad name before any work
+    scorer = Scorer(llm, batch_size=batch_size, progress=progress)
+    out: dict[str, Any] = {"results": {}, "seconds": {}, "config": {
+        "model": llm.source, "tasks": tasks, **asdict(settings), "batch_size": batch_size,
+        "dtype": str(llm.model.tok_embeddings.weight.dtype).replace("torch.", ""), "device": str(llm.device)}}
+    if log_samples:
+        out["samples"] = {}
+    for task in resolved:
+        t0 = time.perf_counter()
+        results, records = task.evaluate(scorer, settings)
+        out["results"][task.name] = {**results, "documents": len(records)}
+        out["seconds"][task.name] = round(time.perf_counter() - t0, 2)
+        if log_samples:
+            out["samples"][task.name] = records
+    out["seconds"]["total"] = round(sum(out["seconds"].values()), 2)
+    return out
+
+
+def format_results(out: dict[str, Any]) -> str:
+    lines = [f"{'task':24s} {'metric':16s} {'value':>8s} {'stderr':>8s} {'docs':>6s} {'seconds':>8s}"]
+    for task, res in out["results"].items():
+        first = True
+        for metric, value in res.items():
+            if metric.endswith("_stderr") or metric == "documents":
+                continue
+            err = res.get(f"{metric}_stderr")
+            lines.append(f"{task if first else '':24s} {metric:16s} {value:8.4f} "
+                         f"{'' if err is None else f'{err:8.4f}':>8s} "
+                         f"{res['documents'] if first else '':>6} {out['seconds'][task] if first else '':>8}")
+            first = False
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""Benchmarks: the paper's, and tasks defined by files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from camelid.errors import CamelidError
+from camelid.eval.tasks.base import Settings, Task
+from camelid.eval.tasks.generic import task_from_file
+from camelid.eval.tasks.paper import PAPER_TASKS
+
+ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", "nq": "naturalquestions",
+           "social_iqa": "siqa", "race": "race_high", "gsm": "gsm8k"}
+
+
+def get_task(name: str, data_dir: str | Path | None = None) -> Task:
+    """A built-in benchmark by name, or a task file (multiple-choice / generation JSONL,
+    BIG-bench task.json, or text for perplexity)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return task_from_file(path)
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in PAPER_TASKS:
+        return PAPER_TASKS[key](data_dir)
+    if name.endswith((".jsonl", ".json", ".txt")):
+        raise CamelidError(f"task file {name}: no such file")
+    raise CamelidError(f"unknown task {name!r}; built-in tasks: {', '.join(PAPER_TASKS)}; or pass a task file")
+
+
+__all__ = ["PAPER_TASKS", "Settings", "Task", "get_task"]

@@ -1,0 +1,185 @@
+"""Tasks from files: multiple-choice JSONL, generation JSONL, BIG-bench task.json, and plain
+text for perplexity. Every malformed record is reported with its file and line."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from camelid.errors import CamelidError
+from camelid.eval.tasks.base import Doc, GenerationTask, MultipleChoiceTask, PerplexityTask
+
+
+def _records(path: Path) -> list[tuple[int, dict]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CamelidError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise CamelidError(f"{path}:{number}: expected a JSON object")
+            out.append((number, record))
+    if not out:
+        raise CamelidError(f"{path}: no records")
+    return out
+
+
+def _require(path: Path, number: int, record: dict, key: str, kind: type | tuple) -> object:
+    if key not in record:
+        raise CamelidError(f"{path}:{number}: missing field {key!r}")
+    if not isinstance(record[key], kind) or isinstance(record[key], bool) and kind is int:
+        raise CamelidError(f"{path}:{number}: field {key!r} must be {getattr(kind, '__name__', kind)}")
+    return record[key]
+
+
+class JsonlMultipleChoice(MultipleChoiceTask):
+    """{"query": str, "choices": [str], "gold": int}: each choice is scored as " " + choice."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, path.stem
+
+    @cached_property
+    def _docs(self) -> list[Doc]:
+        docs = []
+        for number, r in _records(self.path):
+            _require(self.path, number, r, "query", str)
+            choices = _require(self.path, number, r, "choices", list)
+            gold = _require(self.path, number, r, "gold", int)
+            if not choices or not all(isinstance(c, str) for c in choices):
+                raise CamelidError(f"{self.path}:{number}: 'choices' must be a non-empty list of strings")
+            if not 0 <= gold < len(choices):
+                raise CamelidError(f"{self.path}:{number}: gold {gold} is out of range for {len(choices)} choices")
+            docs.append(r)
+        return docs
+
+    def docs(self):
+        return self._docs
+
+    def prompt(self, doc):
+        return doc["query"]
+
+    def choices(self, doc):
+        return doc["choices"]
+
+    def gold(self, doc):
+        return doc["gold"]
+
+
+class JsonlGeneration(GenerationTask):
+    """{"prompt": str, "answers": [str] or str}: greedy until a line break, exact match."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, path.stem
+
+    @cached_property
+    def _docs(self) -> list[Doc]:
+        docs = []
+        for number, r in _records(self.path):
+            _require(self.path, number, r, "prompt", str)
+            answers = _require(self.path, number, r, "answers", (list, str))
+            r = dict(r, answers=[answers] if isinstance(answers, str) else answers)
+            if not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
+                raise CamelidError(f"{self.path}:{number}: 'answers' must be a string or a non-empty list of strings")
+            docs.append(r)
+        return docs
+
+    def docs(self):
+        return self._docs
+
+    def prompt(self, doc):
+        return doc["prompt"]
+
+    def answers(self, doc):
+        return doc["answers"]
+
+
+class BigBench:
+    """A BIG-bench task.json: multiple choice when examples carry target_scores, else exact
+    match against target(s); formatted with the file's prefixes (BIG-bench's defaults)."""
+
+    def __new__(cls, path: Path):
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CamelidError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        examples = spec.get("examples")
+        if not isinstance(examples, list) or not examples:
+            raise CamelidError(f"{path}: no 'examples' list")
+        prefix = spec.get("task_prefix", "")
+        q = spec.get("example_input_prefix", "\nQ: ")
+        a = spec.get("example_output_prefix", "\nA: ").rstrip(" ")
+        docs = []
+        for i, ex in enumerate(examples):
+            if "input" not in ex:
+                raise CamelidError(f"{path}: examples[{i}] has no 'input'")
+            doc = {"query": (prefix + q + ex["input"] + a).lstrip("\n")}
+            if "target_scores" in ex:
+                doc["choices"] = list(ex["target_scores"])
+                scores = list(ex["target_scores"].values())
+                doc["gold"] = scores.index(max(scores))
+            elif "target" in ex:
+                target = ex["target"]
+                doc["answers"] = [target] if isinstance(target, str) else list(target)
+            else:
+                raise CamelidError(f"{path}: examples[{i}] has neither 'target_scores' nor 'target'")
+            docs.append(doc)
+        multiple_choice = "choices" in docs[0]
+        if any(("choices" in d) != multiple_choice for d in docs):
+            raise CamelidError(f"{path}: mixes multiple-choice and generative examples")
+        task = _BigBenchChoice() if multiple_choice else _BigBenchGenerate()
+        task.name, task._docs = spec.get("name", path.parent.name if path.name == "task.json" else path.stem), docs
+        return task
+
+
+class _BigBenchChoice(MultipleChoiceTask):
+    def docs(self):
+        return self._docs
+
+    def prompt(self, doc):
+        return doc["query"]
+
+    def choices(self, doc):
+        return doc["choices"]
+
+    def gold(self, doc):
+        return doc["gold"]
+
+
+class _BigBenchGenerate(GenerationTask):
+    def docs(self):
+        return self._docs
+
+    def prompt(self, doc):
+        return doc["query"]
+
+    def answers(self, doc):
+        return doc["answers"]
+
+
+class TextPerplexity(PerplexityTask):
+    """Plain text files (a file, a directory, or .gz/.zst), one document per file."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, path.stem
+
+    def docs(self):
+        from camelid.data.sources import expand_paths, read_documents
+
+        return [{"text": d.text} for f in expand_paths([str(self.path)], Path.cwd(), self.name)
+                for d in read_documents(f, self.name)]
+
+
+def task_from_file(path: Path):
+    name = path.name.lower()
+    if name.endswith(".jsonl"):
+        first = _records(path)[0][1]
+        multiple_choice = bool({"query", "choices", "gold"} & set(first))
+        return JsonlMultipleChoice(path) if multiple_choice else JsonlGeneration(path)
+    if name.endswith(".json"):
+        return BigBench(path)
+    return TextPerplexity(path)
