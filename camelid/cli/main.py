@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from camelid import __version__
-from camelid.cli import chat, convert, data, evaluation, generate, info, quickstart, tokenizer, train
+from camelid.cli import chat, convert, data, evaluation, generate, info, plan, quickstart, serve, tokenizer, train
 from camelid.errors import CamelidError
 from camelid.platform import keep_freed_memory
 
@@ -25,6 +25,8 @@ COMMANDS = {
     "tokenizer": (tokenizer, "train a SentencePiece tokenizer with LLaMA's settings"),
     "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
     "eval": (evaluation, "evaluate zero- and few-shot with the paper's protocol (multiple choice, exact match, pass@k)"),
+    "serve": (serve, "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
+    "plan": (plan, "memory needed to run a model at each precision, and whether it fits a card"),
 }
 
 EPILOG = """examples:

@@ -105,6 +105,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is not None:
             k, v = cache.update(start, k, v)  # [B, K, S, D]
+        if T == 1 and torch.compiler.is_compiling():
+            return self.wo(decode_attention(q, k, v, mask).reshape(B, 1, self.n_heads * self.head_dim))
         # Without a mask, T > 1 only happens for a prefill from position 0, where the causal
         # mask is the plain lower triangle: SDPA then skips the masked half and never
         # materialises a T x S mask (the paper's efficient causal attention).
@@ -112,6 +114,20 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token, written out so that a compiled decode step fuses it (an
+    SDPA call per layer costs more than the arithmetic here). The query heads that share a
+    key/value head are grouped instead of repeating k and v. q [B, H, 1, D] -> [B, H, D]."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    qg = q.view(B, K, H // K, D)                                               # [B, K, G, D]
+    scores = torch.einsum("bkgd,bksd->bkgs", qg.float(), k.float()) / math.sqrt(D)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    out = torch.einsum("bkgs,bksd->bkgd", torch.softmax(scores, dim=-1), v.float())
+    return out.reshape(B, H, D).type_as(q)
 
 
 class FeedForward(nn.Module):
