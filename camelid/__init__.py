@@ -18,23 +18,29 @@ __all__ = ["CamelidError", "LLM", "load", "__version__"]
 
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         quantize: str | None = None, compile: bool = False, progress: bool = False) -> "LLM":
+         quantize: str | None = None, compile: bool = False, progress: bool = False,
+         group_size: int | None = None) -> "LLM":
     """Load a checkpoint as an LLM: a GGUF file, a Hugging Face model directory, a Meta directory
     (params.json + consolidated.*.pth), a camelid checkpoint directory, or a known model name.
 
-    quantize: None, "int8" or "int4" (weight-only). compile: decode with a torch.compile'd step
+    quantize: None, "int8" or "int4" (weight-only; int4 in groups of `group_size`, 32 by default;
+    a quantized camelid checkpoint loads quantized as saved). compile: decode with a torch.compile'd step
     (slow first call, fast tokens after)."""
     from camelid.checkpoint import build_model, read_checkpoint
     from camelid.generate import LLM
 
     if quantize not in (None, "int8", "int4"):
         raise CamelidError(f"quantize={quantize!r}: choose None, 'int8' or 'int4'")
-    if quantize is not None:
-        raise CamelidError("quantize: weight-only int8/int4 is not available in this version yet")
     ckpt = read_checkpoint(path)
     if ckpt.tokenizer is None:
         raise CamelidError(f"{ckpt.path}: no tokenizer found beside the weights (tokenizer.model or tokenizer.json)")
-    model = build_model(ckpt, dtype=dtype, device=device, progress=progress)
+    if quantize is None and "quantization" in ckpt.details:  # a quantized checkpoint loads as saved
+        quantize = ckpt.details["quantization"]["scheme"]
+    if quantize is None:
+        model = build_model(ckpt, dtype=dtype, device=device, progress=progress)
+    else:
+        from camelid.quant.load import build_quantized_model
+        model = build_quantized_model(ckpt, quantize, group_size, dtype=dtype, device=device, progress=progress)
     return LLM(model, ckpt.tokenizer, source=str(ckpt.path), compile=compile)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from camelid.errors import CamelidError
 from camelid.generate import LLM, SamplingParams, TokenGenerator, sample
 from camelid.generate.sampling import top_p_probs
 from camelid.tokenizer import StreamDecoder
@@ -154,3 +155,42 @@ def test_compiled_decoder_reuses_its_cache_and_falls_back_to_eager(bpe_tokenizer
     with pytest.warns(UserWarning, match="continuing without compilation"):
         again = llm.generate_batch(["Rough winds"], max_new_tokens=6, temperature=0)
     assert again[0].tokens == reference[0].tokens
+
+
+# ---- speculative decoding ---------------------------------------------------------------------
+
+def test_rejection_rule_samples_the_target_distribution():
+    from camelid.generate.speculative import accept_or_resample
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.6, 0.1, 0.2])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        drafted = int(torch.multinomial(q, 1, generator=gen))
+        counts[accept_or_resample(p, q, drafted, gen)[1]] += 1
+    assert torch.allclose(counts / n, p, atol=0.015), counts / n
+
+
+@pytest.mark.parametrize("num_draft", [1, 3, 5])
+def test_speculative_greedy_equals_the_target_alone(bpe_tokenizer, num_draft):
+    target = LLM(tiny("tiny", seed=0), bpe_tokenizer)
+    prompt = "Shall I compare thee"
+    expected = target.generate(prompt, max_new_tokens=24, temperature=0)
+    # a draft that is often wrong (other weights) and one that is always right (the target)
+    for draft in (LLM(tiny("tiny-tied", seed=7), bpe_tokenizer), target):
+        target.use_draft(draft, num_draft)
+        assert target.generate(prompt, max_new_tokens=24, temperature=0) == expected
+        rounds = target.generator.rounds
+        assert rounds.drafted > 0 and (draft is not target or rounds.acceptance == 1.0)
+    target.use_draft(None)
+
+
+def test_speculative_sampling_is_seeded_and_checks_the_vocabulary(bpe_tokenizer, spm_tokenizer):
+    target = LLM(tiny("tiny"), bpe_tokenizer).use_draft(LLM(tiny("tiny", seed=3), bpe_tokenizer), 3)
+    a = target.generate("Hello", max_new_tokens=16, temperature=0.9, seed=11)
+    assert a == target.generate("Hello", max_new_tokens=16, temperature=0.9, seed=11)
+    other = LLM(tiny("tiny"), spm_tokenizer.with_added_tokens({512: ("<|extra|>", True)}))  # vocabulary of 513
+    with pytest.raises(CamelidError, match="vocabulary"):
+        target.use_draft(other)

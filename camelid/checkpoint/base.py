@@ -19,6 +19,7 @@ from camelid.checkpoint.names import expected_shapes
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model import Transformer
+from camelid.quant.blocks import QuantizedTensor
 from camelid.tokenizer import Tokenizer
 
 # Buffers that some checkpoints carry but that are derived, not learned (Meta's rope.freqs).
@@ -36,6 +37,9 @@ class Checkpoint:
     dtype: torch.dtype | None = None        # the stored dtype when all matrices share one
     details: dict[str, Any] = field(default_factory=dict)
     where: Callable[[str], str] = str       # which file holds a weight, for error messages
+    # a weight as stored codes and scales, where the file holds it in a layout camelid's
+    # quantized layers use as is (GGUF Q8_0/Q4_0/Q4_1, quantized camelid checkpoints); else None
+    read_quantized: Callable[[str], QuantizedTensor | None] = lambda name: None
 
     def check(self) -> None:
         """Missing, unexpected and mis-shaped weights, all reported at once."""
@@ -52,6 +56,10 @@ class Checkpoint:
             raise CamelidError(f"{self.path}: " + "; ".join(problems) +
                                "; the checkpoint does not match its config")
 
+    def shape_error(self, name: str, got, want) -> CamelidError:
+        return CamelidError(f"{self.where(name)}: weight {name} has shape {list(got)} but the config implies "
+                            f"{list(want)}{self.details.get('shape_hint', '')}")
+
     def tensors(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                 progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Validated weights one at a time, converted to dtype/device."""
@@ -62,9 +70,7 @@ class Checkpoint:
         for name in bar:
             t = self.read(name)
             if tuple(t.shape) != want[name]:
-                raise CamelidError(
-                    f"{self.where(name)}: weight {name} has shape {list(t.shape)} but the config implies "
-                    f"{list(want[name])}{self.details.get('shape_hint', '')}")
+                raise self.shape_error(name, t.shape, want[name])
             yield name, t.to(device=device, dtype=dtype or t.dtype)
 
 

@@ -19,6 +19,7 @@ from camelid.checkpoint.names import rename
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model import rope_inv_freq
+from camelid.quant.blocks import GGML_DIRECT, QuantizedTensor, from_ggml
 from camelid.tokenizer import Tokenizer, tokenizer_from_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -121,6 +122,13 @@ def read_gguf(path: Path) -> Checkpoint:
             array = gguf.quants.dequantize(t.data, t.tensor_type)
         return torch.from_numpy(array.reshape([int(d) for d in reversed(t.shape)]))
 
+    def read_quantized(name: str) -> QuantizedTensor | None:
+        t = by_name.get(names.get(name, ""))
+        if t is None or t.tensor_type.name not in GGML_DIRECT or len(t.shape) != 2:
+            return None
+        rows = torch.from_numpy(np.array(t.data))  # [out, bytes per row], copied out of the mmap
+        return from_ggml(t.tensor_type.name, rows, int(t.shape[0]))
+
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
@@ -128,7 +136,7 @@ def read_gguf(path: Path) -> Checkpoint:
     float_types = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
     dtype = float_types.get(matrix_types.pop()) if len(matrix_types) == 1 else None
     return Checkpoint(path=path, format="gguf", config=config, tokenizer=tokenizer_from_gguf(meta, str(path)),
-                      names=list(names), read=read, dtype=dtype,
+                      names=list(names), read=read, dtype=dtype, read_quantized=read_quantized,
                       details={"tensor_types": types, "metadata": meta}, where=lambda _: str(path))
 
 

@@ -1,5 +1,9 @@
 """camelid's own format: camelid.json (the ModelConfig) + model.safetensors in camelid's names and
-Meta's q/k layout + the tokenizer files. Loading is an mmap and an assign: no conversion."""
+Meta's q/k layout + the tokenizer files. Loading is an mmap and an assign: no conversion.
+
+A quantized checkpoint (camelid.json has "quantization") stores each quantized layer as its
+buffers, `X.weight` (codes), `X.scales` and, for int4, `X.mins`, and a tied model's quantized
+head as `output.*`. Read as floats it dequantizes, so converting it to other formats works."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from camelid.checkpoint.base import Checkpoint
 from camelid.checkpoint.safetensors_io import SafetensorsFiles, save_safetensors
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
+from camelid.quant.blocks import QuantizedTensor
 from camelid.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 CONFIG = "camelid.json"
@@ -33,8 +38,29 @@ def read_native(directory: Path) -> Checkpoint:
     config = ModelConfig.from_dict(meta["config"], where=f"{path} config")
     files = SafetensorsFiles(directory)
     tokenizer = load_tokenizer(directory) if has_tokenizer(directory) else None
-    return Checkpoint(path=directory, format="camelid", config=config, tokenizer=tokenizer, names=files.names(),
-                      read=files.get, dtype=files.dtype(), where=lambda n: str(files.file_of.get(n, directory)))
+    where = lambda n: str(files.file_of.get(n, directory))  # noqa: E731
+    if "quantization" not in meta:
+        return Checkpoint(path=directory, format="camelid", config=config, tokenizer=tokenizer, names=files.names(),
+                          read=files.get, dtype=files.dtype(), where=where)
+    stored = set(files.names())
+
+    def read_quantized(name: str) -> QuantizedTensor | None:
+        stem = name.removesuffix(".weight")
+        if f"{stem}.scales" not in stored:
+            return None
+        parts = ("weight", "scales", "mins") if f"{stem}.mins" in stored else ("weight", "scales")
+        return QuantizedTensor.from_buffers({p: files.get(f"{stem}.{p}") for p in parts})
+
+    def read(name: str):
+        q = read_quantized(name)
+        return files.get(name) if q is None else q.dequantize(files.get("tok_embeddings.weight").dtype)
+
+    # the buffers beside the codes, and a tied model's quantized head, are not weights of the config
+    names = [n for n in files.names() if not n.endswith((".scales", ".mins"))
+             and not (config.tie_embeddings and n.startswith("output."))]
+    return Checkpoint(path=directory, format="camelid", config=config, tokenizer=tokenizer, names=names, read=read,
+                      dtype=files.get("tok_embeddings.weight").dtype, where=where, read_quantized=read_quantized,
+                      details={"quantization": meta["quantization"]})
 
 
 def write_native(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from camelid.cli.common import add_model_arguments, add_sampling_arguments, load_llm, sampling_kwargs
+from camelid.cli.common import add_draft_arguments, add_model_arguments, add_sampling_arguments, load_llm, sampling_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_draft_arguments(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     add_sampling_arguments(p, temperature=0.7)
 

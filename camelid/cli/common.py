@@ -18,11 +18,22 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
                         "(smollm2-135m-instruct)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weight dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization: int8 per output channel, or int4 in groups (GGUF "
+                        "Q8_0/Q4_0/Q4_1 weights are taken over as stored); fastest with --compile")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd step: the first run compiles (about a minute on "
                         "CPU, cached afterwards), then tokens come 2x faster or more")
+
+
+def add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", metavar="PATH", default=None,
+                   help="speculative decoding: a smaller model with the same tokenizer proposes tokens that "
+                        "the model checks in one forward; the output is the same as without it")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per round (default 4)")
+    p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None, help="quantize the draft model")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,8 +53,15 @@ def load_llm(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return camelid.load(args.model, device=device, dtype=dtype, quantize=args.quantize,
-                        compile=args.compile, progress=sys.stderr.isatty())
+    llm = camelid.load(args.model, device=device, dtype=dtype, quantize=args.quantize,
+                       group_size=getattr(args, "group_size", None), compile=args.compile,
+                       progress=sys.stderr.isatty())
+    if getattr(args, "draft", None):
+        if args.draft_tokens < 1:
+            raise CamelidError(f"--draft-tokens must be >= 1 (got {args.draft_tokens})")
+        llm.use_draft(camelid.load(args.draft, device=device, dtype=dtype, quantize=args.draft_quantize),
+                      args.draft_tokens)
+    return llm
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float) -> None:

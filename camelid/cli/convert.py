@@ -7,9 +7,13 @@ formats:
   meta     Meta: params.json + consolidated.NN.pth (--shards N for model-parallel files)
   gguf     one .gguf file for llama.cpp: --gguf-type F32, F16, BF16 or Q8_0
 
+--quantize int8|int4 (with --to camelid) writes a quantized camelid checkpoint: quantize once,
+then every load is a plain read of the codes (GGUF Q8_0/Q4_0/Q4_1 blocks are kept as they are).
+
 examples:
   camelid convert path/to/Llama-2-7b-hf llama2-7b.gguf --to gguf --gguf-type Q8_0
   camelid convert model.gguf model-hf --to hf --dtype bfloat16
+  camelid convert path/to/Llama-2-7b-hf llama2-7b-int4 --to camelid --quantize int4
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+import torch
 
 from camelid.checkpoint import FORMATS, read_checkpoint, write_checkpoint
 from camelid.checkpoint.gguf import WRITABLE
@@ -32,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: the source's; float32 for quantized sources)")
     p.add_argument("--gguf-type", choices=list(WRITABLE), default=None,
                    help="GGUF tensor type (default: from --dtype); norms always stay F32")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the linear layers (only with --to camelid)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
     p.add_argument("--shards", type=int, default=1, help="model-parallel files for --to meta (default 1)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
 
@@ -43,6 +52,16 @@ def main(args: argparse.Namespace) -> int:
         raise CamelidError("--gguf-type only applies with --to gguf")
     t0 = time.perf_counter()
     ckpt = read_checkpoint(args.src)
+    if args.quantize:
+        if args.to != "camelid":
+            raise CamelidError("--quantize writes quantized camelid checkpoints only: add --to camelid")
+        from camelid.quant.load import build_quantized_model, save_quantized
+        dtype = DTYPES[args.dtype] if args.dtype else torch.float32
+        model = build_quantized_model(ckpt, args.quantize, args.group_size, dtype=dtype, progress=sys.stderr.isatty())
+        save_quantized(model, ckpt.tokenizer, args.dst, overwrite=args.force)
+        print(f"wrote {args.dst} (camelid, {args.quantize}) from {ckpt.path} ({ckpt.format}) in "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        return 0
     dst = write_checkpoint(ckpt, args.dst, args.to, dtype=DTYPES[args.dtype] if args.dtype else None,
                            gguf_type=args.gguf_type, shards=args.shards, overwrite=args.force,
                            progress=sys.stderr.isatty())

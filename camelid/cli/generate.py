@@ -4,6 +4,8 @@ examples:
   camelid generate --model model.gguf --prompt "The capital of France is" --temperature 0
   echo "Once upon a time" | camelid generate --model model.gguf --prompt - --max-new-tokens 64
   camelid generate --model model.gguf --chat --prompt "Write a haiku about llamas"
+  camelid generate --model llama-7b --draft tinyllama --prompt "def quicksort(xs):" --temperature 0
+  camelid generate --model model.gguf --quantize int4 --compile --prompt "Once upon a time"
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from camelid.cli.common import add_model_arguments, add_sampling_arguments, load_llm, sampling_kwargs
+from camelid.cli.common import (add_draft_arguments, add_model_arguments, add_sampling_arguments, load_llm,
+                                sampling_kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_draft_arguments(p)
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message with the chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt (with --chat)")

@@ -11,6 +11,7 @@ from camelid.errors import CamelidError
 from camelid.generate.compiled import CompiledDecoder
 from camelid.generate.engine import Stats, TokenGenerator
 from camelid.generate.sampling import SamplingParams
+from camelid.generate.speculative import SpeculativeGenerator
 from camelid.model import Transformer
 from camelid.tokenizer import StreamDecoder, Tokenizer
 
@@ -62,8 +63,21 @@ class LLM:
         self.source = source
         self.stats = Stats()  # of the last call
         self.decoder: CompiledDecoder | None = None
+        self.draft: LLM | None = None
+        self.num_draft = 4
         if compile:
             self.compile()
+
+    def use_draft(self, draft: "LLM | None", num_draft: int = 4) -> "LLM":
+        """Speculative decoding from now on (single prompts): `draft`, a smaller model with the
+        same tokenizer, proposes `num_draft` tokens per round and this model checks them in one
+        forward. Output is unchanged: greedy gives the same tokens, sampling the same
+        distribution. `generator.rounds.acceptance` after a call says how often the draft was right."""
+        if draft is not None and draft.tokenizer.vocab_size != self.tokenizer.vocab_size:
+            raise CamelidError(f"draft model {draft.source}: its vocabulary ({draft.tokenizer.vocab_size}) differs "
+                               f"from this model's ({self.tokenizer.vocab_size}); use a draft with the same tokenizer")
+        self.draft, self.num_draft = draft, num_draft
+        return self
 
     def compile(self, mode: str | None = None) -> "LLM":
         """Decode with a torch.compile'd step from now on. The first generation compiles (tens of
@@ -90,8 +104,14 @@ class LLM:
         once per row, the reason being "stop" (stop token or string) or "length"."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stop_ids = self.tokenizer.stop_ids
-        gen = TokenGenerator(self.model, prompts, max_new_tokens, SamplingParams(temperature, top_p, top_k),
-                             stop_ids, seed, pad_id=self.tokenizer.pad_id or 0, decoder=self.decoder)
+        sampling = SamplingParams(temperature, top_p, top_k)
+        if self.draft is not None and len(prompts) == 1:
+            gen = SpeculativeGenerator(self.model, self.draft.model, prompts, max_new_tokens, sampling, stop_ids, seed,
+                                       num_draft=self.num_draft)
+        else:
+            gen = TokenGenerator(self.model, prompts, max_new_tokens, sampling, stop_ids, seed,
+                                 pad_id=self.tokenizer.pad_id or 0, decoder=self.decoder)
+        self.generator = gen
         self.stats = gen.stats
         streams = [TextStream(self.tokenizer, p, stops) for p in prompts]
         hit_stop_id = [False] * len(prompts)

@@ -197,7 +197,8 @@ class Transformer(nn.Module):
         cache slots start..start+T-1 and attend to every slot before them. `positions` ([T] or
         [B, T]) are the RoPE positions, start.. by default; `mask` ([B or 1, 1, T, start+T],
         True = attend) replaces the causal rule, for left-padded batches. `start` may also be a
-        tensor of the T slot indices: shapes then stay static (for torch.compile), attention
+        tensor of the T slot indices (or [B, T] per-row slot indices, for continuous batching,
+        see `kv_cache.py`): shapes then stay static (for torch.compile), attention
         spans the whole cache and `mask` ([B or 1, 1, T, cache length]) is required.
         """
         B, T = tokens.shape
