@@ -1,11 +1,131 @@
-"""camelid serve (being built)."""
+"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(`"stream": true` answers with server-sent events), and GET / for a chat page in the browser.
+Requests are batched continuously: up to --max-batch of them decode together, one token each
+per step, and a new request joins between two steps; up to --max-queue more wait for a free
+slot, and beyond that the server answers 503. The KV cache for --max-batch x --context tokens
+is allocated once at start-up.
+
+examples:
+  camelid serve --model smollm2-135m-instruct
+  camelid serve --model model.gguf --host 0.0.0.0 --port 8080 --max-batch 16 --context 4096
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 64}'
+  python -c 'import openai; c = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x");
+             print(c.completions.create(model="smollm2-135m-instruct", prompt="Paris is").choices[0].text)'
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from camelid.cli.common import add_model_arguments, load_llm
 from camelid.errors import CamelidError
 
-
-def add_arguments(p):
-    pass
+DEFAULT_CONTEXT = 2048  # the paper's context; longer ones cost cache memory for every slot
 
 
-def main(args):
-    raise CamelidError("camelid serve is not built yet")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--model-name", default=None, metavar="ID",
+                   help="the model id in /v1/models and the one requests must name (default: the file's stem)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="requests decoded together (default 8); each holds a --context slice of the KV cache")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for a free slot; more get HTTP 503 (default 64)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help=f"tokens per request, prompt plus reply (default: the model's, at most {DEFAULT_CONTEXT})")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default info: one line per request)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from camelid.serve import Batcher, create_app
+
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise CamelidError(f"{flag} must be >= 1 (got {value})")
+    if args.compile:
+        raise CamelidError("--compile: not supported by serve yet (its batched decode step runs eagerly); "
+                           "leave it out")
+    _check_port_free(args.host, args.port)
+    llm = load_llm(args)
+    context = _context(args.context, llm.config.max_seq_len)
+    model_name = args.model_name or Path(args.model).stem
+    batcher = Batcher(llm.model, llm.tokenizer, max_batch=args.max_batch, context=context,
+                      max_queue=args.max_queue)
+    print(f"camelid serve: {model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1); "
+          f"{args.max_batch} slots x {context} tokens, KV cache {batcher.cache.nbytes() / 2**20:.0f} MiB",
+          file=sys.stderr, flush=True)
+    _log_like_uvicorn(args.log_level)
+    app = create_app(llm, batcher, model_name)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    try:
+        _server(config, batcher).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down
+        pass
+    print("camelid serve: stopped", file=sys.stderr)
+    return 0
+
+
+def _server(config, batcher):
+    """uvicorn's server, told to end the requests in flight when asked to stop (Ctrl-C,
+    SIGTERM): uvicorn waits for open connections to close before the app's own shutdown runs,
+    so without this a long streamed reply would hold the exit until the graceful timeout.
+    (Built here, not at import, so that `camelid --help` does not import uvicorn.)"""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            batcher.stop(timeout=0)  # the worker fails every job: their responses end now
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def _log_like_uvicorn(level: str) -> None:
+    """The server's own messages (a client that went away, a failed step) beside uvicorn's."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log = logging.getLogger("camelid.serve")
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def _context(requested: int | None, model_max: int) -> int:
+    if requested is None:
+        return min(model_max, DEFAULT_CONTEXT)
+    if not 2 <= requested <= model_max:
+        raise CamelidError(f"--context {requested}: must be between 2 and the model's context, {model_max}")
+    return requested
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before loading the model, not after, when the address cannot be used."""
+    if not 0 <= port <= 65535:
+        raise CamelidError(f"--port {port}: must be between 0 and 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise CamelidError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            hint = "; pick another with --port" if e.errno == errno.EADDRINUSE else ""
+            raise CamelidError(f"--host {host} --port {port}: cannot listen there ({e.strerror}){hint}") from None

@@ -1,0 +1,297 @@
+"""The HTTP side: FastAPI routes in OpenAI's formats, request checks, server-sent events.
+
+Every route only validates, encodes and waits; the Batcher's worker thread does all model work
+and hands text back through `Event`s, which cross into the event loop with
+`call_soon_threadsafe`. Every error, ours or FastAPI's, leaves as OpenAI's error body
+{"error": {"message", "type", "param", "code"}}, so that clients show the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from camelid.errors import CamelidError
+from camelid.generate import LLM, SamplingParams
+from camelid.serve.batcher import Batcher, Event, Job, QueueFull
+from camelid.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+DISCONNECT_POLL_S = 0.5         # how often a non-streaming request checks that its client is there
+
+log = logging.getLogger("camelid.serve")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(llm: LLM, batcher: Batcher, model_name: str) -> FastAPI:
+    """The application; its lifespan starts and stops the batcher's worker thread."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="camelid", lifespan=lifespan, docs_url=None, redoc_url=None)
+    created = int(time.time())
+    chat_page = (resources.files("camelid.serve") / "static" / "chat.html").read_text(encoding="utf-8")
+    _install_error_handlers(app)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(chat_page)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "camelid",
+             "max_model_len": batcher.context}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body, model_name)
+        prompt = _completion_prompt(body, llm)
+        return await _answer(request, body, prompt, body.max_tokens or DEFAULT_COMPLETION_TOKENS,
+                             batcher, model_name, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(body, model_name)
+        try:
+            prompt = llm.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
+        except CamelidError as e:
+            raise ApiError(400, str(e), "messages") from None
+        limit = body.max_completion_tokens or body.max_tokens or batcher.context  # up to the context
+        return await _answer(request, body, prompt, limit, batcher, model_name, chat=True)
+
+    return app
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+
+def _check_model(body: SamplingFields, model_name: str) -> None:
+    if body.model is not None and body.model != model_name:
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r} "
+                            "(see /v1/models)", "model", code="model_not_found")
+
+
+def _completion_prompt(body: CompletionRequest, llm: LLM) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise ApiError(400, f"one prompt per request, please (got a list of {len(prompt)})", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = llm.encode_prompt(prompt)
+    else:
+        vocab = llm.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        ids = list(prompt)
+    if not ids:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    return ids
+
+
+# ---- answering ----------------------------------------------------------------------------------
+
+async def _answer(request: Request, body: SamplingFields, prompt: list[int], max_tokens: int,
+                  batcher: Batcher, model_name: str, chat: bool):
+    param = "messages" if chat else "prompt"
+    if len(prompt) >= batcher.context:
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens but this server's context is "
+                            f"{batcher.context} tokens (camelid serve --context); shorten the prompt", param,
+                       code="context_length_exceeded")
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def deliver(event: Event) -> None:  # on the worker thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed: the server is going down
+            pass
+
+    job = Job(prompt, max_tokens, SamplingParams(body.temperature, body.top_p), deliver, body.stops, body.seed)
+    try:
+        batcher.submit(job)
+    except QueueFull as e:
+        raise ApiError(503, str(e), kind="server_overloaded", code="queue_full") from None
+    formatter = _ChatFormat(model_name) if chat else _CompletionFormat(model_name)
+    if body.stream:
+        return _JobStream(job, _stream(events, formatter, body.include_usage))
+    return await _collect(request, job, events, formatter)
+
+
+class _JobStream(StreamingResponse):
+    """Server-sent events for a job, which is cancelled however the response ends: Starlette
+    cancels the response when the client disconnects, possibly before the first chunk."""
+
+    def __init__(self, job: Job, chunks: AsyncIterator[str]):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()  # a no-op once the job has finished
+
+
+async def _collect(request: Request, job: Job, events: asyncio.Queue[Event], formatter: "_Format"):
+    pieces = []
+    next_check = time.monotonic() + DISCONNECT_POLL_S
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() >= next_check:  # on a clock: tokens may arrive faster than the poll
+                next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await request.is_disconnected():
+                    job.cancel()  # nobody will read the answer: give the row to someone else
+                    log.info("%s %s: the client went away; request cancelled", request.method, request.url.path)
+                    return error_response(499, "client closed the request")
+            if event is None:
+                continue
+            if event.error:
+                return error_response(event.status, event.error, kind="server_error")
+            pieces.append(event.text)
+            if event.finish_reason:
+                return formatter.whole("".join(pieces), event)
+    finally:
+        job.cancel()  # a no-op once the job has finished
+
+
+async def _stream(events: asyncio.Queue[Event], formatter: "_Format", include_usage: bool) -> AsyncIterator[str]:
+    first = formatter.opening()
+    if first:
+        yield _sse(first)
+    while True:
+        event = await events.get()
+        if event.error:
+            yield _sse({"error": {"message": event.error, "type": "server_error", "param": None, "code": None}})
+            break
+        if event.text:
+            yield _sse(formatter.chunk(event.text, None))
+        if event.finish_reason:
+            yield _sse(formatter.chunk("", event.finish_reason))
+            if include_usage:
+                yield _sse(formatter.usage_chunk(event))
+            break
+    yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(event: Event) -> dict:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+class _Format:
+    """OpenAI's response and chunk objects for one endpoint; all chunks share one id."""
+
+    prefix = object_name = chunk_name = ""
+
+    def __init__(self, model_name: str):
+        self.model = model_name
+        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _envelope(self, object_name: str, choices: list) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def opening(self) -> dict | None:
+        return None
+
+    def usage_chunk(self, event: Event) -> dict:
+        return {**self._envelope(self.chunk_name, []), "usage": _usage(event)}
+
+    def whole(self, text: str, event: Event) -> dict:
+        return {**self._envelope(self.object_name, [self.choice(text, event.finish_reason)]), "usage": _usage(event)}
+
+
+class _CompletionFormat(_Format):
+    prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
+
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def chunk(self, text: str, finish_reason: str | None) -> dict:
+        return self._envelope(self.chunk_name, [self.choice(text, finish_reason)])
+
+
+class _ChatFormat(_Format):
+    prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    def opening(self) -> dict:
+        return self._envelope(self.chunk_name, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}])
+
+    def chunk(self, text: str, finish_reason: str | None) -> dict:
+        delta = {"content": text} if text else {}
+        return self._envelope(self.chunk_name, [{"index": 0, "delta": delta, "logprobs": None,
+                                                 "finish_reason": finish_reason}])
+
+
+# ---- errors in OpenAI's shape -------------------------------------------------------------------
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param, e.kind, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422 in its own shape; OpenAI clients expect 400 with a message
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", first.get("msg"))
+            return error_response(400, f"the request body is not valid JSON ({detail})")
+        where = [part for part in first.get("loc", ()) if part != "body"]
+        param = str(where[0]) if where else None
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in where).lstrip(".")
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        return error_response(400, f"{path or 'request body'}: {message}", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind)

@@ -1,0 +1,237 @@
+"""Continuous batching: one worker thread owns the model and decodes every active request in one
+forward per step, admitting and evicting requests between steps.
+
+The KV cache is static, [max_batch, kv_heads, context, head_dim], one row per request slot, and
+a request keeps its row from admission to its last token. Its prompt is prefilled alone into
+that row (a view of the row, plain int start=0, the ordinary causal prefill). A decode step then
+feeds every row its last token at the row's own position: tokens, RoPE positions and cache
+slots are all [n, 1], and a mask [n, 1, 1, window] lets row b see its own slots 0..position[b].
+Each row starts at slot 0, so its slot is its position and no row needs padding.
+
+Rows are not compacted: a step runs rows 0..(highest active row), an idle row in between
+computes a throw-away token at slot 0, and admission fills the lowest free row so that active
+rows gather at the top. The window is the longest active row, not the whole context, so a step
+reads only the part of the cache in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from camelid.generate import SamplingParams, TextStream, sample
+from camelid.model import KVCache, Transformer
+from camelid.tokenizer import Tokenizer
+
+log = logging.getLogger("camelid.serve")
+
+
+class QueueFull(Exception):
+    """Every row is busy and the waiting line is at its limit (HTTP 503)."""
+
+
+@dataclass
+class Event:
+    """What the worker tells a request: new text, or the end (finish_reason set), or a failure."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" or "length", on the last event only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    status: int = 500  # the HTTP status that fits the error: 503 when shutting down
+
+
+@dataclass
+class Job:
+    """One request. `deliver` is called on the worker thread with each Event; `cancel` may be
+    called from any thread (a client went away) and the worker drops the job at its next step."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    deliver: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class Row:
+    """A job in the cache: the worker's per-request decoding state."""
+
+    job: Job
+    text: TextStream
+    generator: torch.Generator | None
+    limit: int          # most new tokens, within the row's share of the context
+    position: int       # slot (and RoPE position) of the next token fed to the model
+    last: int = 0       # that token
+    produced: int = 0   # new tokens so far, stop tokens not counted
+
+
+class Batcher:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, context: int = 2048,
+                 max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1 or context < 2:
+            raise ValueError("max_batch and max_queue must be >= 1 and context >= 2")
+        self.model, self.tokenizer = model, tokenizer
+        self.context = context
+        self.stop_ids = tokenizer.stop_ids
+        weight = model.tok_embeddings.weight
+        self.device = weight.device
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.cache = KVCache(model.config, max_batch, context, dtype=dtype, device=self.device)
+        self.rows: list[Row | None] = [None] * max_batch
+        self.max_queue = max_queue
+        self.waiting: deque[Job] = deque()
+        self._waiting_changed = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- called from the server's threads --------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        if not 0 < len(job.prompt) < self.context:
+            raise ValueError(f"a prompt needs 1 to {self.context - 1} tokens (got {len(job.prompt)})")
+        with self._waiting_changed:  # checked under the lock that the worker drains the line with
+            if self._stopping.is_set():
+                raise QueueFull("the server is shutting down")
+            # a client that gave up while waiting does not hold its place in the line
+            live = [j for j in self.waiting if not j.cancelled]
+            if len(live) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self.rows)} requests running and "
+                                f"{self.max_queue} waiting; retry later")
+            self.waiting = deque(live + [job])
+            self._waiting_changed.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="camelid-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    # ---- the worker ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self.step(wait=0.1)
+                except Exception as e:  # a bug or out of memory: fail these requests, keep serving
+                    log.exception("batch step failed")
+                    self._fail_all(f"internal error: {type(e).__name__}: {e}", 500, waiting=False)
+        self._fail_all("the server is shutting down", 503, waiting=True)
+
+    @torch.inference_mode()
+    def step(self, wait: float = 0.0) -> None:
+        """One round: drop cancelled rows, admit waiting jobs into free rows (blocking up to
+        `wait` seconds when nothing is running), then one decode step for all active rows."""
+        for i, row in enumerate(self.rows):
+            if row is not None and row.job.cancelled:
+                self.rows[i] = None
+        while None in self.rows:
+            job = self._next_job(wait if not self.active else 0.0)
+            if job is None:
+                break
+            index = self.rows.index(None)
+            try:
+                self._prefill(index, job)
+            except Exception as e:  # this request alone fails; the others keep their rows
+                log.exception("prefill failed")
+                self.rows[index] = None
+                job.deliver(Event(error=f"internal error: {type(e).__name__}: {e}"))
+        if self.active:
+            self._decode()
+
+    def _next_job(self, wait: float) -> Job | None:
+        """The oldest waiting job that is still wanted, waiting up to `wait` s for one."""
+        with self._waiting_changed:
+            if not self.waiting and wait > 0:
+                self._waiting_changed.wait(wait)
+            while self.waiting:
+                job = self.waiting.popleft()
+                if not job.cancelled:
+                    return job
+        return None
+
+    def _prefill(self, index: int, job: Job) -> None:
+        generator = None
+        if job.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(job.seed)
+        row = Row(job, TextStream(self.tokenizer, job.prompt, job.stop), generator,
+                  limit=min(job.max_tokens, self.context - len(job.prompt)), position=len(job.prompt))
+        self.rows[index] = row
+        tokens = torch.tensor([job.prompt], device=self.device)
+        view = self.cache.view(slice(index, index + 1), self.context)
+        logits = self.model(tokens, cache=view, start=0, last_only=True)[:, -1]
+        self._accept(index, self._sample(logits, [row])[0])
+
+    def _decode(self) -> None:
+        n = 1 + max(i for i, r in enumerate(self.rows) if r is not None)
+        rows = self.rows[:n]
+        tokens = torch.tensor([[r.last if r else 0] for r in rows], device=self.device)        # [n, 1]
+        positions = torch.tensor([[r.position if r else 0] for r in rows], device=self.device)  # [n, 1]
+        window = int(positions.max()) + 1
+        slots = torch.arange(window, device=self.device)
+        mask = (slots.unsqueeze(0) <= positions).view(n, 1, 1, window)  # row b sees its slots 0..pos[b]
+        logits = self.model(tokens, positions=positions, cache=self.cache.view(slice(0, n), window),
+                            start=positions, mask=mask, last_only=True)[:, -1]
+        next_ids = self._sample(logits, rows)
+        for i, row in enumerate(rows):
+            if row is not None:
+                row.position += 1
+                self._accept(i, next_ids[i])
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> list[int]:
+        """One token per row of logits [n, V]: one argmax for the batch, then a draw from its own
+        generator for each row that samples."""
+        ids = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            if row is not None and not row.job.sampling.greedy:
+                ids[i] = int(sample(logits[i:i + 1], row.job.sampling, row.generator))
+        return ids
+
+    def _accept(self, index: int, token: int) -> None:
+        """Hand a row's new token to its request; evict the row when the request is complete."""
+        row = self.rows[index]
+        row.last = token
+        if token in self.stop_ids:
+            return self._finish(index, "stop")
+        row.produced += 1
+        text = row.text.push(token)
+        if text:
+            row.job.deliver(Event(text=text))
+        if row.text.stopped:
+            self._finish(index, "stop")
+        elif row.produced >= row.limit:
+            self._finish(index, "length")
+
+    def _finish(self, index: int, reason: str) -> None:
+        row = self.rows[index]
+        self.rows[index] = None
+        rest = row.text.finish()
+        row.job.deliver(Event(text=rest, finish_reason=reason, prompt_tokens=len(row.job.prompt),
+                              completion_tokens=row.produced))
+
+    def _fail_all(self, message: str, status: int, waiting: bool) -> None:
+        jobs = [r.job for r in self.rows if r is not None]
+        self.rows = [None] * len(self.rows)
+        if waiting:
+            with self._waiting_changed:
+                jobs += self.waiting
+                self.waiting.clear()
+        for job in jobs:
+            job.deliver(Event(error=message, status=status))

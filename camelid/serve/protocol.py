@@ -1,0 +1,114 @@
+"""The request bodies the server accepts, as pydantic models (a subset of OpenAI's API).
+
+Ranges follow OpenAI's documentation, so a request that OpenAI would refuse is refused here too,
+with the field named. Fields we do not implement but that change nothing when left at their
+defaults (presence_penalty, user, ...) are ignored; the few that would silently change the
+meaning of the answer (n > 1, logprobs, echo, suffix) are refused instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What completions and chat completions share."""
+
+    model: str | None = None  # None: the one model this server has
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_texts(cls, stop):
+        if stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            return stop
+        raise ValueError("expected a string or a list of strings")
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"only n=1 is supported (got {n})")
+        return n
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    # text, or token ids; a list of several prompts (OpenAI's batch form) is refused in the app
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt):
+        # checked up front: pydantic's own message would list each alternative's failure
+        if isinstance(prompt, str) or (isinstance(prompt, list) and (
+                all(isinstance(p, str) for p in prompt) or all(type(p) is int for p in prompt))):
+            return prompt
+        raise ValueError("expected a string, a list of one string, or a list of token ids")
+
+    @field_validator("logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value):
+        if value is not None:
+            raise ValueError("not supported by this server; leave it out")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported by this server; leave it out")
+        return value
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        """The {"role", "content"} form the chat templates take: text parts joined, and
+        OpenAI's newer "developer" role written as the "system" role the templates know."""
+        content = self.content if isinstance(self.content, str) else \
+            "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("logprobs is not supported by this server; leave it out")
+        return value
