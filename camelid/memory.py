@@ -1,0 +1,250 @@
+"""How much memory generating with a model takes, worked out from its config alone.
+
+`plan()` counts what camelid itself allocates to generate at batch B with a context of T tokens
+(prompt plus new tokens; the engine sizes its KV cache to exactly that). The largest step of a
+generation is the prefill, taken here as a prompt of all T tokens in one forward pass:
+
+  weights      float rows: every parameter in the row's dtype. int8: one byte per weight of each
+               linear layer plus an fp32 scale per output row; int4: half a byte per weight plus
+               an fp16 scale and an fp16 minimum per group of G weights, except the output head,
+               which int4 models keep in int8. The embedding and the norms stay in the activation
+               dtype, and a tied head gets a quantized copy of its own (camelid.quant).
+  KV cache     2 * layers * B * T * kv_heads * head_dim * bytes of the activation dtype.
+  activations  the peak of the prefill, the largest of three moments (N = B * T tokens):
+               - a feed-forward sub-block: the residual stream (block input, attention sum, its
+                 norm: 3 * N * dim) and the SwiGLU hidden (silu(w1 x), w3 x, their product:
+                 3 * N * ffn_dim);
+               - an attention sub-block: block input and its norm, q, k, v, and RoPE's fp32
+                 rotation of q or k (or the output projection's inputs);
+               - the output head over the last position (every position with all_logits) and
+                 an fp32 copy of its logits for sampling.
+               A quantized layer multiplies by a copy of its weight dequantized to the activation
+               dtype (camelid's prefill path), so quantized rows add that copy where the layer
+               runs. Attention goes through scaled_dot_product_attention, whose fused kernels
+               (flash on CPU and CUDA) never store the T x T scores; attention="math" adds them
+               for a backend without one. A batch of prompts of different lengths is left-padded
+               with a [B, T, T] mask that the kernel converts to the activation dtype.
+  overhead     a fixed allowance: CUDA context, cuBLAS workspaces, caching-allocator slack.
+
+`LiveTensorBytes` measures the same quantity on a real run: the peak bytes of tensor storage
+alive, which is what a CUDA caching allocator reports as max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from camelid.config import ModelConfig
+from camelid.errors import CamelidError
+
+PRECISIONS = ("float32", "bfloat16", "int8", "int4")  # best first; float16 costs what bfloat16 does
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GROUP_SIZES = (32, 64, 128)                           # int4 groups camelid.quant offers
+HEADROOM = 0.10      # below this share of the card spare, fragmentation can still end in OOM
+DEFAULT_OVERHEAD = 2**30
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
+          "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str = "--memory") -> int:
+    """Bytes in "24GB", "24GiB", "80G", "512MB", "1.5TB": GB, MB, TB and bare G/M/T are powers of
+    ten (as cards and disks are sold), GiB, MiB, TiB powers of two; a plain number is bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and match.group(2).upper()
+    if not match or unit not in _UNITS:
+        raise CamelidError(f"{flag} {text!r}: not a size; write e.g. 24GB (10^9 bytes), 24GiB (2^30 bytes), "
+                           "80G or 512MB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Row:
+    precision: str
+    activation_dtype: str
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.overhead
+
+    def spare(self, memory: int) -> int:
+        return memory - self.total
+
+    def fits(self, memory: int) -> bool:
+        return self.total <= memory
+
+    def comfortable(self, memory: int) -> bool:
+        return self.spare(memory) >= HEADROOM * memory
+
+    def to_dict(self, memory: int | None = None) -> dict:
+        d = {**asdict(self), "total": self.total}
+        if memory is not None:
+            d.update(fits=self.fits(memory), comfortable=self.comfortable(memory), spare=self.spare(memory))
+        return {k if k in ("precision", "activation_dtype", "fits", "comfortable") else f"{k}_bytes": v
+                for k, v in d.items()}
+
+
+def head_precision(precision: str) -> str:
+    """int4 models keep the output head in int8 per row (camelid.quant.head_scheme: every logit
+    goes through it)."""
+    return "int8" if precision == "int4" else precision
+
+
+def quantized_bytes(out: int, inp: int, precision: str, group_size: int) -> int:
+    if precision == "int8":
+        return out * inp + out * 4                             # codes + fp32 scale per row
+    return out * inp // 2 + out * (inp // group_size) * 2 * 2  # nibbles + fp16 scale, min per group
+
+
+def weight_bytes(config: ModelConfig, precision: str, activation_dtype: str = "bfloat16",
+                 group_size: int = 32) -> int:
+    if precision in DTYPE_BYTES:
+        return config.num_params() * DTYPE_BYTES[precision]
+    d, q, kv, f = config.dim, config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.ffn_dim
+    block = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (d, f), (f, d)]
+    linear = config.n_layers * sum(quantized_bytes(o, i, precision, group_size) for o, i in block)
+    head = quantized_bytes(config.vocab_size, d, head_precision(precision), group_size)
+    embedding_and_norms = (config.vocab_size + 2 * config.n_layers + 1) * d * DTYPE_BYTES[activation_dtype]
+    return linear + head + embedding_and_norms
+
+
+def _dequantized(out: int, inp: int, precision: str, a: int) -> int:
+    """Bytes alive while a quantized layer rebuilds its float weight (camelid.quant.blocks
+    dequantize_int8 / dequantize_int4): int8 the cast codes and their scaled copy; int4 the cast
+    codes, their scaled copy and that plus the minimums."""
+    return (2 if precision == "int8" else 3) * out * inp * a
+
+
+def activation_bytes(config: ModelConfig, precision: str, batch: int, context: int, activation_dtype: str,
+                     attention: str = "fused", all_logits: bool = False) -> int:
+    a = DTYPE_BYTES[activation_dtype]
+    n = batch * context                       # tokens in the prefill
+    d, f, vocab = config.dim, config.ffn_dim, config.vocab_size
+    q, kv = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
+    quantized = precision not in DTYPE_BYTES
+
+    def linear(out: int, inp: int, rows: int, scheme: str = precision) -> int:
+        """Bytes a linear layer adds beyond its input while it runs."""
+        result = rows * out * a
+        if not quantized:
+            return result
+        return max(_dequantized(out, inp, scheme, a), out * inp * a + result)
+
+    # RoPE on q or k: an fp32 copy, the fp32 rotation, and the cast back (fp32 rows: the rotation).
+    rope = 4 if a == 4 else 8 + a
+    qkv = n * (q + 2 * kv) * a
+    # Alive through the whole prefill: the RoPE table (fp32 cos and sin per position, per row when
+    # left padding gives rows their own positions) and the padding masks ([B, T, T] and the
+    # causal [T, T], boolean).
+    padded = batch > 1
+    mask = batch * context * context if padded else 0
+    prefill_state = (batch if padded else 1) * context * config.head_dim * 4 + mask + padded * context ** 2
+    scores = 2 * batch * config.n_heads * context * context * 4 if attention == "math" else 0  # fp32, softmax
+    attention_peak = 2 * n * d * a + max(
+        linear(q, d, n), n * q * a + linear(kv, d, n), n * (q + kv) * a + linear(kv, d, n),
+        qkv + n * q * rope, qkv + n * q * a + n * kv * rope,
+        2 * n * q * a + mask * a + scores,     # rotated q, attention output, the kernel's float mask
+        3 * n * q * a + linear(d, q, n))       # ... and the output's [B, T, H*D] copy into wo
+    ffn_peak = 3 * n * d * a + max(n * f * a + linear(f, d, n), 3 * n * f * a, n * f * a + linear(d, f, n))
+    rows = n if all_logits else batch
+    head_peak = n * d * a + linear(vocab, d, rows, head_precision(precision)) + rows * vocab * 4
+    return prefill_state + max(attention_peak, ffn_peak, head_peak)
+
+
+def plan(config: ModelConfig, batch: int = 1, context: int = 2048, activation_dtype: str = "bfloat16",
+         group_size: int = 32, overhead: int = DEFAULT_OVERHEAD, attention: str = "fused",
+         all_logits: bool = False) -> list[Row]:
+    """One row per precision (int4 only where its groups divide the layers). Float rows compute in
+    their own dtype; quantized rows in `activation_dtype` (bfloat16 on a GPU; camelid on CPU
+    keeps float32)."""
+    if batch < 1:
+        raise CamelidError(f"--batch must be at least 1 (got {batch})")
+    if context < 1:
+        raise CamelidError(f"--context must be at least 1 token (got {context})")
+    if activation_dtype not in DTYPE_BYTES:
+        raise CamelidError(f"--activation-dtype {activation_dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    if group_size not in GROUP_SIZES:
+        raise CamelidError(f"--group-size {group_size}: choose one of {GROUP_SIZES}")
+    result = []
+    for precision in PRECISIONS:
+        if precision == "int4" and int4_problem(config, group_size):
+            continue
+        act = precision if precision in DTYPE_BYTES else activation_dtype
+        result.append(Row(precision, act, weight_bytes(config, precision, act, group_size),
+                          config.kv_cache_bytes(batch, context, DTYPE_BYTES[act]),
+                          activation_bytes(config, precision, batch, context, act, attention, all_logits),
+                          overhead))
+    return result
+
+
+def int4_problem(config: ModelConfig, group_size: int) -> str | None:
+    """Why int4 in groups of `group_size` cannot hold this model's linear layers, if it cannot."""
+    widths = sorted({config.dim, config.ffn_dim, config.n_heads * config.head_dim})  # their input columns
+    if any(w % group_size for w in widths):
+        return f"int4: groups of {group_size} do not divide the layers' widths {widths}"
+    return None
+
+
+def best(rows: list[Row], memory: int) -> tuple[Row | None, bool]:
+    """The best precision that fits with HEADROOM to spare, else the best that fits at all
+    (second value False: tight)."""
+    for wanted in (Row.comfortable, Row.fits):
+        for row in rows:
+            if wanted(row, memory):
+                return row, wanted is Row.comfortable
+    return None, False
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage alive while the `with` block runs: the quantity `plan`
+    predicts, measured.
+
+    Every tensor an operation returns is tracked by a weak reference to its storage until it is
+    freed; views share their base's storage and count once. The given modules' parameters and
+    buffers (the weights) are the baseline. Composite operations run as their parts, so their
+    temporaries count too (scaled_dot_product_attention's float copy of a boolean mask). Memory
+    a kernel takes outside tensors (scratch of a few MB) is not seen. Unlike the process's
+    resident set it is exact and repeatable: no allocator caching, no libraries, no mmap'd files.
+    """
+
+    def __init__(self, *modules: torch.nn.Module):
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        for module in modules:
+            for t in [*module.parameters(), *module.buffers()]:
+                self._track(t)
+        self.baseline = self.peak = self._total()
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ref = StorageWeakRef(storage)
+        known = self._live.get(ref.cdata)
+        if known is None or known[0].expired():   # a freed storage's address can come back
+            self._live[ref.cdata] = (ref, storage.nbytes())
+
+    def _total(self) -> int:
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            del self._live[key]
+        return sum(n for _, n in self._live.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with self:
+            out = func.decompose(*args, **kwargs)
+        if out is NotImplemented:
+            out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t)
+        self.peak = max(self.peak, self._total())
+        return out
