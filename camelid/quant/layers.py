@@ -46,10 +46,11 @@ class Int8Linear(QuantizedLinear):
         if torch.compiler.is_compiling() and x.shape[-2] == 1:
             if self.group_size == self.in_features:   # one scale per output: apply it after the sum
                 return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales[:, 0].to(x.dtype)
+            # one reduction with the scale applied inside the loop (measured faster than a sum per
+            # group followed by a second, scaled sum)
             g = self.group_size
-            xg = x.unflatten(-1, (-1, g)).unsqueeze(-3)                                  # [..., 1, groups, g]
-            partial = (xg * self.weight.view(self.out_features, -1, g).to(x.dtype)).sum(-1)  # [..., out, groups]
-            return (partial * self.scales.to(x.dtype)).sum(-1)
+            w = self.weight.view(self.out_features, -1, g).to(x.dtype) * self.scales.to(x.dtype).unsqueeze(-1)
+            return (x.unflatten(-1, (-1, g)).unsqueeze(-3) * w).sum((-1, -2))
         return F.linear(x, self.dequantize(x.dtype))
 
 
@@ -61,18 +62,17 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.shape[-2] == 1:
-            # One reduction over the input with each code unpacked inside the loop: a broadcast
-            # shift (0 for the low half of a group, 4 for the high half) instead of a
-            # concatenation, which inductor would materialise. The minimum is applied once per
-            # group through the sum of x over the group: sum(x (q s + m)) = s sum(x q) + m sum(x).
+            # One reduction over the input with each code unpacked and dequantized inside the
+            # loop: a broadcast shift (0 for the low half of a group, 4 for the high half)
+            # instead of a concatenation, which inductor would materialise. (Applying scale and
+            # minimum per group after partial sums measured slower: two reductions.)
             half = self.group_size // 2
             packed = self.weight.view(self.out_features, -1, 1, half)                  # [out, groups, 1, g/2]
             shifts = (torch.arange(2, device=x.device, dtype=torch.uint8) * 4).view(1, 1, 2, 1)
             q = ((packed >> shifts) & 15).to(x.dtype)                                   # [out, groups, 2, g/2]
-            xg = x.unflatten(-1, (-1, 2, half))                                         # [..., groups, 2, g/2]
-            xq = (xg.unsqueeze(-4) * q).sum((-1, -2))                                   # [..., out, groups]
-            xsum = xg.sum((-1, -2)).unsqueeze(-2)                                       # [..., 1, groups]
-            return (xq * self.scales.to(x.dtype) + xsum * self.mins.to(x.dtype)).sum(-1)
+            w = q * self.scales.to(x.dtype)[..., None, None] + self.mins.to(x.dtype)[..., None, None]
+            xg = x.unflatten(-1, (-1, 2, half)).unsqueeze(-4)                           # [..., 1, groups, 2, g/2]
+            return (xg * w).sum((-1, -2, -3))
         return F.linear(x, self.dequantize(x.dtype))
 
 
