@@ -137,6 +137,11 @@ SIZES: dict[str, ModelConfig] = {
     "llama3-8B": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                              ffn_dim_multiplier=1.3, multiple_of=1024, norm_eps=1e-5,
                              rope_theta=500000.0, max_seq_len=8192),
+    # Llama-3.2-1B's shape (1.24B parameters, tied head), without its rope scaling: the ~1B
+    # model of the GPU benchmarks.
+    "llama3.2-1B": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                               hidden_dim=8192, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+                               tie_embeddings=True),
     "smollm2-135M": ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
                                 hidden_dim=1536, norm_eps=1e-5, rope_theta=100000.0,
                                 max_seq_len=8192, tie_embeddings=True),

@@ -13,6 +13,8 @@ attention mask covers the whole cache.
 
 from __future__ import annotations
 
+import itertools
+import types
 import warnings
 
 import torch
@@ -51,6 +53,20 @@ def _gemv_from(weight: torch.Tensor) -> GemvLinear:
     return layer
 
 
+def _own_code(method):
+    """The bound method over a private copy of its code object. Dynamo keeps compiled graphs per
+    code object and, with the module guards skipped above, would hand one decoder's graph to
+    another decoder's model of a different structure (a float model's graph to an int8 one:
+    KeyError 'weight'). Each decoder gets its own cache entry this way."""
+    code = method.__func__.__code__
+    func = types.FunctionType(code.replace(co_name=f"{code.co_name}_{next(_instances)}"), method.__func__.__globals__,
+                              None, method.__func__.__defaults__, method.__func__.__closure__)
+    return types.MethodType(func, method.__self__)
+
+
+_instances = itertools.count()
+
+
 class CompiledDecoder:
     """Owns the compiled step and the fixed-size KV cache it runs on.
 
@@ -71,7 +87,7 @@ class CompiledDecoder:
             "triton.cudagraphs": mode == "reduce-overhead" or (
                 mode is None and next(model.parameters()).device.type == "cuda"),
         }
-        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
+        self._step = torch.compile(_own_code(self._forward), fullgraph=True, dynamic=False, options=options)
 
     def cache_for(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         c = self.cache
