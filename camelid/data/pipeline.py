@@ -4,6 +4,12 @@ Each stage reads the previous stage's output from disk and writes its own (zstd-
 JSONL), so memory stays bounded whatever the corpus size, and every stage can be inspected.
 A report counts documents and bytes in and out of every stage of every source, with the
 reasons documents were dropped and where the first few came from.
+
+Per-document work (the "doc" stages and tokenization) goes through an executor: this machine
+(`LocalExecutor`) or a Ray cluster (`camelid.data.ray_backend`, `output.backend = "ray"`). This
+process keeps everything that needs the whole corpus or a fixed order -- reading the sources,
+the dedup stages, tokenizer training and shard writing -- and gets results back in corpus
+order, so both backends write the same bytes.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -88,25 +94,37 @@ def make_stage(name: str, src: SourceConfig, workdir: Path) -> Any:
     raise CamelidError(f"unknown stage {name!r}")
 
 
-def run_stage(name: str, stage: Any, docs: Callable[[], Iterator[Document]], out: Path,
-              report: StageReport, progress: bool) -> None:
-    if STAGES[name] == "global":
+def stage_batch(name: str, src: SourceConfig, batch: list[tuple[str, dict | None]]) -> list[str | filters.Drop]:
+    """A per-document stage over (text, meta) pairs: what a worker runs. Building the stage is
+    cheap (langid's model is loaded once per process), so workers need no state of their own."""
+    stage = make_stage(name, src, Path())
+    if name == "code":
+        return [stage(text, meta) for text, meta in batch]
+    return [stage(text) for text, _ in batch]
+
+
+def run_stage(name: str, src: SourceConfig, workdir: Path, docs: Callable[[], Iterator[Document]], out: Path,
+              report: StageReport, progress: bool, executor: Executor) -> None:
+    stage = make_stage(name, src, workdir) if STAGES[name] == "global" else None
+    if stage is not None:
+        # global stages need the whole source, seen in order: they run here, whatever the backend
         for i, d in enumerate(tqdm(docs(), desc=f"{report.source}: {name} (scan)", unit="doc",
                                    disable=not progress, leave=False)):
             stage.observe(i, d.text)
         stage.finish()
 
+    def results() -> Iterator[tuple[Document, str | filters.Drop]]:
+        stream = tqdm(docs(), desc=f"{report.source}: {name}", unit="doc", disable=not progress, leave=False)
+        if stage is not None:
+            yield from ((d, stage(i, d.text)) for i, d in enumerate(stream))
+            return
+        for batch, out_ in executor.stage(name, src, _batches(stream, executor.batch)):
+            yield from zip(batch, out_)
+
     def kept() -> Iterator[Document]:
-        for i, d in enumerate(tqdm(docs(), desc=f"{report.source}: {name}", unit="doc", disable=not progress,
-                                   leave=False)):
+        for d, result in results():
             report.docs_in += 1
             report.bytes_in += len(d.text.encode())
-            if STAGES[name] == "global":
-                result = stage(i, d.text)
-            elif name == "code":
-                result = stage(d.text, d.meta)
-            else:
-                result = stage(d.text)
             if isinstance(result, filters.Drop):
                 report.drop(result.reason, d.where)
                 continue
@@ -117,7 +135,8 @@ def run_stage(name: str, stage: Any, docs: Callable[[], Iterator[Document]], out
     write_docs(out, kept())
 
 
-def clean_source(src: SourceConfig, work: Path, progress: bool) -> tuple[Path, list[StageReport]]:
+def clean_source(src: SourceConfig, work: Path, progress: bool,
+                 executor: Executor) -> tuple[Path, list[StageReport]]:
     files = expand_paths(src.paths, Path.cwd(), src.name)
     sdir = work / src.name
     shutil.rmtree(sdir, ignore_errors=True)
@@ -144,8 +163,8 @@ def clean_source(src: SourceConfig, work: Path, progress: bool) -> tuple[Path, l
         out = sdir / f"{k:02d}-{name}.jsonl.zst"
         report = StageReport(src.name, name)
         previous = current
-        run_stage(name, make_stage(name, src, sdir / f"{k:02d}-{name}.work"), lambda p=previous: read_docs(p, src.name),
-                  out, report, progress)
+        run_stage(name, src, sdir / f"{k:02d}-{name}.work", lambda p=previous: read_docs(p, src.name), out, report,
+                  progress, executor)
         reports.append(report)
         current = out
         if report.docs_out == 0:
@@ -229,55 +248,142 @@ def _worker_init(tokenizer_dir: str) -> None:
     _WORKER_TOKENIZER = load_tokenizer(Path(tokenizer_dir))
 
 
-def _worker_encode(texts: list[str]) -> list[np.ndarray]:
-    tok = _WORKER_TOKENIZER
+def encode_texts(tok, texts: list[str]) -> list[np.ndarray]:
     bos = [tok.bos_id] if tok.bos_id is not None else []
     eos = [tok.eos_id] if tok.eos_id is not None else []
     # special=False: markup such as "<s>" inside the corpus is text, not a control token
     return [np.array(bos + tok.encode(t, special=False) + eos, dtype=np.int64) for t in texts]
 
 
-def _batches(docs: Iterator[Document], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _worker_encode(texts: list[str]) -> list[np.ndarray]:
+    return encode_texts(_WORKER_TOKENIZER, texts)
+
+
+def _batches(docs: Iterable[Document], size: int, max_chars: int = 1 << 24) -> Iterator[list[Document]]:
+    """Consecutive documents, `size` at a time (fewer when they are long: whole books)."""
+    batch: list[Document] = []
+    chars = 0
     for d in docs:
-        batch.append(d.text)
-        if len(batch) == size:
+        batch.append(d)
+        chars += len(d.text)
+        if len(batch) == size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
+
+
+# ---- executors: where the per-document work runs ------------------------------------------------------
+
+def ordered(submit: Callable[[Any], Any], wait: Callable[[Any], Any], items: Iterable[Any],
+            window: int) -> Iterator[tuple[Any, Any]]:
+    """(item, wait(submit(item))) in the order of `items`, whichever worker finishes first. At
+    most `window` items are in flight, so memory stays bounded whatever the corpus size."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, submit(item)))
+        if len(pending) >= window:
+            head, handle = pending.popleft()
+            yield head, wait(handle)
+    while pending:
+        head, handle = pending.popleft()
+        yield head, wait(handle)
+
+
+def texts_of(batch: list[Document]) -> list[str]:
+    return [d.text for d in batch]
+
+
+def pairs_of(batch: list[Document]) -> list[tuple[str, dict | None]]:
+    return [(d.text, d.meta) for d in batch]
+
+
+class Executor:
+    """Runs batches of documents through a doc stage or the tokenizer and yields (batch, results)
+    in corpus order; `batch` is how many documents a worker gets at a time. Everything else
+    stays in the calling process."""
+
+    batch = 64
+
+    def stage(self, name: str, src: SourceConfig, batches: Iterable[list[Document]]) -> Iterator[tuple[list, list]]:
+        raise NotImplementedError
+
+    def encode(self, tokenizer_dir: Path, batches: Iterable[list[Document]]) -> Iterator[tuple[list, list]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """This machine: doc stages in this process (they cost little next to reading and writing
+    the intermediate files), tokenization on a pool of `workers` spawned processes."""
+
+    def __init__(self, workers: int):
+        self.workers = workers or os.cpu_count() or 1
+        self.pool = None
+
+    def stage(self, name, src, batches):
+        return ordered(lambda b: stage_batch(name, src, pairs_of(b)), lambda r: r, batches, 1)
+
+    def encode(self, tokenizer_dir, batches):
+        if self.pool is None:  # started on first use: a run that fails while cleaning never pays for it
+            ctx = mp.get_context("spawn")  # no fork: torch and friends are already loaded here
+            self.pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(str(tokenizer_dir),))
+        pool = self.pool
+        return ordered(lambda b: pool.apply_async(_worker_encode, (texts_of(b),)), lambda r: r.get(), batches,
+                       4 * self.workers)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+
+
+def make_executor(recipe: Recipe) -> Executor:
+    if recipe.output.backend == "ray":
+        from camelid.data.ray_backend import RayExecutor  # imports ray, so only when asked for
+
+        return RayExecutor(recipe.output.ray_address, recipe.output.workers)
+    return LocalExecutor(recipe.output.workers)
 
 
 def is_validation(seed: int, source: str, index: int, fraction: float) -> bool:
     return dedup.hash64(f"{seed}:{source}:{index}") % 1_000_000 < fraction * 1_000_000
 
 
-def tokenize(recipe: Recipe, clean: dict[str, Path], tok, out: Path, progress: bool) -> Manifest:
+def tokenize(recipe: Recipe, clean: dict[str, Path], tok, out: Path, progress: bool,
+             executor: Executor) -> Manifest:
     dtype = token_dtype(tok.vocab_size)
     tokens_dir = out / "tokens"
     shutil.rmtree(tokens_dir, ignore_errors=True)
-    workers = recipe.output.workers or os.cpu_count() or 1
     sources = {}
-    ctx = mp.get_context("spawn")  # no fork: torch and friends are already loaded here
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(str(out / "tokenizer"),)) as pool:
-        for s in recipe.sources:
-            writers = {split: ShardWriter(tokens_dir / s.name, split, dtype, recipe.output.shard_tokens, out)
-                       for split in ("train", "val")}
-            index = 0
-            bar = tqdm(desc=f"tokenizing {s.name}", unit="doc", disable=not progress, leave=False)
-            for encoded in pool.imap(_worker_encode, _batches(read_docs(clean[s.name], s.name), 64)):
-                for ids in encoded:
-                    split = "val" if is_validation(recipe.output.seed, s.name, index, recipe.output.val_fraction) \
-                        else "train"
-                    writers[split].add(ids)
-                    index += 1
-                bar.update(len(encoded))
-            bar.close()
-            for w in writers.values():
-                w.flush()
-            sources[s.name] = SourceShards(weight=s.weight, train=writers["train"].shards, val=writers["val"].shards)
-            if not sources[s.name].train:
-                raise CamelidError(f"source {s.name!r}: no training documents left after the validation split")
+    for s in recipe.sources:
+        writers = {split: ShardWriter(tokens_dir / s.name, split, dtype, recipe.output.shard_tokens, out)
+                   for split in ("train", "val")}
+        index = 0
+        bar = tqdm(desc=f"tokenizing {s.name}", unit="doc", disable=not progress, leave=False)
+        # results arrive in corpus order, so the split and the shards do not depend on the backend
+        batches = _batches(read_docs(clean[s.name], s.name), executor.batch)
+        for _, encoded in executor.encode(out / "tokenizer", batches):
+            for ids in encoded:
+                split = "val" if is_validation(recipe.output.seed, s.name, index, recipe.output.val_fraction) \
+                    else "train"
+                writers[split].add(ids)
+                index += 1
+            bar.update(len(encoded))
+        bar.close()
+        for w in writers.values():
+            w.flush()
+        sources[s.name] = SourceShards(weight=s.weight, train=writers["train"].shards, val=writers["val"].shards)
+        if not sources[s.name].train:
+            raise CamelidError(f"source {s.name!r}: no training documents left after the validation split")
     return Manifest(vocab_size=tok.vocab_size, dtype=dtype.name, tokenizer="tokenizer", bos_id=tok.bos_id,
                     eos_id=tok.eos_id, sources=sources, directory=out)
 
@@ -294,14 +400,15 @@ def prepare(recipe: Recipe, progress: bool | None = None, keep_work: bool = Fals
     reports: list[StageReport] = []
     clean: dict[str, Path] = {}
     (out / "clean").mkdir(exist_ok=True)
-    for src in recipe.sources:
-        final, rep = clean_source(src, work, progress)
-        reports.extend(rep)
-        clean[src.name] = out / "clean" / f"{src.name}.jsonl.zst"
-        shutil.copyfile(final, clean[src.name])
-    print(format_reports(reports), file=sys.stderr)
-    tok = get_tokenizer(recipe, clean, out)
-    manifest = tokenize(recipe, clean, tok, out, progress)
+    with make_executor(recipe) as executor:
+        for src in recipe.sources:
+            final, rep = clean_source(src, work, progress, executor)
+            reports.extend(rep)
+            clean[src.name] = out / "clean" / f"{src.name}.jsonl.zst"
+            shutil.copyfile(final, clean[src.name])
+        print(format_reports(reports), file=sys.stderr)
+        tok = get_tokenizer(recipe, clean, out)
+        manifest = tokenize(recipe, clean, tok, out, progress, executor)
     manifest.save()
     report = {"recipe": asdict(recipe), "stages": [asdict(r) for r in reports],
               "seconds": time.perf_counter() - t0}

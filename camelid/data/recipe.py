@@ -3,6 +3,8 @@ processing stages it goes through, and where the prepared data goes.
 
     [output]
     dir = "runs/data"
+    # backend = "ray"             # run the per-document work on a Ray cluster (pip install 'camelid[ray]')
+    # ray_address = ""            # RAY_ADDRESS or a running Ray, else one started here; or "ray://head:10001"
 
     [tokenizer]
     vocab_size = 32000            # train SentencePiece BPE on the cleaned text ...
@@ -32,6 +34,7 @@ STAGES = {
     "normalize": "doc", "quality": "doc", "code": "doc", "langid": "doc",
     "exact_dedup": "global", "line_dedup": "global", "near_dedup": "global",
 }
+BACKENDS = ("local", "ray")  # where the per-document work runs (pipeline.make_executor)
 CORPUS = Path(__file__).parent / "corpus"  # the corpus embedded in camelid (see its LICENSES.md)
 
 
@@ -59,8 +62,12 @@ class OutputConfig:
     dir: str = "data"
     val_fraction: float = 0.01      # documents held out for validation, chosen by hash
     shard_tokens: int = 1 << 27     # tokens per shard file
-    workers: int = 0                # tokenizer processes; 0 = one per CPU
+    workers: int = 0                # tokenizer processes (Ray: 2x this many batches in flight); 0 = per CPU
     seed: int = 0
+    backend: str = "local"          # local (processes on this machine) or ray: the same output either way
+    ray_address: str = ""           # "" joins RAY_ADDRESS or the latest Ray on this machine, else starts
+                                    # one; "auto" only joins; "local" always starts one; "host:port",
+                                    # "ray://host:10001" name a cluster
 
 
 @dataclass
@@ -82,6 +89,8 @@ class Recipe:
         names = [s.name for s in self.sources]
         if not names:
             raise CamelidError("recipe: no [[sources]]")
+        if self.output.backend not in BACKENDS:
+            raise CamelidError(f"recipe: output.backend must be one of {list(BACKENDS)} (got {self.output.backend!r})")
         if len(set(names)) != len(names):
             raise CamelidError(f"recipe: source names must be unique (got {names})")
         for s in self.sources:
