@@ -9,9 +9,15 @@ twice, in a fresh process of its own:
   oneDNN caches, allocator slack), the part the plan's fixed overhead line stands for.
 
 The plan is taken with --overhead 0 and the activation dtype the case runs in (float32 for
-quantized rows on CPU, as camelid does). Command:
+quantized rows on CPU, as camelid does).
 
-    python benchmarks/memory.py [--cases tiny,smollm2] [--batch 4] [--context 1024]
+The "train" cases plan a training step (camelid plan --train, single process) and measure one
+step of camelid's Trainer on synthetic tokens, two micro-batches accumulated, for every
+activation-checkpointing mode in float32 and bfloat16 (camelid.memory_train.measure_training_step):
+the step's peak, and the forward/backward's peak beyond the resident weights, gradients and
+AdamW states. Command:
+
+    python benchmarks/memory.py [--cases tiny,smollm2,train] [--batch 4] [--context 1024]
 
 A run (2026-11-28, 2 shared CPU cores, torch 2.13 CPU; SmolLM2-135M-Instruct from its Q4_1 GGUF,
 batch 4, context 1024): the plan's total was within 0.3% of the measured tensor peak in every
@@ -20,6 +26,15 @@ row (float32 798.1 vs 797.8 MiB, bfloat16 402.1 vs 401.9, int8 648.9 vs 647.2, i
 within 1%. The resident set grew 1.3 to 2.5 times the tensors' growth (381, 371, 711, 1032
 MiB): glibc's heap keeps the holes that temporaries of many sizes leave (worst for quantized
 rows, which dequantize a fresh weight per layer), which the overhead line has to cover on CPU.
+
+A run of the train cases (2026-11-28, same machine, one thread; `--cases train`): the plan's
+total was within 0.3% of the measured step peak in all twelve rows, and so was its
+forward/backward part beyond the resident weights, gradients and AdamW states. dim256 (4
+layers, vocabulary 32000, 8 x 512 tokens, four chunks of logits), plan vs tensors in MiB:
+float32 none 1066.6 vs 1066.7, selective 930.5 vs 930.6, full 746.3 vs 746.3; bfloat16 none
+1104.3 vs 1104.4, selective 988.2 vs 988.2, full 895.9 vs 896.0 (the fused loss's 128 MiB slabs
+of logits dominate at this size: the loss chunk, not the blocks, is the peak). The resident set
+grew 1.3 to 2.1 times the plan's transient over a step, for the reasons above.
 """
 
 from __future__ import annotations
@@ -33,6 +48,10 @@ import time
 
 import torch
 
+TRAIN_MODELS = {  # name -> (model section overrides, micro-batch, sequence length)
+    "tiny": ({"size": "tiny"}, 4, 128),
+    "dim256": ({"size": "tiny", "dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 32000}, 8, 512),
+}
 CASES = {  # name -> (model, precision, activation dtype)
     "tiny": [("tiny", p, a) for p, a in [("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "float32"),
                                          ("int4", "bfloat16")]],
@@ -93,18 +112,59 @@ def child(model_name: str, precision: str, activation: str, batch: int, context:
                       "seconds": seconds}))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="tiny,smollm2")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--context", type=int, default=1024, help="for SmolLM2; the tiny model takes 256")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        name, precision, activation, batch, context = args.child
-        child(name, precision, activation, int(batch), int(context))
-        return
+def train_child(model_name: str, ac: str, dtype: str) -> None:
+    import tempfile
 
+    from camelid.memory_train import measure_training_step
+    from camelid.train.config import DataSection, ModelSection, RunSection, TrainConfig, TrainSection
+    from camelid.train.trainer import Trainer
+
+    overrides, micro_batch, seq_len = TRAIN_MODELS[model_name]
+    with tempfile.TemporaryDirectory() as run_dir:
+        # one thread: two on a shared 2-core machine can be a hundred times slower
+        cfg = TrainConfig(run=RunSection(dir=run_dir), model=ModelSection(**overrides),
+                          data=DataSection(synthetic=True, seq_len=seq_len),
+                          train=TrainSection(micro_batch=micro_batch, batch_tokens=2 * micro_batch * seq_len,
+                                             dtype=dtype, activation_checkpointing=ac, device="cpu", threads=1))
+        trainer = Trainer(cfg, log=False)
+        trainer.train_step()                       # creates the AdamW states
+        # hand what the first step freed back to the system, or the next would reuse it unseen
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        start, t0 = status("VmRSS"), time.perf_counter()
+        trainer.train_step()
+        rss_growth, seconds = status("VmHWM") - start, time.perf_counter() - t0
+        resident, step_peak, compute_peak = measure_training_step(trainer)
+    print(json.dumps({"resident": resident, "peak": step_peak, "compute_peak": compute_peak,
+                      "rss_growth": rss_growth, "seconds": seconds, "config": trainer.config.to_dict()}))
+
+
+def run_train_cases() -> None:
+    from camelid.config import ModelConfig
+    from camelid.memory_train import AC_MODES, Layout, plan_training
+
+    mib = 2**20
+    print(f"{'model':7} {'dtype':8} {'ac':9} {'B':>2} {'T':>4} | {'plan MiB':>9} {'tensors':>9} {'ratio':>6} | "
+          f"{'plan fwd/bwd':>12} {'tensors':>9} {'ratio':>6} | {'plan step':>9} {'RSS growth':>10} {'ratio':>6} | "
+          f"{'s':>5}")
+    for name, (_, micro_batch, seq_len) in TRAIN_MODELS.items():
+        for dtype in ("float32", "bfloat16"):
+            for ac in AC_MODES:
+                out = subprocess.run([sys.executable, __file__, "--train-child", name, ac, dtype],
+                                     capture_output=True, text=True, check=True).stdout
+                m = json.loads(out.splitlines()[-1])
+                config = ModelConfig.from_dict(m["config"])
+                row = plan_training(config, Layout(), micro_batch, seq_len, dtype, overhead=0, modes=(ac,))[0]
+                measured, transient = m["compute_peak"] - m["resident"], max(row.compute, row.update)
+                print(f"{name:7} {dtype:8} {ac:9} {micro_batch:>2} {seq_len:>4} | {row.total / mib:9.1f} "
+                      f"{m['peak'] / mib:9.1f} {row.total / m['peak']:6.3f} | {row.compute / mib:12.1f} "
+                      f"{measured / mib:9.1f} {row.compute / measured:6.3f} | {transient / mib:9.1f} "
+                      f"{m['rss_growth'] / mib:10.1f} {transient / m['rss_growth']:6.3f} | {m['seconds']:5.1f}",
+                      flush=True)
+
+
+def run_generation_cases(cases: list[str], batch: int, context_arg: int) -> None:
     from camelid.config import get_size
     from camelid.memory import plan
 
@@ -112,9 +172,9 @@ def main() -> None:
     print(f"{'model':8} {'precision':9} {'compute':9} {'B':>2} {'T':>5} | {'plan MiB':>9} {'tensors':>9} "
           f"{'ratio':>6} | {'plan KV+act':>11} {'tensors':>9} {'ratio':>6} | {'RSS growth':>10} {'ratio':>6} | "
           f"{'s':>5}")
-    for case in args.cases.split(","):
+    for case in cases:
         for name, precision, activation in CASES[case]:
-            batch, context = (args.batch, 256) if name == "tiny" else (args.batch, args.context)
+            context = 256 if name == "tiny" else context_arg
             out = subprocess.run([sys.executable, __file__, "--child", name, precision, activation, str(batch),
                                   str(context)], capture_output=True, text=True, check=True).stdout
             m = json.loads(out.splitlines()[-1])
@@ -125,6 +185,29 @@ def main() -> None:
                   f"{m['peak'] / mib:9.1f} {row.total / m['peak']:6.3f} | {dynamic / mib:11.1f} {measured / mib:9.1f} "
                   f"{dynamic / measured:6.3f} | {m['rss_growth'] / mib:10.1f} {dynamic / m['rss_growth']:6.3f} | "
                   f"{m['seconds']:5.1f}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="tiny,smollm2")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--context", type=int, default=1024, help="for SmolLM2; the tiny model takes 256")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--train-child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        name, precision, activation, batch, context = args.child
+        child(name, precision, activation, int(batch), int(context))
+        return
+    if args.train_child:
+        train_child(*args.train_child)
+        return
+
+    cases = args.cases.split(",")
+    if set(cases) - {"train"}:
+        run_generation_cases([c for c in cases if c != "train"], args.batch, args.context)
+    if "train" in cases:
+        run_train_cases()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ generation is the prefill, taken here as a prompt of all T tokens in one forward
 
 `LiveTensorBytes` measures the same quantity on a real run: the peak bytes of tensor storage
 alive, which is what a CUDA caching allocator reports as max_memory_allocated.
+
+Training (`camelid plan --train`) is planned in camelid.memory_train, on the same `Budget`.
 """
 
 from __future__ import annotations
@@ -64,18 +66,13 @@ def parse_size(text: str, flag: str = "--memory") -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-@dataclass(frozen=True)
-class Row:
-    precision: str
-    activation_dtype: str
-    weights: int
-    kv_cache: int
-    activations: int
-    overhead: int
+class Budget:
+    """A plan's total set against a card: what is spare, whether it fits, and with headroom.
+    Subclasses are dataclasses with a `total`; their fields named in LABELS are not byte counts."""
 
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.overhead
+    LABELS: tuple[str, ...] = ()
+
+    total: int
 
     def spare(self, memory: int) -> int:
         return memory - self.total
@@ -90,8 +87,23 @@ class Row:
         d = {**asdict(self), "total": self.total}
         if memory is not None:
             d.update(fits=self.fits(memory), comfortable=self.comfortable(memory), spare=self.spare(memory))
-        return {k if k in ("precision", "activation_dtype", "fits", "comfortable") else f"{k}_bytes": v
-                for k, v in d.items()}
+        return {k if k in (*self.LABELS, "fits", "comfortable") else f"{k}_bytes": v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class Row(Budget):
+    precision: str
+    activation_dtype: str
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+
+    LABELS = ("precision", "activation_dtype")
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.overhead
 
 
 def head_precision(precision: str) -> str:
@@ -210,18 +222,21 @@ class LiveTensorBytes(TorchDispatchMode):
     predicts, measured.
 
     Every tensor an operation returns is tracked by a weak reference to its storage until it is
-    freed; views share their base's storage and count once. The given modules' parameters and
-    buffers (the weights) are the baseline. Composite operations run as their parts, so their
-    temporaries count too (scaled_dot_product_attention's float copy of a boolean mask). Memory
-    a kernel takes outside tensors (scratch of a few MB) is not seen. Unlike the process's
-    resident set it is exact and repeatable: no allocator caching, no libraries, no mmap'd files.
+    freed; views share their base's storage and count once. The baseline is what exists before:
+    the given modules' parameters and buffers (the weights), optimizers' states and further
+    tensors (gradients, say), each counted until it is freed. Composite operations without a
+    kernel of their own on the device run as their parts, so their temporaries count too
+    (scaled_dot_product_attention's float copy of a boolean mask); those with one (silu_backward)
+    run as the one kernel they are. Memory a kernel takes outside tensors (scratch of a few MB)
+    is not seen. Unlike the process's resident set it is exact and repeatable: no allocator
+    caching, no libraries, no mmap'd files.
     """
 
-    def __init__(self, *modules: torch.nn.Module):
+    def __init__(self, *objects: torch.nn.Module | torch.optim.Optimizer | torch.Tensor):
         super().__init__()
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        for module in modules:
-            for t in [*module.parameters(), *module.buffers()]:
+        for obj in objects:
+            for t in _tensors_of(obj):
                 self._track(t)
         self.baseline = self.peak = self._total()
 
@@ -239,8 +254,10 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        with self:
-            out = func.decompose(*args, **kwargs)
+        out = NotImplemented
+        if _runs_as_parts(func, args, kwargs):
+            with self:
+                out = func.decompose(*args, **kwargs)
         if out is NotImplemented:
             out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
@@ -248,3 +265,22 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._track(t)
         self.peak = max(self.peak, self._total())
         return out
+
+
+def _tensors_of(obj: torch.nn.Module | torch.optim.Optimizer | torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        return [*obj.parameters(), *obj.buffers()]
+    if isinstance(obj, torch.optim.Optimizer):
+        return [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return [obj]
+
+
+_BACKENDS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
+
+
+def _runs_as_parts(func, args, kwargs) -> bool:
+    """Whether the device runs `func` as its composite parts: it has no kernel of its own there.
+    (silu_backward has a fused CPU kernel beside its composite definition; SDPA has none.)"""
+    tensor = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+    key = _BACKENDS.get(tensor.device.type) if tensor is not None else None
+    return key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)

@@ -1,19 +1,27 @@
 """camelid plan: the verdicts the issue states, size parsing, bad input, --json, and the model of
-memory checked against the peak of real generations (camelid.memory.LiveTensorBytes)."""
+memory checked against the peak of real generations (camelid.memory.LiveTensorBytes); with
+--train, the per-device training plan: exact sharding arithmetic, verdicts for the paper's sizes,
+recipes, and the model checked against the peak of real training steps (camelid.train.Trainer)."""
 
 import json
 
 import pytest
 import torch
 
+import camelid.memory_train
+import camelid.train.loss
 from camelid.cli.main import main
 from camelid.config import get_size
+from camelid.distributed.activation_checkpoint import MODES
 from camelid.errors import CamelidError
 from camelid.generate.engine import TokenGenerator
 from camelid.generate.sampling import SamplingParams
 from camelid.memory import LiveTensorBytes, best, parse_size, plan, weight_bytes
+from camelid.memory_train import AC_MODES, Layout, TrainRow, measure_training_step, plan_training
 from camelid.model import Transformer
 from camelid.quant import quantize_model
+from camelid.train.config import DataSection, ModelSection, RunSection, TrainConfig, TrainSection
+from camelid.train.trainer import Trainer
 from test_model import tiny
 
 
@@ -160,3 +168,174 @@ def test_plan_matches_measured_peak_smollm2(smollm2):
     # fp32 as loaded (the GGUF's Q4_1 weights dequantized); weights 513 MiB, KV cache and
     # prefill 71 MiB at batch 2, context 512 (larger is slower than this 2-core CPU deserves)
     assert_plan_matches(smollm2.model, "float32", "float32", batch=2, context=512)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def train_plan_json(capsys, *argv):
+    return plan_json(capsys, *argv[:1], "--train", *argv[1:])
+
+
+@pytest.fixture
+def one_thread():
+    """The trainer takes train.threads = 1 (two threads on a shared 2-core CPU can be 100 times
+    slower); the rest of the session keeps its own setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def trainer_for(tmp_path, model: ModelSection, micro_batch: int, seq_len: int, ac: str, dtype: str):
+    """A single-process Trainer on synthetic tokens, accumulating two micro-batches per step (so
+    that gradients are resident during the second, as the plan assumes)."""
+    cfg = TrainConfig(run=RunSection(dir=str(tmp_path / f"{ac}-{dtype}")), model=model,
+                      data=DataSection(synthetic=True, seq_len=seq_len),
+                      train=TrainSection(max_steps=10, micro_batch=micro_batch, batch_tokens=2 * micro_batch * seq_len,
+                                         dtype=dtype, activation_checkpointing=ac, device="cpu", warmup_steps=1,
+                                         threads=1))
+    return Trainer(cfg, log=False)
+
+
+def assert_training_plan_matches(trainer, micro_batch: int, seq_len: int, ac: str, dtype: str) -> TrainRow:
+    resident, step_peak, compute_peak = measure_training_step(trainer)
+    row = plan_training(trainer.config, Layout(), micro_batch, seq_len, dtype, overhead=0, modes=(ac,))[0]
+    # weights, gradients and AdamW states exactly, but for AdamW's scalar step counters
+    assert 0 <= resident - (row.parameters + row.gradients + row.optimizer) < 1024
+    assert row.total == pytest.approx(step_peak, rel=0.15)
+    # and the forward/backward part alone, so that the resident state cannot hide an error
+    assert row.compute == pytest.approx(compute_peak - resident, rel=0.15)
+    return row
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ac", ["none", "selective", "full"])
+@pytest.mark.parametrize("size, slab", [("tiny", None), ("tiny-tied", 1 << 15)])
+def test_training_plan_matches_measured_peak_tiny(tmp_path, monkeypatch, one_thread, size, slab, ac, dtype):
+    if slab:  # logits in chunks of 64 rows: the fused loss's loop over several chunks
+        monkeypatch.setattr(camelid.train.loss, "SLAB", slab)
+        monkeypatch.setattr(camelid.memory_train, "LOSS_SLAB", slab)
+    row = assert_training_plan_matches(trainer_for(tmp_path, ModelSection(size=size), 4, 128, ac, dtype), 4, 128,
+                                       ac, dtype)
+    assert row.compute > row.update                # the activations, not AdamW's step, make the peak
+
+
+def test_training_plan_counts_adamw_step_when_it_is_the_peak(tmp_path, one_thread):
+    # few tokens, a wide head: AdamW's temporary (one fp32 copy of the matrices) is the peak
+    model = ModelSection(size="tiny", vocab_size=8192)
+    row = assert_training_plan_matches(trainer_for(tmp_path, model, 1, 16, "selective", "float32"), 1, 16,
+                                       "selective", "float32")
+    assert row.update > row.compute
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ac, dtype", [("none", "float32"), ("selective", "bfloat16")])
+def test_training_plan_matches_measured_peak_dim256(tmp_path, one_thread, ac, dtype):
+    # the paper's vocabulary, 8 x 512 tokens: four chunks of logits; 20 to 30 s a case (the other
+    # four combinations agree as closely: benchmarks/memory.py --cases train)
+    model = ModelSection(size="tiny", dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=32000)
+    assert_training_plan_matches(trainer_for(tmp_path, model, 8, 512, ac, dtype), 8, 512, ac, dtype)
+
+
+def test_training_constants_follow_the_code():
+    assert camelid.memory_train.LOSS_SLAB == camelid.train.loss.SLAB
+    assert AC_MODES == MODES
+
+
+def test_training_sharding_is_exact():
+    c = get_size("7B")
+    one, = plan_training(c, Layout(), modes=("selective",))
+    eight, = plan_training(c, Layout(dp_shard=8), modes=("selective",))
+    p = c.num_params()
+    assert one.parameters == one.gradients == 4 * p and one.optimizer == 8 * p
+    assert eight.parameters == eight.gradients == 4 * p // 8 and eight.optimizer == 8 * p // 8
+    norms = (2 * c.n_layers + 1) * c.dim
+    assert one.update == 4 * (p - norms) and eight.update == 4 * (p - norms) // 8   # the matrices' group
+    assert eight.activations == one.activations           # data parallelism does not split a micro-batch
+    # FSDP gathers the root and two blocks in bf16 instead of autocast's copy of every block
+    assert eight.gathered < one.gathered
+    # tensor parallelism splits the matrices, not the norms' gains, which are replicated over tp
+    c65 = get_size("65B")
+    row, = plan_training(c65, Layout(dp_shard=64, tp=8), modes=("full",))
+    norms65 = (2 * c65.n_layers + 1) * c65.dim
+    assert row.parameters == 4 * ((c65.num_params() - norms65) // 512 + norms65 // 64)
+    # full checkpointing keeps each block's input, split over the sequence by tp
+    assert row.activations == c65.n_layers * 2048 * c65.dim * 4 // 8
+    # replicas hold whole copies of a dp_shard group's shards
+    hsdp, = plan_training(c65, Layout(dp_replicate=4, dp_shard=16, tp=8), modes=("full",))
+    assert hsdp.parameters == 4 * ((c65.num_params() - norms65) // 128 + norms65 // 16)
+
+
+def test_training_activations_shrink_with_checkpointing_and_grow_with_tokens():
+    c = get_size("13B")
+    rows = plan_training(c, Layout(dp_shard=16))
+    assert [r.ac for r in rows] == list(AC_MODES)
+    assert rows[0].activations > 2 * rows[1].activations > 4 * rows[2].activations
+    doubled = plan_training(c, Layout(dp_shard=16), micro_batch=2)
+    assert all(d.activations == 2 * r.activations for d, r in zip(doubled, rows))
+    fp32 = plan_training(c, Layout(dp_shard=16), dtype="float32")
+    assert all(f.parameters == r.parameters for f, r in zip(fp32, rows))
+    # the matrix products' outputs double; full checkpointing keeps the fp32 residual stream either way
+    assert [f.activations > r.activations for f, r in zip(fp32, rows)] == [True, True, False]
+    assert fp32[2].activations == rows[2].activations
+
+
+@pytest.mark.parametrize("argv, fits", [
+    (["7B", "--memory", "80GB", "--dp-shard", "8"], ["none", "selective", "full"]),
+    (["13B", "--memory", "80GB", "--dp-shard", "8"], ["none", "selective", "full"]),
+    (["33B", "--memory", "80GB", "--dp-shard", "16"], ["selective", "full"]),
+    (["65B", "--memory", "80GB", "--dp-shard", "64", "--tp", "8"], ["none", "selective", "full"]),
+    (["65B", "--memory", "80GB", "--dp-shard", "64"], ["selective", "full"]),
+    (["65B", "--memory", "80GB", "--dp-shard", "32"], ["full"]),
+    (["7B", "--memory", "80GB"], [])])                  # AdamW alone needs 16 bytes a parameter
+def test_training_verdicts_for_the_paper_sizes(capsys, argv, fits):
+    out = train_plan_json(capsys, *argv)
+    assert out["mode"] == "train" and out["micro_batch"] == 1 and out["seq_len"] == 2048
+    assert out["dtype"] == "bfloat16" and out["verdict"]["fits"] == fits
+    assert [r["ac"] for r in out["rows"]] == ["none", "selective", "full"]
+    for r in out["rows"]:
+        parts = ("parameters", "gradients", "optimizer", "overhead")
+        peak = max(r["gathered_bytes"] + r["activations_bytes"] + r["working_bytes"], r["update_bytes"])
+        assert r["total_bytes"] == sum(r[f"{k}_bytes"] for k in parts) + peak
+    assert ("does not fit" in out["verdict"]["text"]) == (not fits)
+
+
+def test_training_table(capsys):
+    assert main(["plan", "7B", "--train", "--memory", "80GB", "--dp-shard", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "layout: 8 devices (dp_shard 8)" in out and "ac none" in out and "ac full" in out
+    assert "parameters (fp32, 1/8)" in out and "AdamW states (2 x fp32, 1/8)" in out
+    assert "verdict: 7B on 8 devices (dp_shard 8) of 80GB: activation checkpointing none, selective and full" in out
+    assert main(["plan", "7B", "--train", "--memory", "80GB", "--ac", "full", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "ac full" in out and "ac none" not in out and "in float32" in out
+
+
+def test_training_from_a_recipe(capsys, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nsize = "tiny"\n[data]\nsynthetic = true\nseq_len = 64\n'
+                      '[train]\nmicro_batch = 3\ndtype = "float32"\nactivation_checkpointing = "full"\n'
+                      '[parallel]\ndp_shard = 2\n')
+    out = train_plan_json(capsys, str(recipe), "--memory", "1GB", "--overhead", "0")
+    assert (out["source"], out["micro_batch"], out["seq_len"], out["dtype"]) == ("recipe", 3, 64, "float32")
+    assert out["layout"] == {"dp_replicate": 1, "dp_shard": 2, "tp": 1, "devices": 2}
+    assert out["verdict"]["recipe_ac"] == "full" and "the recipe's full fits" in out["verdict"]["text"]
+    out = train_plan_json(capsys, str(recipe), "--memory", "1GB", "--micro-batch", "1", "--dp-shard", "1",
+                          "--overhead", "0")
+    assert out["micro_batch"] == 1 and out["layout"]["devices"] == 1          # flags override the recipe
+    out = train_plan_json(capsys, "recipes/llama-7b.toml", "--memory", "80GB", "--dp-shard", "8")
+    assert out["params"] == 6_738_415_616 and out["verdict"]["recipe_ac"] == "selective"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["7B", "--memory", "80GB", "--dp-shard", "8"], "--dp-shard"),             # a training flag without --train
+    (["7B", "--train", "--memory", "80GB", "--batch", "2"], "--batch"),        # a generation flag with it
+    (["7B", "--train", "--memory", "80GB", "--tp", "3"], "--tp"),
+    (["7B", "--train", "--memory", "80GB", "--dp-shard", "0"], "--dp-shard"),
+    (["7B", "--train", "--memory", "80GB", "--micro-batch", "0"], "--micro-batch"),
+    (["7B", "--train", "--memory", "80GB", "--seq-len", "0"], "--seq-len"),
+    (["7B", "--train", "--memory", "80GB", "--overhead", "lots"], "--overhead"),
+    (["missing.toml", "--train", "--memory", "80GB"], "missing.toml")])
+def test_training_bad_input_exits_2_with_one_line(capsys, argv, flag):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err

@@ -26,7 +26,7 @@ COMMANDS = {
     "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
     "eval": (evaluation, "evaluate zero- and few-shot with the paper's protocol (multiple choice, exact match, pass@k)"),
     "serve": (serve, "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
-    "plan": (plan, "memory needed to run a model at each precision, and whether it fits a card"),
+    "plan": (plan, "memory needed to run or train a model, and whether it fits a card"),
 }
 
 EPILOG = """examples:

@@ -1,0 +1,303 @@
+"""How much memory training a model takes per device, worked out from its config and layout.
+
+`plan_training()` counts what one step of camelid's trainer allocates on each device for a
+micro-batch of B sequences of T tokens (N = B * T), with AdamW, under a layout of dp_replicate x
+dp_shard x tp devices (camelid.distributed.parallelize: FSDP2 over dp_shard, replicated over
+dp_replicate, Megatron tensor + sequence parallelism over tp). Gradients are taken as resident
+throughout, as they are from the second micro-batch of an accumulated step on. Per device:
+
+  parameters   fp32 master weights, 4 bytes each: the matrices (embedding and head split over
+               the vocabulary) divided by dp_shard * tp, the norms' gains by dp_shard (tensor
+               parallelism replicates them).
+  gradients    fp32, sharded as the parameters.
+  optimizer    AdamW's two fp32 moments per parameter, sharded likewise.
+  gathered     weights held whole in the compute dtype while computing. With FSDP (dp_replicate
+               x dp_shard > 1): the root (embedding, head, final norm), which stays gathered from
+               forward to backward, and two blocks (the one computing and the one prefetched),
+               each 1/tp under TP. Without FSDP, bfloat16 autocast caches a bf16 copy of every
+               block's matrices until the forward ends (with no checkpointing the backward keeps
+               them).
+  activations  what the blocks save for the backward pass, per block (a: 2 bytes in bfloat16, 4
+               in float32; the residual stream and the norms' insides stay fp32 under autocast):
+               - none: the block input, both norms' fp32 normalised values and the residual
+                 after attention (4 * N*dim * 4 bytes); the norm outputs the matrix products
+                 read (fp32: 2 * N*dim * 4; bf16: a cast per product, 5 * N*dim * 2); rotated q
+                 and k, v, the attention output (2 * N*(q+kv) * a) and its logsumexp; SwiGLU's
+                 w1 x, silu(w1 x), w3 x and their product (4 * N*ffn * a).
+               - selective: the block input, the outputs of the seven matrix products and of
+                 attention (camelid.distributed.activation_checkpoint keeps those, recomputes
+                 the rest).
+               - full: the block input (N*dim * 4).
+               Under TP the heads and FFN columns are 1/tp, and sequence parallelism splits the
+               residual stream and the norms' insides; the norm outputs are gathered whole for
+               the products, and wo and w2 produce whole [N, dim] partial sums before their
+               reduce-scatter, which selective checkpointing keeps.
+  working      the largest transient beyond the saved activations, of three moments: the fused
+               loss (camelid.train.loss) computing a chunk of c = 2^25 / vocab rows of logits (the
+               logits, in bf16 their fp32 copy, the fp32 log-softmax and, from the second chunk on,
+               the previous chunk's probabilities still bound: 12 * c * vocab bytes, 16 in bf16)
+               beside its fp32 head gradient and [N, dim] input gradient; the loss's backward
+               (two fp32 head gradients); and the last block's backward, which recomputes what
+               the block did not save, with the gradients of its FFN and of one weight in flight
+               (and a tied head's gradient, which waits for the embedding's).
+  update       AdamW's temporary during optimizer.step (foreach: sqrt of the second moment for
+               the largest parameter group, the matrices): not at the same time as the above.
+  overhead     a fixed allowance: CUDA context, cuBLAS workspaces, NCCL buffers, allocator slack.
+
+  total = parameters + gradients + optimizer + overhead + max(gathered + activations + working,
+  update)
+
+`measure_training_step` measures the same peak on a real trainer (single process), with
+camelid.memory.LiveTensorBytes; tests/test_plan.py holds the two within 15% for every
+checkpointing mode in float32 and bfloat16, and benchmarks/memory.py prints them side by side.
+
+The paper's sizes on 80 GB GPUs (A100/H100-80GB), bfloat16, micro-batch 1 x 2048 tokens, the
+default 2 GiB overhead, GiB per GPU (`camelid plan 65B --train --memory 80GB --dp-shard 64 --tp 8`):
+
+  size  layout (GPUs)            weights, grads,  activations            total                  fits with 10%
+                                 AdamW states     none / sel. / full     none / sel. / full     to spare
+  7B    dp_shard 8 (8)           12.6             13.9 /  6.7 / 1.0      31.1 / 24.2 / 18.7     all three
+  13B   dp_shard 8 (8)           24.2             21.7 / 10.5 / 1.6      52.0 / 41.1 / 32.4     all three
+  33B   dp_shard 16 (16)         30.3             42.3 / 20.4 / 3.0      81.2 / 59.7 / 42.6     selective, full
+  33B   dp_shard 32 (32)         15.1             42.3 / 20.4 / 3.0      66.0 / 44.5 / 27.4     all three
+  65B   dp_shard 32 (32)         30.4             69.4 / 33.5 / 5.0     111.5 / 76.0 / 47.9     full
+  65B   dp_shard 64 (64)         15.2             69.4 / 33.5 / 5.0      96.3 / 60.8 / 32.7     selective, full
+  65B   dp_shard 64 x tp 8 (512)  1.9             19.6 /  8.6 / 0.6      26.3 / 15.2 /  7.3     all three
+
+Under tensor parallelism most of what a block saves is the norms' outputs, gathered whole over
+the sequence and cast to bf16 once per matrix product (65B, tp 8: 160 of 251 MiB a block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from camelid.config import ModelConfig
+from camelid.errors import CamelidError
+from camelid.memory import DTYPE_BYTES, Budget, LiveTensorBytes
+
+AC_MODES = ("none", "selective", "full")   # camelid.distributed.activation_checkpoint.MODES
+TRAIN_DTYPES = ("bfloat16", "float32")      # train.dtype: bf16 autocast over fp32 weights, or fp32
+LOSS_SLAB = 1 << 25                         # camelid.train.loss.SLAB: logits per chunk of the fused loss
+TRAIN_OVERHEAD = 2 * 2**30                  # CUDA context, cuBLAS workspaces, NCCL buffers, slack
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def fsdp(self) -> bool:
+        """parallelize() applies FSDP2 whenever there is data parallelism (HSDP with replicas)."""
+        return self.dp_replicate * self.dp_shard > 1
+
+    def describe(self) -> str:
+        parts = [f"{k} {v}" for k, v in (("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
+                                          ("tp", self.tp)) if v > 1]
+        return " x ".join(parts) or "one device"
+
+
+@dataclass(frozen=True)
+class TrainRow(Budget):
+    ac: str
+    dtype: str
+    parameters: int
+    gradients: int
+    optimizer: int
+    gathered: int
+    activations: int
+    working: int
+    update: int
+    overhead: int
+
+    LABELS = ("ac", "dtype")
+
+    @property
+    def compute(self) -> int:
+        """The forward/backward peak beyond the resident state."""
+        return self.gathered + self.activations + self.working
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.overhead + max(self.compute, self.update)
+
+
+# ---- parameters ------------------------------------------------------------------------------------
+
+def block_matrices(c: ModelConfig) -> int:
+    """Weights of one block's seven matrix products (tensor parallelism splits them all)."""
+    q, kv = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    return 2 * c.dim * q + 2 * c.dim * kv + 3 * c.dim * c.ffn_dim
+
+
+def root_matrices(c: ModelConfig) -> int:
+    """Embedding and output head (split over the vocabulary under TP)."""
+    return c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)
+
+
+def sharded_params(c: ModelConfig, layout: Layout) -> tuple[int, int]:
+    """(matrix, norm) parameters each device stores: matrices over dp_shard * tp, the norms'
+    gains over dp_shard alone (TP replicates them). Rounded up, as FSDP pads the last shard."""
+    matrices = c.n_layers * block_matrices(c) + root_matrices(c)
+    norms = (2 * c.n_layers + 1) * c.dim
+    return -(-matrices // (layout.dp_shard * layout.tp)), -(-norms // layout.dp_shard)
+
+
+# ---- activations -----------------------------------------------------------------------------------
+
+def block_values(c: ModelConfig, n: int, a: int, tp: int) -> dict[str, int]:
+    """Bytes of the values a block computes over n tokens that its backward may need (a: bytes of
+    the compute dtype), per device: heads and FFN columns are 1/tp, and sequence parallelism
+    splits the residual stream and the norms' insides; the norm outputs are gathered whole for
+    the matrix products, and wo and w2 produce whole [n, dim] partial sums before reduce-scatter."""
+    d, f = c.dim, c.ffn_dim
+    q, kv = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    return {
+        "input": n * d * FP32 // tp,                                   # the fp32 residual stream
+        "norms": (3 * n * d + 2 * n) * FP32 // tp,                     # normalised values, attention sum, rsqrt
+        "matmul_inputs": 2 * n * d * FP32 if a == FP32 else 5 * n * d * a,  # norm outputs; bf16: a cast per product
+        "qk": n * (q + kv) * a // tp,                                  # q and k, before or after RoPE
+        "v_and_attention": (n * kv * a + n * q * a + n * c.n_heads * FP32) // tp,  # v, output, logsumexp
+        "w1_w3": 2 * n * f * a // tp,
+        "swiglu": 2 * n * f * a // tp,                                 # silu(w1 x) and the product
+        "wo_w2": 2 * n * d * a,
+    }
+
+
+def block_activations(c: ModelConfig, ac: str, n: int, a: int, tp: int) -> int:
+    """Bytes one block saves for its backward: everything (none); the outputs of the matrix
+    products and of attention (selective); its input (full)."""
+    v = block_values(c, n, a, tp)
+    if ac == "full":
+        return v["input"]
+    if ac == "selective":
+        return v["input"] + v["qk"] + v["v_and_attention"] + v["w1_w3"] + v["wo_w2"]
+    return sum(v.values()) - v["wo_w2"]          # rotated q and k: RoPE's backward needs neither input
+
+
+def block_recomputed(c: ModelConfig, ac: str, n: int, a: int, tp: int) -> int:
+    """Bytes a checkpointed block recomputes for its backward, beside what it saved."""
+    v = block_values(c, n, a, tp)
+    if ac == "full":
+        return block_activations(c, "none", n, a, tp) - v["input"]
+    if ac == "selective":
+        # the cheap values; the saved q and k give way to their rotations, and wo's saved output
+        # is dropped once the recomputation has added it to the residual stream
+        return v["norms"] + v["matmul_inputs"] + v["swiglu"] - v["wo_w2"] // 2
+    return 0
+
+
+def loss_chunk(c: ModelConfig, n: int, a: int) -> int:
+    """Peak of the fused loss's loop over chunks of rows (camelid.train.loss)."""
+    v, bf16 = c.vocab_size, a != FP32
+    rows = min(n, max(1, LOSS_SLAB // v))
+
+    def logits(r: int) -> int:
+        """A chunk's logits, their fp32 copy (in bf16 log_softmax upcasts first) and log-softmax."""
+        return (a + FP32 + FP32 * bf16) * r * v
+
+    # from the second chunk on, the previous chunk's probabilities (and their bf16 copy) are still
+    # bound to their names while the next chunk's logits are computed
+    later = min(rows, n - rows)
+    carried = (logits(later) + (FP32 + 2 * bf16) * rows * v) if later else 0
+    # bf16: probabilities, their bf16 copy and the bf16 [vocab, dim] product added to grad_w
+    update = ((FP32 + 2) * rows * v + 2 * v * c.dim) * bf16
+    return max(logits(rows), carried, update)
+
+
+def _moments(c: ModelConfig, layout: Layout, ac: str, n: int, seq_len: int, a: int) -> tuple[int, int]:
+    """(gathered, working): weights held in the compute dtype and the largest transient beyond
+    the saved activations, over the loss's forward, its backward and the last block's backward."""
+    tp, d, v = layout.tp, c.dim, c.vocab_size
+    block = block_matrices(c) // tp + 2 * d
+    param_bytes = a if layout.fsdp else FP32        # FSDP gathers in the compute dtype
+    if layout.fsdp:
+        gathered = (root_matrices(c) // tp + d + 2 * block) * a
+        gathered_fwd = gathered_bwd = gathered
+        block_grads = block * (a + FP32)            # the block's unsharded gradient, its fp32 reduce-scatter copy
+    else:
+        gathered_fwd = c.n_layers * block_matrices(c) // tp * 2 if a != FP32 else 0  # autocast's cache
+        gathered_bwd = gathered_fwd if ac == "none" else gathered_fwd // c.n_layers
+        block_grads = 0
+    weight_grad = c.ffn_dim * d // tp * (a + (FP32 if a != FP32 else 0))  # w2's gradient (and its fp32 cast)
+    residual = n * d * FP32
+    final_norm = 2 * residual // tp + 2 * n * 8 + seq_len * c.head_dim * FP32  # + ids, targets, RoPE table
+    head = v * d * (param_bytes if tp > 1 else 0) + v * d * a * (param_bytes != a)  # whole head, its cast
+    grads = v * d * FP32 + n * d * a
+    loss_forward = final_norm + residual + grads + n * d * a * (a != FP32) + head + loss_chunk(c, n, a)
+    loss_backward = final_norm + grads + v * d * FP32 + residual
+    recompute = block_recomputed(c, ac, n, a, tp)
+    # the last block's backward, all its values recomputed: the gradient of the residual stream and,
+    # in SwiGLU's backward, the gradients of the product (then freed) and of its two factors, or
+    # of the product and of w2's weight. A tied head's gradient waits in autograd's buffer for the
+    # embedding's to join it.
+    swiglu = n * c.ffn_dim * a // tp
+    tied = v * d * FP32 if c.tie_embeddings else 0
+    block_backward = recompute + residual // tp + max(2 * swiglu, swiglu + weight_grad) + block_grads + tied
+    moments = [(gathered_fwd, loss_forward), (gathered_bwd, loss_backward), (gathered_bwd, block_backward)]
+    peak = max(g + w for g, w in moments)
+    return gathered_fwd, peak - gathered_fwd
+
+
+def check_layout(c: ModelConfig, layout: Layout, micro_batch: int, seq_len: int) -> None:
+    for flag, value in (("--dp-replicate", layout.dp_replicate), ("--dp-shard", layout.dp_shard),
+                        ("--tp", layout.tp), ("--micro-batch", micro_batch), ("--seq-len", seq_len)):
+        if value < 1:
+            raise CamelidError(f"{flag} must be at least 1 (got {value})")
+    for what, n in (("n_heads", c.n_heads), ("n_kv_heads", c.kv_heads), ("the FFN width", c.ffn_dim),
+                    ("vocab_size", c.vocab_size)):
+        if n % layout.tp:
+            raise CamelidError(f"--tp {layout.tp} does not divide the model's {what} ({n}); pick a tp that does")
+    if seq_len % layout.tp:
+        raise CamelidError(f"--tp {layout.tp} does not divide --seq-len {seq_len}: sequence parallelism splits each "
+                           "sequence over the tp devices")
+
+
+def plan_training(c: ModelConfig, layout: Layout = Layout(), micro_batch: int = 1, seq_len: int = 2048,
+                  dtype: str = "bfloat16", overhead: int = TRAIN_OVERHEAD,
+                  modes: tuple[str, ...] = AC_MODES) -> list[TrainRow]:
+    """One row per activation-checkpointing mode: the per-device memory of a training step."""
+    check_layout(c, layout, micro_batch, seq_len)
+    if dtype not in TRAIN_DTYPES:
+        raise CamelidError(f"--dtype {dtype!r}: training computes in {' or '.join(TRAIN_DTYPES)}")
+    for mode in modes:
+        if mode not in AC_MODES:
+            raise CamelidError(f"--ac {mode!r}: choose one of {', '.join(AC_MODES)}")
+    a, n = DTYPE_BYTES[dtype], micro_batch * seq_len
+    matrices, norms = sharded_params(c, layout)
+    state = (matrices + norms) * FP32
+    rows = []
+    for mode in modes:
+        saved = c.n_layers * block_activations(c, mode, n, a, layout.tp)
+        gathered, working = _moments(c, layout, mode, n, seq_len, a)
+        rows.append(TrainRow(mode, dtype, state, state, 2 * state, gathered, saved, working,
+                             matrices * FP32, overhead))
+    return rows
+
+
+def measure_training_step(trainer) -> tuple[int, int, int]:
+    """(resident, step peak, forward/backward peak) in bytes of tensors alive on a single-process
+    camelid.train.Trainer (passed in, not imported: this module sits below train): weights,
+    gradients and AdamW states; their peak over one train_step; and over the forward and backward
+    of one more micro-batch (loss_sum, as train_step calls it), all with gradients resident. Runs
+    a step first, which creates the optimizer states. For the plan's assumption of resident
+    gradients to hold, the trainer should accumulate at least two micro-batches a step."""
+
+    def resident() -> list:
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        return [trainer.model, trainer.optimizer, *grads]
+
+    trainer.train_step()
+    with LiveTensorBytes(*resident()) as step:
+        trainer.train_step()
+    inputs, targets = (x.to(trainer.device) for x in trainer.train_loader.next_batch())
+    with LiveTensorBytes(*resident()) as compute:
+        trainer.loss_sum(inputs, targets).backward()
+    return step.baseline, step.peak, compute.peak
