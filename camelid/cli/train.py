@@ -3,16 +3,24 @@ parallel, stability and sample (see recipes/); any key can be overridden on the 
 --section.key=value. Running the same command again resumes from the newest complete
 checkpoint in run.dir, exactly where the interrupted run was.
 
+On several devices, start it with torchrun; parallel.dp_replicate x parallel.dp_shard x
+parallel.tp must equal the number of processes (docs/distributed.md):
+  torchrun --nproc-per-node=8 -m camelid.cli.main train CONFIG.toml --parallel.dp_shard=8
+
 writes into run.dir:
   metrics.jsonl     one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, ...),
                     validation (val_loss, val_ppl) and events (skipped steps, rollbacks)
   loss.png          the loss curve;  tensorboard/  the same numbers for TensorBoard
-  checkpoints/      step_NNNNNNNN/ (each a loadable camelid model plus trainer state)
+  checkpoints/      step_NNNNNNNN/ (a loadable camelid model plus trainer state; under torchrun
+                    every rank's shards in dcp/ plus trainer state)
   model/            the final model: camelid generate --model RUN_DIR/model
+                    (also model-hf/, model.gguf, model-meta/ with checkpoint.export = ["hf", ...])
 
 examples:
   camelid train recipes/bench-stories15m.toml --train.max_steps=20
   camelid train recipes/quickstart-train.toml --run.dir=runs/mine --train.dtype=float32
+  torchrun --nproc-per-node=4 -m camelid.cli.main train recipes/bench-stories15m.toml \\
+      --parallel.dp_shard=2 --parallel.tp=2
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from camelid.distributed.runtime import shutdown
 from camelid.train import Trainer, load_train_config
 
 
@@ -30,11 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
-    result = trainer.fit()
-    model_dir = trainer.export()
-    print(f"done: step {result['step']}, loss {result['loss']:.4f}"
-          + (f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
-          + f"\n  metrics    {trainer.metrics.path}\n  loss curve {trainer.run_dir / 'loss.png'}"
-          + f"\n  model      {model_dir}", file=sys.stderr)
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        model_dir = trainer.export()
+        if trainer.main:
+            loss = f", loss {result['loss']:.4f}" if result["loss"] is not None else ""
+            print(f"done: step {result['step']}{loss}"
+                  + (f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
+                  + f"\n  metrics    {trainer.metrics.path}\n  loss curve {trainer.run_dir / 'loss.png'}"
+                  + f"\n  model      {model_dir}", file=sys.stderr)
+    finally:
+        shutdown()  # leave torchrun's process group, also after an error
     return 0

@@ -5,6 +5,11 @@ Every window is a pure function of (seed, draw number): the source of draw i com
 generator seeded by (seed, i); within a source, windows are visited in a fresh random order
 every epoch. The loader's whole state is therefore a few integers (`state_dict`), restoring them
 resumes exactly, and data-parallel rank r simply takes draws r, r + world, r + 2 world, ...
+
+Ranks advance in whole rounds of `world` draws, so after every batch all ranks hold the same
+state, and world ranks taking n rows each consume exactly the draws one process taking
+n x world rows would: the global batch, and so the loss curve, does not depend on how many
+ranks share it, and a checkpoint resumes at another world size.
 """
 
 from __future__ import annotations
@@ -91,14 +96,16 @@ class PackedLoader:
         epoch, k = divmod(n, stream.windows)
         return stream.window(int(self._order(s, epoch)[k]), self.seq_len + 1)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs and targets [batch_size, seq_len] (targets are inputs shifted by one)."""
-        rows = []
-        while len(rows) < self.batch_size:
-            w = self._take()
-            if w is not None:
-                rows.append(w.astype(np.int64))
-        block = torch.from_numpy(np.stack(rows))
+    def next_batch(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs and targets [rows, seq_len] (targets are inputs shifted by one); rows defaults
+        to batch_size. Each row takes one round of world draws and keeps this rank's."""
+        out = []
+        while len(out) < (rows or self.batch_size):
+            for _ in range(self.world_size):
+                w = self._take()
+                if w is not None:
+                    out.append(w.astype(np.int64))
+        block = torch.from_numpy(np.stack(out))
         return block[:, :-1], block[:, 1:]
 
     def __iter__(self):
@@ -121,22 +128,39 @@ class PackedLoader:
 
 
 class SyntheticLoader:
-    """Uniformly random tokens (for throughput benchmarks); same interface and exact resume."""
+    """Uniformly random tokens (for throughput benchmarks); same interface and exact resume.
+
+    Row i of the stream is row i % batch_size of block i // batch_size, a block being drawn from
+    a generator seeded by (seed, block): rows are dealt to data-parallel ranks in rounds as in
+    PackedLoader, so a row's tokens do not depend on the number of ranks."""
 
     def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0
+        self.draw = 0
+        self._block: tuple[int, torch.Tensor] | None = None
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step * self.world_size + self.rank)
-        self.step += 1
-        block = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g)
+    def _row(self, i: int) -> torch.Tensor:
+        b, j = divmod(i, self.batch_size)
+        if self._block is None or self._block[0] != b:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+            self._block = (b, torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g))
+        return self._block[1][j]
+
+    def next_batch(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        while len(out) < (rows or self.batch_size):
+            for _ in range(self.world_size):
+                if self.draw % self.world_size == self.rank:
+                    out.append(self._row(self.draw))
+                self.draw += 1
+        block = torch.stack(out)
         return block[:, :-1], block[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"draw": self.draw}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
+        # checkpoints before the row-wise stream counted batches of batch_size rows
+        self.draw = state["draw"] if "draw" in state else state["step"] * self.batch_size

@@ -24,6 +24,11 @@ EXPENSIVE = {
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
+    # Under tensor parallelism the row-parallel products end in a reduce-scatter: keep its
+    # (sequence-sharded, small) output rather than repeat the collective in the backward pass.
+    # The all-gathers are recomputed: their outputs hold the whole sequence, which sequence
+    # parallelism exists to avoid storing.
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
 }
 MODES = ("none", "selective", "full")
 

@@ -1,7 +1,11 @@
 """Training checkpoints: checkpoints/step_NNNNNNNN/ holds a loadable camelid model (camelid.json,
 model.safetensors, tokenizer) plus trainer.pt (optimizer, step, loader and RNG state). Each is
 built under a temporary name and renamed when complete, so a run killed mid-write leaves
-nothing that a resume would mistake for a checkpoint."""
+nothing that a resume would mistake for a checkpoint.
+
+Runs over several processes write distributed checkpoints instead (camelid.distributed.checkpoint:
+dcp/ with every rank's shards, plus trainer.pt) into the same step directories; either kind
+resumes at any world size, one process included."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from camelid.atomic import atomic_dir
 from camelid.checkpoint.names import expected_shapes
 from camelid.checkpoint.native import read_native, write_native
 from camelid.config import ModelConfig
+from camelid.distributed import checkpoint as sharded
+from camelid.distributed.runtime import Runtime
 from camelid.tokenizer import Tokenizer
 
 PATTERN = re.compile(r"^step_(\d{8})$")
@@ -35,9 +41,23 @@ def save(directory: Path, step: int, model: torch.nn.Module, config: ModelConfig
     with atomic_dir(target, overwrite=True) as tmp:
         write_native(tmp, config, tokenizer, model_state(model, config).items(), extra={"step": step})
         torch.save(trainer_state, tmp / "trainer.pt")
+    prune(directory, keep)
+    return target
+
+
+def save_sharded(runtime: Runtime, directory: Path, step: int, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep: int) -> Path:
+    """A distributed checkpoint; every rank calls it."""
+    target = sharded.save(runtime, directory / f"step_{step:08d}", model, optimizer, trainer_state)
+    if runtime.main:
+        prune(directory, keep)
+    runtime.barrier()
+    return target
+
+
+def prune(directory: Path, keep: int) -> None:
     for old in complete(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def complete(directory: Path) -> list[Path]:
@@ -58,3 +78,18 @@ def load(path: Path, model: torch.nn.Module) -> dict[str, Any]:
             if clean in state:
                 tensor.copy_(state[clean])
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+
+
+def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            distributed: bool) -> dict[str, Any]:
+    """Weights and optimizer state from either kind of checkpoint into `model` as it is laid out
+    now; returns the trainer state (without the optimizer's)."""
+    if sharded.is_sharded(path):
+        return sharded.load(path, model, optimizer)
+    if distributed:  # a single-process checkpoint scaled out
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        sharded.load_whole(model, optimizer, dict(read_native(path).tensors()), state.pop("optimizer"))
+        return state
+    state = load(path, model)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state

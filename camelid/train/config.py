@@ -10,6 +10,8 @@ from camelid.config import ModelConfig, get_size
 from camelid.errors import CamelidError
 from camelid.schema import apply_overrides, build, load_toml
 
+EXPORTS = ("hf", "gguf", "meta")    # formats the final model can also be written in
+
 
 @dataclass
 class RunSection:
@@ -57,8 +59,9 @@ class TrainSection:
     max_steps: int = 1000
     seed: int = 0
     dtype: str = "bfloat16"          # float32, or bfloat16 autocast (weights and optimizer stay fp32)
-    micro_batch: int = 8             # sequences per forward/backward pass
-    batch_tokens: int = 0            # tokens per optimizer step (gradient accumulation); 0: one micro-batch
+    micro_batch: int = 8             # sequences per forward/backward pass (under torchrun: per rank, at most)
+    batch_tokens: int = 0            # tokens per optimizer step, all ranks together (gradient accumulation);
+                                     # 0: one micro-batch (shared by the data-parallel ranks)
     optimizer: str = "adamw"         # adamw (the paper) or adamax
     lr: float = 3e-4
     min_lr_ratio: float = 0.1        # cosine decay to 10% of the peak (the paper)
@@ -82,13 +85,17 @@ class TrainSection:
 class CheckpointSection:
     interval: int = 500              # steps between checkpoints (and at the end)
     keep: int = 2                    # newest complete checkpoints kept
+    export: list[str] = field(default_factory=list)  # the final model also as: hf, gguf, meta
+                                                       # (run.dir/model is always the camelid one)
 
 
 @dataclass
 class ParallelSection:
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
+    # Under torchrun the product of the three is the number of processes (docs/distributed.md).
+    dp_replicate: int = 1            # data-parallel replicas (HSDP: FSDP within, replication across)
+    dp_shard: int = 1                # FSDP2: weights, gradients and optimizer states sharded over these ranks
+    tp: int = 1                      # tensor + sequence parallelism (keep it within a node)
+    async_tp: bool = False           # overlap TP communication with matmuls (CUDA + train.compile only)
 
 
 @dataclass
@@ -129,6 +136,12 @@ class TrainConfig:
             (t.lr > 0, "train.lr must be positive"),
             (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
             (self.checkpoint.interval > 0, "checkpoint.interval must be positive"),
+            (set(self.checkpoint.export) <= set(EXPORTS), f"checkpoint.export: choose among {list(EXPORTS)} "
+                                                           f"(got {self.checkpoint.export})"),
+            (not (self.data.synthetic and "gguf" in self.checkpoint.export),
+             "checkpoint.export: a GGUF file carries its tokenizer and synthetic data has none; drop gguf"),
+            (min(self.parallel.dp_replicate, self.parallel.dp_shard, self.parallel.tp) >= 1,
+             "parallel.dp_replicate, parallel.dp_shard and parallel.tp must be at least 1"),
             (self.data.synthetic or bool(self.data.path), "data.path is empty: point it at `camelid data prepare` "
                                                            "output, or set data.synthetic = true"),
         ]

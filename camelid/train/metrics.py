@@ -103,3 +103,19 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class NullMetrics(MetricsLog):
+    """The log of every rank but the first in a distributed run: nothing is written."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(run_dir, tensorboard=False)
+
+    def truncate(self, offset: int) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def plot(self) -> Path | None:
+        return None

@@ -1,7 +1,12 @@
 """The training loop: gradient accumulation to a target batch in tokens, bf16 autocast, gradient
 clipping, the paper's schedule, periodic validation, atomic checkpoints with exact resume, and a
 stability guard (non-finite steps are skipped; repeated loss spikes roll back to the last
-checkpoint and move on past the offending batches)."""
+checkpoint and move on past the offending batches).
+
+Under torchrun the same loop runs on every rank over a parallelized model (camelid.distributed):
+the data-parallel ranks share each step's batch, which is the batch one process would take, so
+the loss curve does not depend on the layout; every rank takes the same decisions (skip, roll
+back) from all-reduced numbers; rank 0 alone logs."""
 
 from __future__ import annotations
 
@@ -17,9 +22,14 @@ import torch
 from tqdm import tqdm
 
 from camelid.atomic import atomic_dir
+from camelid.checkpoint import Checkpoint, write_checkpoint
+from camelid.checkpoint.names import expected_shapes
 from camelid.checkpoint.native import write_native
 from camelid.data import Manifest, PackedLoader, SyntheticLoader
-from camelid.distributed import apply_activation_checkpointing
+from camelid.distributed import ParallelConfig, apply_activation_checkpointing, init_weights, parallelize, setup
+from camelid.distributed.checkpoint import full_weights
+from camelid.distributed.grads import align_grads, clip_grad_norm
+from camelid.distributed.parallelize import gather
 from camelid.errors import CamelidError
 from camelid.model import Transformer
 from camelid.platform import keep_freed_memory
@@ -27,8 +37,11 @@ from camelid.tokenizer import Tokenizer, load_tokenizer
 from camelid.train import checkpoint as ckpt
 from camelid.train.config import TrainConfig
 from camelid.train.loss import linear_cross_entropy
-from camelid.train.metrics import MetricsLog, flops_per_token, peak_flops
+from camelid.train.metrics import MetricsLog, NullMetrics, flops_per_token, peak_flops
 from camelid.train.optim import build_optimizer, lr_at
+
+
+EXPORT_NAMES = {"hf": "model-hf", "gguf": "model.gguf", "meta": "model-meta"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,7 +57,12 @@ class Trainer:
         keep_freed_memory()
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = pick_device(t.device)
+        p = cfg.parallel
+        self.runtime = setup(p.dp_replicate, p.dp_shard, p.tp, t.device)  # None: a single process
+        rt = self.runtime
+        self.device = rt.device if rt else pick_device(t.device)
+        self.main = rt is None or rt.main
+        self.dp_rank, self.dp_size = (rt.dp_rank, rt.dp_size) if rt else (0, 1)
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(t.seed)
@@ -62,26 +80,35 @@ class Trainer:
             raise CamelidError(f"model.vocab_size {self.config.vocab_size} is smaller than the data's "
                                f"{self.manifest.vocab_size}")
         self.train_loader = self._loader("train", t.seed)
+        self.micro_rows = self._micro_batches(self._global_rows(), t.micro_batch)  # this rank's passes per step
+        self.accumulation = len(self.micro_rows)
+        self.step_tokens = self._global_rows() * cfg.data.seq_len
 
         # model and optimizer
         with torch.device("meta"):
             model = Transformer(self.config)
-        model.to_empty(device=self.device)
-        model.init_weights(seed=t.seed, std=cfg.model.init_std)
+        if rt is None:
+            model.to_empty(device=self.device)
+            model.init_weights(seed=t.seed, std=cfg.model.init_std)
+            apply_activation_checkpointing(model, t.activation_checkpointing)
+            if t.compile:  # block by block, as torchtitan does: one graph, compiled once, reused per layer
+                for i, block in enumerate(model.layers):
+                    model.layers[i] = torch.compile(block)
+        else:  # parallelized on the meta device, then each rank materialises its shards only
+            if cfg.data.seq_len % rt.tp:
+                raise CamelidError(f"data.seq_len {cfg.data.seq_len} is not a multiple of parallel.tp {rt.tp} "
+                                   "(sequence parallelism splits every sequence over the tp ranks)")
+            parallelize(model, rt.mesh, ParallelConfig(t.activation_checkpointing, t.compile,
+                                                      bf16=t.dtype == "bfloat16", async_tp=p.async_tp))
+            model.to_empty(device=self.device)
+            init_weights(model, seed=t.seed, std=cfg.model.init_std)
         self.model = model
-        apply_activation_checkpointing(model, t.activation_checkpointing)
-        if t.compile:  # block by block, as torchtitan does: one graph, compiled once, reused per layer
-            for i, block in enumerate(model.layers):
-                model.layers[i] = torch.compile(block)
         self.optimizer = build_optimizer(model, t)
 
-        micro_tokens = t.micro_batch * cfg.data.seq_len
-        self.accumulation = max(1, math.ceil(t.batch_tokens / micro_tokens)) if t.batch_tokens else 1
-        self.step_tokens = self.accumulation * micro_tokens
         self.flops_per_token = flops_per_token(self.config, cfg.data.seq_len)
         self.peak = peak_flops(self.device, t.peak_flops)
 
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir) if self.main else NullMetrics(self.run_dir)
         self.checkpoints = self.run_dir / "checkpoints"
         self.step = 0
         self.tokens_seen = 0
@@ -94,9 +121,34 @@ class Trainer:
     def _loader(self, split: str, seed: int):
         c = self.cfg
         if c.data.synthetic:
-            return SyntheticLoader(self.config.vocab_size, c.data.seq_len, c.train.micro_batch, seed)
+            return SyntheticLoader(self.config.vocab_size, c.data.seq_len, c.train.micro_batch, seed,
+                                   rank=self.dp_rank, world_size=self.dp_size)
         return PackedLoader(self.manifest, split, c.data.seq_len, c.train.micro_batch, seed,
-                            weights=c.data.weights or None)
+                            rank=self.dp_rank, world_size=self.dp_size, weights=c.data.weights or None)
+
+    def _global_rows(self) -> int:
+        """Sequences per optimizer step over all data-parallel ranks: what one process takes,
+        micro_batch x the accumulation that reaches train.batch_tokens."""
+        t = self.cfg.train
+        micro_tokens = t.micro_batch * self.cfg.data.seq_len
+        return t.micro_batch * (max(1, math.ceil(t.batch_tokens / micro_tokens)) if t.batch_tokens else 1)
+
+    def _micro_batches(self, rows: int, size: int) -> list[int]:
+        """This rank's share of `rows` sequences, in forward/backward passes of at most `size`."""
+        if rows % self.dp_size:
+            raise CamelidError(
+                f"a step's {rows} sequences (train.micro_batch x accumulation to train.batch_tokens) cannot be "
+                f"split evenly over {self.dp_size} data-parallel ranks (parallel.dp_replicate x parallel.dp_shard); "
+                f"make train.micro_batch or train.batch_tokens / data.seq_len a multiple of {self.dp_size}")
+        share = rows // self.dp_size
+        return [size] * (share // size) + ([share % size] if share % size else [])
+
+    def _dp_sum(self, values: list[float] | list[torch.Tensor]) -> float:
+        """The sum over micro-batches and data-parallel ranks, the same on every rank."""
+        if self.runtime is None:
+            return sum(float(v) for v in values)
+        total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]).sum()
+        return float(self.runtime.dp_sum(total))
 
     # ---- one optimizer step ---------------------------------------------------------------------
     def _autocast(self):
@@ -104,25 +156,34 @@ class Trainer:
 
     def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            hidden = self.model.hidden(inputs)
-            return linear_cross_entropy(hidden.flatten(0, 1), self.model.head_weight, targets.flatten())
+            # Under TP the final hidden states come split over the sequence and the head over
+            # the vocabulary: every tp rank gathers both and computes the same whole loss, so the
+            # gradients flowing back are equal on all of them and each keeps its own part.
+            hidden = gather(self.model.hidden(inputs))
+            return linear_cross_entropy(hidden.flatten(0, 1), gather(self.model.head_weight), targets.flatten())
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
-        for _ in range(self.accumulation):
-            inputs, targets = (x.to(self.device) for x in self.train_loader.next_batch())
-            # normalise by the tokens of the whole accumulated batch, not per micro-batch
+        losses = []
+        for rows in self.micro_rows:
+            inputs, targets = (x.to(self.device) for x in self.train_loader.next_batch(rows))
+            # normalise by the tokens of the whole accumulated batch (all ranks), not per micro-batch;
+            # FSDP averages gradients over the data-parallel ranks, hence the factor that makes it a sum
             loss = self.loss_sum(inputs, targets) / self.step_tokens
-            loss.backward()
-            loss_total += loss.item()
+            (loss * self.dp_size if self.dp_size > 1 else loss).backward()
+            losses.append(loss.detach() if self.runtime else loss.item())
+        loss_total = self._dp_sum(losses)
         step = self.step + 1
         lr = lr_at(step, self.cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
+        if self.runtime is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
+        else:
+            align_grads(self.model.parameters())
+            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
         record: dict[str, Any] = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm}
         event = self._judge(loss_total, grad_norm)
         if event is None:
@@ -136,7 +197,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         record.update(tokens=self.tokens_seen, tokens_per_s=self.step_tokens / seconds)
         if self.peak:
-            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
+            devices = self.runtime.world if self.runtime else 1
+            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * devices)
         return record
 
     def _judge(self, loss: float, grad_norm: float) -> str | None:
@@ -153,37 +215,49 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the same eval_batches batches every time."""
-        if self.manifest is None:
-            loader = SyntheticLoader(self.config.vocab_size, self.cfg.data.seq_len, self.cfg.train.micro_batch,
-                                     seed=self.cfg.train.seed + 1)
-        else:
-            loader = self._loader("val", self.cfg.train.seed + 1)
+        """Mean validation loss over the same eval_batches batches every time (split over the
+        data-parallel ranks)."""
+        t = self.cfg.train
+        loader = self._loader("val", t.seed + 1)
         self.model.eval()
-        total, count = 0.0, 0
-        for _ in range(self.cfg.train.eval_batches):
-            inputs, targets = (x.to(self.device) for x in loader.next_batch())
-            total += self.loss_sum(inputs, targets).item()
-            count += targets.numel()
-        return total / count
+        total, count = [], []
+        rows = t.eval_batches * t.micro_batch
+        rows += (-rows) % self.dp_size  # every rank must run as many passes (FSDP's collectives)
+        for n in self._micro_batches(rows, t.micro_batch):
+            inputs, targets = (x.to(self.device) for x in loader.next_batch(n))
+            loss = self.loss_sum(inputs, targets)
+            total.append(loss if self.runtime else loss.item())
+            count.append(targets.numel())
+        return self._dp_sum(total) / self._dp_sum(count)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+        """Everything but the weights; in a distributed run also without the optimizer state
+        (sharded in the checkpoint's dcp/) and equal on every rank, so rank 0's is saved."""
+        state = {"step": self.step, "tokens_seen": self.tokens_seen,
                  "loader": self.train_loader.state_dict(), "recent": list(self.recent),
                  "spikes_in_a_row": self.spikes_in_a_row, "rollbacks": self.rollbacks,
                  "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset()}
+        if self.runtime is None:
+            state["optimizer"] = self.optimizer.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
     def save(self) -> Path:
+        if self.runtime is not None:
+            return ckpt.save_sharded(self.runtime, self.checkpoints, self.step, self.model, self.optimizer,
+                                     self.trainer_state(), self.cfg.checkpoint.keep)
         return ckpt.save(self.checkpoints, self.step, self.model, self.config, self.tokenizer,
                          self.trainer_state(), self.cfg.checkpoint.keep)
 
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first, as rank 0 sees them."""
+        found = ckpt.complete(self.checkpoints)
+        return found if self.runtime is None else self.runtime.broadcast(found)
+
     def _restore(self, path: Path, with_loader: bool = True) -> dict[str, Any]:
-        state = ckpt.load(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = ckpt.restore(path, self.model, self.optimizer, distributed=self.runtime is not None)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.recent = deque(state["recent"], maxlen=self.cfg.stability.spike_window)
         self.spikes_in_a_row = state["spikes_in_a_row"]
@@ -191,12 +265,13 @@ class Trainer:
             self.train_loader.load_state_dict(state["loader"])
             self.rollbacks = state["rollbacks"]
             torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and torch.cuda.is_available():
+            # (a distributed run saved rank 0's CUDA generators: the other ranks keep their own)
+            if "cuda_rng" in state and torch.cuda.is_available() and self.runtime is None:
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
         return state
 
     def _resume(self) -> Path | None:
-        found = ckpt.complete(self.checkpoints)
+        found = self._checkpoints()
         if not found:
             self.metrics.truncate(0)  # a fresh run: metrics from an earlier attempt without checkpoints go
             return None
@@ -206,7 +281,7 @@ class Trainer:
 
     def rollback(self) -> bool:
         """Back to the newest checkpoint, keeping the loader where it is (past the bad batches)."""
-        found = ckpt.complete(self.checkpoints)
+        found = self._checkpoints()
         if not found or self.rollbacks >= self.cfg.stability.max_rollbacks:
             return False
         from_step, skipped = self.step, self.train_loader.state_dict()
@@ -218,23 +293,48 @@ class Trainer:
         return True
 
     def export(self) -> Path:
-        """The final model as a camelid checkpoint: run_dir/model."""
+        """The final model as a camelid checkpoint, run_dir/model, and in the formats of
+        checkpoint.export beside it (model-hf/, model.gguf, model-meta/). A distributed run
+        gathers the whole weights on rank 0, which writes them; every rank must call this."""
         target = self.run_dir / "model"
-        with atomic_dir(target, overwrite=True) as tmp:
-            write_native(tmp, self.config, self.tokenizer, ckpt.model_state(self.model, self.config).items(),
-                         extra={"step": self.step})
+        if self.runtime is None:
+            weights = ckpt.model_state(self.model, self.config)
+        else:
+            gathered = full_weights(self.model)
+            weights = {name: gathered[name] for name in expected_shapes(self.config)} if self.main else {}
+        if self.main:
+            with atomic_dir(target, overwrite=True) as tmp:
+                write_native(tmp, self.config, self.tokenizer, weights.items(), extra={"step": self.step})
+            whole = Checkpoint(path=target, format="camelid", config=self.config, tokenizer=self.tokenizer,
+                               names=list(weights), read=weights.__getitem__)
+            for fmt in self.cfg.checkpoint.export:
+                write_checkpoint(whole, self.run_dir / EXPORT_NAMES[fmt], fmt, overwrite=True)
+        if self.runtime is not None:
+            self.runtime.barrier()
         return target
+
+    def close(self) -> None:
+        """Leave the process group (a distributed run); the trainer is unusable afterwards."""
+        if self.runtime is not None:
+            self.runtime.close()
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         c, t = self.cfg, self.cfg.train
-        say = (lambda *a: print(*a, file=sys.stderr)) if self.log else (lambda *a: None)
+        say = (lambda *a: print(*a, file=sys.stderr)) if self.log and self.main else (lambda *a: None)
         if self.resumed_from:
             say(f"resuming from {self.resumed_from} (step {self.step})")
-        say(f"training {self.config.num_params():,} parameters on {self.device}, {t.dtype}, "
-            f"{self.step_tokens:,} tokens per step ({self.accumulation} x {t.micro_batch} x {c.data.seq_len})")
+        layout, ranks = "", ""
+        if self.runtime:
+            p = c.parallel
+            layout = (f" x {self.runtime.world} processes (dp_replicate {p.dp_replicate}, dp_shard {p.dp_shard}, "
+                      f"tp {p.tp})")
+            ranks = f"{self.dp_size} data-parallel ranks x " if self.dp_size > 1 else ""
+        say(f"training {self.config.num_params():,} parameters on {self.device}{layout}, {t.dtype}, "
+            f"{self.step_tokens:,} tokens per step ({ranks}{self.accumulation} x {self.micro_rows[0]} x "
+            f"{c.data.seq_len})")
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not (
-            self.log and sys.stderr.isatty()), dynamic_ncols=True)
+            self.log and self.main and sys.stderr.isatty()), dynamic_ncols=True)
         last: dict[str, Any] = {}
         val_loss = None
         while self.step < t.max_steps:
