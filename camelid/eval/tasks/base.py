@@ -190,16 +190,7 @@ class GenerationTask(Task):
         return float(any(p == self.normalize(a) for a in self.answers(doc)))
 
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
-        docs = self.selected(settings)
-        k = self.default_fewshot if settings.num_fewshot is None else settings.num_fewshot
-        pool = self.fewshot_docs() if k else []
-        n = max(1, settings.samples)
-        temperature = settings.temperature if settings.temperature is not None else \
-            (0.0 if n == 1 else self.sample_temperature)
-        requests = [Generate(self.context(doc, i, k, settings.seed, pool), self.stop, self.max_new_tokens,
-                             temperature, 1.0 if temperature == 0 else 0.95, seed=settings.seed + s)
-                    for i, doc in enumerate(docs) for s in range(n)]
-        outputs = scorer.generate(requests)
+        docs, n, outputs = sample_generations(self, scorer, settings)
         records = []
         for i, doc in enumerate(docs):
             texts = outputs[i * n:(i + 1) * n]
@@ -226,16 +217,7 @@ class CodeTask(Task):
         raise NotImplementedError
 
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
-        docs = self.selected(settings)
-        k = self.default_fewshot if settings.num_fewshot is None else settings.num_fewshot
-        pool = self.fewshot_docs() if k else []
-        n = max(1, settings.samples)
-        temperature = settings.temperature if settings.temperature is not None else \
-            (0.0 if n == 1 else self.sample_temperature)
-        requests = [Generate(self.context(doc, i, k, settings.seed, pool), self.stop, self.max_new_tokens,
-                             temperature, 1.0 if temperature == 0 else 0.95, seed=settings.seed + s)
-                    for i, doc in enumerate(docs) for s in range(n)]
-        outputs = scorer.generate(requests)
+        docs, n, outputs = sample_generations(self, scorer, settings)
         records = []
         ks = [x for x in (1, 10, 100) if x <= n]
         for i, doc in enumerate(docs):
@@ -275,3 +257,17 @@ class PerplexityTask(Task):
                    "bits_per_byte": float(-total / count("bytes") / np.log(2))}
         return results, records
 
+
+def sample_generations(task, scorer: Scorer, settings: Settings) -> tuple[list[Doc], int, list[str]]:
+    """The selected docs, the samples per doc n, and n completions per doc in doc order (greedy
+    for one sample, else the task's sampling temperature), shared by generation and code tasks."""
+    docs = task.selected(settings)
+    k = task.default_fewshot if settings.num_fewshot is None else settings.num_fewshot
+    pool = task.fewshot_docs() if k else []
+    n = max(1, settings.samples)
+    temperature = settings.temperature if settings.temperature is not None else \
+        (0.0 if n == 1 else task.sample_temperature)
+    requests = [Generate(task.context(doc, i, k, settings.seed, pool), task.stop, task.max_new_tokens,
+                         temperature, 1.0 if temperature == 0 else 0.95, seed=settings.seed + s)
+                for i, doc in enumerate(docs) for s in range(n)]
+    return docs, n, scorer.generate(requests)
