@@ -11,13 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch._inductor.utils import run_and_get_code
+
 import camelid
 from camelid.checkpoint import convert, read_checkpoint
 from camelid.checkpoint.native import write_native
 from camelid.cli.main import main as cli
 from camelid.errors import CamelidError
 from camelid.quant import Int4Linear, Int8Linear, QuantizedLinear, quantize_model
-from camelid.quant.blocks import from_ggml, quantize, quantize_int4, quantize_int8, unpack_int4
+from camelid.quant import layers as quant_layers
+from camelid.quant.blocks import QuantizedTensor, from_ggml, quantize, quantize_int4, quantize_int8, unpack_int4
 from camelid.quant.layers import layer_for
 from camelid.quant.load import save_quantized
 from test_model import tiny
@@ -63,15 +66,88 @@ def test_ggml_blocks_map_in_exactly(kind):
     np.testing.assert_allclose(q.dequantize().numpy(), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64)])
-def test_layer_matches_dequantized_product_eager_and_compiled(scheme, group):
-    layer = layer_for(quantize(weights(64, 128), scheme, group))
+def rounded_activations(x):
+    """x as camelid's int4 kernel rounds it on VNNI CPUs: int8 in blocks of 16 columns."""
+    blocks = x.float().unflatten(-1, (-1, 16))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127.0)).flatten(-2)
+
+
+def kernel_reference(layer, x):
+    """What the few-rows kernel computes: exact for int8 weights; for int4 with rounded
+    activations where the CPU has VNNI (the minimums still meet the exact sums of x)."""
     w = layer.dequantize(torch.float32)
-    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(1))
-    expected = x @ w.T
-    torch.testing.assert_close(layer(x), expected)
-    compiled = torch.compile(layer, fullgraph=True, dynamic=False)  # the single-row decode formulation
-    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    if layer.scheme == "int8" or not torch.ops.camelid.has_int8_activations():
+        return x @ w.T
+    q = layer.stored()
+    scaled = QuantizedTensor("int4", q.shape, q.group_size, q.weight, q.scales, torch.zeros_like(q.mins)).dequantize()
+    return rounded_activations(x) @ scaled.T + x @ (w - scaled).T
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_layer_matches_dequantized_product_eager_and_compiled(scheme, group, rows):
+    layer = layer_for(quantize(weights(64, 256), scheme, group))
+    x = torch.randn(rows, 1, 256, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer(x), kernel_reference(layer, x), rtol=1e-5, atol=1e-4)
+    torch._dynamo.reset()  # each case compiles the layers' forward afresh (dynamo's recompile limit)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), kernel_reference(layer, x), rtol=1e-5, atol=1e-4)
+    without = layer_for(layer.stored())
+    without.fused = False  # no kernels (no compiler): eager dequantize, compiled multiply-sum
+    torch.testing.assert_close(torch.compile(without, fullgraph=True, dynamic=False)(x[:1]),
+                               x[:1] @ layer.dequantize(torch.float32).T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group,columns", [(32, 96), (32, 256), (64, 192), (128, 256)])
+def test_int4_kernel_paths_agree(group, columns):
+    """The float path (exact activations) and the int8-activation path, for a number of groups
+    that fills whole 512-bit steps and one that does not (96 columns: three groups of 32)."""
+    q = quantize(weights(40, columns), "int4", group)
+    layer = layer_for(q)
+    x = torch.randn(5, columns, generator=torch.Generator().manual_seed(3))
+    exact = torch.ops.camelid.int4_gemv(x, q.weight, q.scales, q.mins, group, False)
+    torch.testing.assert_close(exact, x @ q.dequantize().T, rtol=1e-5, atol=1e-4)
+    rounded = torch.ops.camelid.int4_gemv(x, q.weight, q.scales, q.mins, group, True)
+    torch.testing.assert_close(rounded, kernel_reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+def test_many_weights_in_one_call_equal_one_at_a_time():
+    x = torch.randn(2, 1, 128, generator=torch.Generator().manual_seed(4))
+    q4 = [quantize(weights(out, 128, seed=out), "int4", 32) for out in (48, 16, 16)]
+    fused = torch.ops.camelid.int4_gemv_many(x, [q.weight for q in q4], [q.scales for q in q4],
+                                             [q.mins for q in q4], 32, True)
+    for q, y in zip(q4, fused):
+        torch.testing.assert_close(y, torch.ops.camelid.int4_gemv(x, q.weight, q.scales, q.mins, 32, True))
+    q8 = [quantize(weights(out, 128, seed=out), "int8") for out in (40, 24)]
+    fused = torch.ops.camelid.int8_gemv_many(x, [q.weight for q in q8], [q.scales for q in q8], 128)
+    for q, y in zip(q8, fused):
+        torch.testing.assert_close(y, torch.ops.camelid.int8_gemv(x, q.weight, q.scales, 128))
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 128)])
+def test_dequantize_kernel_equals_the_formula(scheme, group):
+    q = quantize(weights(40, 256), scheme, group)
+    mins = q.mins if scheme == "int4" else None
+    exact = q.dequantize(torch.float32)
+    assert torch.equal(torch.ops.camelid.dequantize(q.weight, q.scales, mins, q.group_size, torch.float32), exact)
+    assert torch.equal(torch.ops.camelid.dequantize(q.weight, q.scales, mins, q.group_size, torch.bfloat16),
+                       exact.to(torch.bfloat16))  # rounded to nearest even, as .to() does
+
+
+def test_compiled_step_runs_a_layers_shared_input_products_as_one_call(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    llm = camelid.load(path, quantize="int4", compile=True)
+
+    with torch._inductor.config.patch(force_disable_caches=True):  # generate the code, not a cached copy
+        text, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
+    step = code[-1]
+    n_layers = llm.model.config.n_layers
+    # q, k, v and w1, w3 of every layer: two fused calls per layer
+    assert step.count("torch.ops.camelid.int4_gemv_many.default(") == 2 * n_layers
+    assert text == camelid.load(path, quantize="int4").generate("Shall I compare thee", max_new_tokens=4,
+                                                                  temperature=0)
 
 
 def logits_of(model, tokens):
@@ -149,7 +225,7 @@ def test_cli_convert_quantize_then_generate(tiny_checkpoint, tmp_path, capsys):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smollm2_gguf_blocks_map_in_without_loss(smollm2_gguf, smollm2):
+def test_smollm2_gguf_blocks_map_in_without_loss(smollm2_gguf, smollm2, monkeypatch):
     # held-out text: the start of Milton's Areopagitica, from camelid's embedded corpus
     text = gzip.decompress((resources.files("camelid.data") / "corpus/books/milton/areopagitica.txt.gz")
                            .read_bytes()).decode()
@@ -159,15 +235,19 @@ def test_smollm2_gguf_blocks_map_in_without_loss(smollm2_gguf, smollm2):
     # the file's Q4_1 blocks (and its Q8_0 embedding, as the head) are used as stored: same numbers
     assert isinstance(int4.model.layers[0].attention.wq, Int4Linear)
     assert isinstance(int4.model.output, Int8Linear) and int4.model.output.group_size == 32
-    torch.testing.assert_close(logits_of(int4.model, tokens), ref, rtol=1e-4, atol=1e-4)
-    int8 = camelid.load(smollm2_gguf, quantize="int8")
-    got = logits_of(int8.model, tokens)
-    err = (got - ref).norm() / ref.norm()
-    assert err < 0.05, err   # measured 0.034: per-channel int8 of weights stored in 4-bit groups
 
     def nll(logits):
         return F.cross_entropy(logits[0, :-1], tokens[0, 1:]).item()
 
+    with monkeypatch.context() as m:
+        m.setattr(quant_layers, "NATIVE_BF16", False)  # the prefill product in fp32
+        torch.testing.assert_close(logits_of(int4.model, tokens), ref, rtol=1e-4, atol=1e-4)
+    bf16 = logits_of(int4.model, tokens)  # in bfloat16 where the CPU multiplies it natively
+    assert (bf16 - ref).norm() / ref.norm() < 0.02 and abs(nll(bf16) - nll(ref)) < 0.01
+    int8 = camelid.load(smollm2_gguf, quantize="int8")
+    got = logits_of(int8.model, tokens)
+    err = (got - ref).norm() / ref.norm()
+    assert err < 0.05, err   # measured 0.034: per-channel int8 of weights stored in 4-bit groups
     assert abs(nll(got) - nll(ref)) < 0.01 and math.isfinite(nll(got))  # perplexity within 1%
 
 
@@ -185,7 +265,11 @@ def test_quantized_compiled_decode_equals_eager(tiny_checkpoint):
     assert not compiled.decoder.failed and not floating.decoder.failed
 
 
-def test_prefill_uses_the_dequantized_product():
-    layer = Int8Linear(quantize_int8(weights(32, 64)))
+def test_prefill_uses_the_dequantized_product(monkeypatch):
+    layer = Int4Linear(quantize_int4(weights(32, 64)))
     x = torch.randn(3, 7, 64)
-    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(torch.float32)))
+    w = layer.dequantize(torch.float32)
+    monkeypatch.setattr(quant_layers, "NATIVE_BF16", True)
+    torch.testing.assert_close(layer(x), F.linear(x.bfloat16(), w.bfloat16()).float())
+    monkeypatch.setattr(quant_layers, "NATIVE_BF16", False)
+    torch.testing.assert_close(layer(x), F.linear(x, w))

@@ -2,11 +2,19 @@
 
 Kernels, as measured on a 2-core AVX-512 CPU with torch 2.13 (benchmarks/decode.py): PyTorch's
 `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran a batch-1 product 2x and 4.5x
-slower than fp32, while the same product written as dequantize-multiply-sum and compiled by
-inductor streams the codes at memory bandwidth. So a single-row product inside a compiled graph
-(the decode step, `LLM.compile`) takes that form, which inductor fuses into one pass over the
-codes; everything else (prefill, eager decode) dequantizes the layer's weight and calls the
-ordinary matrix product, which is compute-bound there anyway.
+slower than fp32; the same product written as dequantize-multiply-sum and compiled by inductor
+was faster than fp32 for int8 but not for int4 (inductor unpacks nibbles in a slow loop);
+camelid's own kernels (kernels.cpp) unpack the codes in registers and beat both. So:
+
+- a few rows (decode, a batch of decodes, a speculative check; CPU): camelid's kernels, eager
+  or inside a compiled step. int4 rounds the activations to int8 first where the CPU has VNNI
+  byte products, as llama.cpp does (kernels.cpp);
+- without them (no compiler) one row inside a compiled graph takes the multiply-sum form;
+- many rows (prefill, scoring): the layer's weight is dequantized (camelid's kernel on CPU) and
+  multiplied by the ordinary matrix product, which is compute-bound there. On a CPU that
+  multiplies bfloat16 natively (AVX512-BF16, AMX) that product runs in bfloat16, 2.4x faster
+  than fp32 here: the weights carry 4 or 8 bits, so bfloat16's 8-bit mantissa on the
+  activations adds little (perplexity table in the README).
 """
 
 from __future__ import annotations
@@ -16,11 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.errors import CamelidError
-from camelid.quant.blocks import QuantizedTensor, dequantize_int4, dequantize_int8
+from camelid.quant import kernels
+from camelid.quant.blocks import QuantizedTensor
+
+FUSED_ROWS = 16  # up to this many rows, camelid's kernels beat dequantize + matrix product
+
+
+def _native_bf16() -> bool:
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+NATIVE_BF16 = _native_bf16()
 
 
 class QuantizedLinear(nn.Module):
     scheme = ""
+    lanes = 16  # the kernels' vector width: group sizes must be multiples of it (int4: twice it)
 
     def __init__(self, q: QuantizedTensor):
         super().__init__()
@@ -28,6 +48,8 @@ class QuantizedLinear(nn.Module):
         self.group_size = q.group_size
         for name, t in q.buffers().items():
             self.register_buffer(name, t)
+        # built (or found built) here, eagerly, never while torch.compile traces a forward
+        self.fused = self.group_size % self.lanes == 0 and kernels.available()
 
     def stored(self) -> QuantizedTensor:
         return QuantizedTensor.from_buffers(dict(self.named_buffers()))
@@ -35,45 +57,65 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
+    def use_kernels(self, x: torch.Tensor) -> bool:
+        return self.fused and x.device.type == "cpu"
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.use_kernels(self.weight) and dtype in (torch.float32, torch.bfloat16):
+            return torch.ops.camelid.dequantize(self.weight, self.scales, getattr(self, "mins", None),
+                                                self.group_size, dtype)
+        return self.stored().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels(x) and x.numel() <= FUSED_ROWS * self.in_features:
+            return self.few_rows(x)
+        if torch.compiler.is_compiling() and x.shape[-2] == 1:
+            return self.one_row_compiled(x)
+        dtype = torch.bfloat16 if NATIVE_BF16 and x.device.type == "cpu" and x.dtype == torch.float32 else x.dtype
+        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+
+    def few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def one_row_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
 
 class Int8Linear(QuantizedLinear):
     scheme = "int8"
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scales, self.group_size, dtype)
+    def few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.camelid.int8_gemv(x, self.weight, self.scales, self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[-2] == 1:
-            if self.group_size == self.in_features:   # one scale per output: apply it after the sum
-                return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales[:, 0].to(x.dtype)
-            # one reduction with the scale applied inside the loop (measured faster than a sum per
-            # group followed by a second, scaled sum)
-            g = self.group_size
-            w = self.weight.view(self.out_features, -1, g).to(x.dtype) * self.scales.to(x.dtype).unsqueeze(-1)
-            return (x.unflatten(-1, (-1, g)).unsqueeze(-3) * w).sum((-1, -2))
-        return F.linear(x, self.dequantize(x.dtype))
+    def one_row_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size == self.in_features:   # one scale per output: apply it after the sum
+            return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales[:, 0].to(x.dtype)
+        # one reduction with the scale applied inside the loop (measured faster than a sum per
+        # group followed by a second, scaled sum)
+        g = self.group_size
+        w = self.weight.view(self.out_features, -1, g).to(x.dtype) * self.scales.to(x.dtype).unsqueeze(-1)
+        return (x.unflatten(-1, (-1, g)).unsqueeze(-3) * w).sum((-1, -2))
 
 
 class Int4Linear(QuantizedLinear):
     scheme = "int4"
+    lanes = 32
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scales, self.mins, self.group_size, dtype)
+    def few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.camelid.int4_gemv(x, self.weight, self.scales, self.mins, self.group_size, True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[-2] == 1:
-            # One reduction over the input with each code unpacked and dequantized inside the
-            # loop: a broadcast shift (0 for the low half of a group, 4 for the high half)
-            # instead of a concatenation, which inductor would materialise. (Applying scale and
-            # minimum per group after partial sums measured slower: two reductions.)
-            half = self.group_size // 2
-            packed = self.weight.view(self.out_features, -1, 1, half)                  # [out, groups, 1, g/2]
-            shifts = (torch.arange(2, device=x.device, dtype=torch.uint8) * 4).view(1, 1, 2, 1)
-            q = ((packed >> shifts) & 15).to(x.dtype)                                   # [out, groups, 2, g/2]
-            w = q * self.scales.to(x.dtype)[..., None, None] + self.mins.to(x.dtype)[..., None, None]
-            xg = x.unflatten(-1, (-1, 2, half)).unsqueeze(-4)                           # [..., 1, groups, 2, g/2]
-            return (xg * w).sum((-1, -2, -3))
-        return F.linear(x, self.dequantize(x.dtype))
+    def one_row_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        # One reduction over the input with each code unpacked and dequantized inside the
+        # loop: a broadcast shift (0 for the low half of a group, 4 for the high half)
+        # instead of a concatenation, which inductor would materialise. (Applying scale and
+        # minimum per group after partial sums measured slower: two reductions.)
+        half = self.group_size // 2
+        packed = self.weight.view(self.out_features, -1, 1, half)                  # [out, groups, 1, g/2]
+        shifts = (torch.arange(2, device=x.device, dtype=torch.uint8) * 4).view(1, 1, 2, 1)
+        q = ((packed >> shifts) & 15).to(x.dtype)                                   # [out, groups, 2, g/2]
+        w = q * self.scales.to(x.dtype)[..., None, None] + self.mins.to(x.dtype)[..., None, None]
+        xg = x.unflatten(-1, (-1, 2, half)).unsqueeze(-4)                           # [..., 1, groups, 2, g/2]
+        return (xg * w).sum((-1, -2, -3))
 
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}

@@ -1,0 +1,553 @@
+// camelid's CPU kernels for quantized weights: products with a few rows of activations (decode,
+// batched decode, a speculative check) and dequantization (prefill).
+//
+// Decoding reads every weight once per token, so the codes must stream through the core with
+// little work each: they are unpacked in registers and the weight is never dequantized into
+// memory. Two forms:
+// - float: each code widened to a float lane, multiplied into x, the group's scale (and, for
+//   int4, minimum) applied once per group. Written with GCC/Clang vector extensions, which the
+//   compiler maps to the CPU it builds on (AVX-512: one register; AVX2: two; NEON: four);
+// - int4 with int8 activations, where the CPU has VNNI byte products (below).
+// Built once per machine with -march=native by kernels.py; registered as torch.ops.camelid.*.
+//
+// Layouts (blocks.py): int8 codes [out, in] with fp32 scales [out, in / g]; int4 codes
+// [out, in / 2] bytes, where byte j of a group of g holds weight j in its low nibble and
+// weight j + g/2 in its high one (ggml's Q4_0/Q4_1 order), fp16 scales and minimums [out, in / g].
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+
+constexpr int kLanes = 16;
+constexpr int kMaxRows = 4;  // activation rows sharing one pass over the weights
+
+inline f32x16 load_f32(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float sum_lanes(f32x16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float a[kLanes];  // pairwise, not a serial chain of 15 additions
+  std::memcpy(a, &v, sizeof a);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) a[i] += a[i + width];
+  return a[0];
+#endif
+}
+
+// 16 bytes widened to 16 int32 lanes. GCC 12 compiles __builtin_convertvector from bytes one
+// lane at a time, so x86 takes the one-instruction widening (vpmovzxbd / vpmovsxbd) directly.
+template <bool Signed>
+inline i32x16 widen(const void* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  return (i32x16)(Signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b0 = _mm_loadl_epi64(static_cast<const __m128i*>(p));
+  const __m128i b1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const char*>(p) + 8));
+  const __m256i halves[2] = {Signed ? _mm256_cvtepi8_epi32(b0) : _mm256_cvtepu8_epi32(b0),
+                             Signed ? _mm256_cvtepi8_epi32(b1) : _mm256_cvtepu8_epi32(b1)};
+  i32x16 v;
+  std::memcpy(&v, halves, sizeof v);
+  return v;
+#else
+  if constexpr (Signed) {
+    i8x16 b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, i32x16);
+  } else {
+    u8x16 b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, i32x16);
+  }
+#endif
+}
+
+inline f32x16 int8_lanes(const int8_t* p) { return __builtin_convertvector(widen<true>(p), f32x16); }
+
+// ---- int4 with int8 activations (x86 VNNI) ----------------------------------------------------
+// llama.cpp's method: x is rounded to int8 in blocks of 16 columns (one scale each), so that a
+// single vpdpbusd multiplies 32 nibbles by 32 activations and sums them in groups of four into
+// 32-bit lanes; about half the instructions of widening every code to a float. Rounding x costs
+// a relative error of at most 1/254 per activation, far below the int4 weights' own.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define CAMELID_VNNI 1
+inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+#elif defined(__AVXVNNI__)
+#define CAMELID_VNNI 1
+inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s); }
+#endif
+
+
+#if defined(CAMELID_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CAMELID_VNNI_WIDE 1  // 64 codes per 512-bit register
+#endif
+
+// ---- what one call shares among its weights -----------------------------------------------------
+
+// x [rows, in] and what the int4 kernels derive from it once per call: per-group sums (for the
+// minimums) and, on the VNNI path, x rounded to int8 in blocks of 16 columns, laid out in the
+// order the kernel reads codes, with each block's scale repeated over the four 32-bit lanes its
+// products land in:
+// - "wide" (AVX-512, a multiple of 64 columns): for each 32 bytes of a row's codes, the 32
+//   activations of their low nibbles, then the 32 of their high nibbles (the order the bytes
+//   unpack to in a 512-bit register without a shuffle), and 16 scales;
+// - "units" (AVX-VNNI, or an odd number of groups of 32): the same for each 16 bytes, in 256 bits.
+struct Activations {
+  const float* x;
+  int64_t rows, in, group;
+  std::vector<float> xsum;  // [rows, in / group]
+  std::vector<int8_t> q;    // [rows, in]
+  std::vector<float> d;     // [rows, in / 4]
+  bool wide = false;
+
+  Activations(const float* x_, int64_t rows_, int64_t in_, int64_t group_, bool sums, bool int8)
+      : x(x_), rows(rows_), in(in_), group(group_) {
+    if (sums) {
+      xsum.assign(rows * (in / group), 0.f);
+      for (int64_t r = 0; r < rows * (in / group); ++r)
+        for (int64_t k = 0; k < group; ++k) xsum[r] += x[r * group + k];
+    }
+    if (!int8) return;
+#ifdef CAMELID_VNNI_WIDE
+    wide = in % 64 == 0;
+#endif
+    q.resize(rows * in);
+    d.resize(rows * in / 4);
+    std::vector<int8_t> xq(in);
+    std::vector<float> scale(in / 16);
+    for (int64_t r = 0; r < rows; ++r) {
+      round_row(x + r * in, xq.data(), scale.data());
+      int8_t* qr = &q[r * in];
+      float* dr = &d[r * in / 4];
+      // code byte b holds column (b / half) * group + b % half (low nibble), and half more (high);
+      // 16 consecutive bytes hold 16 consecutive columns
+      const int64_t half = group / 2, span = wide ? 32 : 16;
+      int64_t i = 0;  // position in kernel order, 16 at a time
+      for (int64_t chunk = 0; chunk < in / 2; chunk += span)
+        for (int64_t nibble = 0; nibble < 2; ++nibble)
+          for (int64_t b = chunk; b < chunk + span; b += 16, i += 16) {
+            const int64_t column = b / half * group + nibble * half + b % half;
+            std::memcpy(qr + i, &xq[column], 16);
+            for (int k = 0; k < 4; ++k) dr[i / 4 + k] = scale[column / 16];
+          }
+    }
+  }
+
+  void round_row(const float* xr, int8_t* xq, float* scale) const {
+    for (int64_t b = 0; b < in / 16; ++b) {
+      float amax = 0.f;
+      for (int k = 0; k < 16; ++k) amax = std::max(amax, std::abs(xr[b * 16 + k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      scale[b] = amax / 127.f;
+      for (int k = 0; k < 16; ++k) xq[b * 16 + k] = static_cast<int8_t>(std::nearbyint(xr[b * 16 + k] * inv));
+    }
+  }
+};
+
+// One weight of a call: codes, scales (and minimums), and where its outputs go.
+struct Weight {
+  const void* codes;
+  const void* scales;
+  const at::Half* mins;
+  int64_t out;
+  float* y;  // [rows, out]
+};
+
+// ---- kernels: y[m, o] for activation rows m0 .. m0 + M - 1 and outputs [begin, end) ----------
+
+template <int M>
+void int8_rows(const Activations& a, const Weight& w, int64_t m0, int64_t begin, int64_t end) {
+  const int64_t in = a.in, group = a.group, groups = in / group;
+  const float* x = a.x + m0 * in;
+  const int8_t* codes = static_cast<const int8_t*>(w.codes);
+  const float* scales = static_cast<const float*>(w.scales);
+  for (int64_t o = begin; o < end; ++o) {
+    f32x16 acc[M] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      f32x16 t[M] = {};
+      for (int64_t j = g * group; j < (g + 1) * group; j += kLanes) {
+        const f32x16 wf = int8_lanes(codes + o * in + j);
+        for (int m = 0; m < M; ++m) t[m] += wf * load_f32(x + m * in + j);
+      }
+      const float s = scales[o * groups + g];
+      for (int m = 0; m < M; ++m) acc[m] += t[m] * s;
+    }
+    for (int m = 0; m < M; ++m) w.y[(m0 + m) * w.out + o] = sum_lanes(acc[m]);
+  }
+}
+
+// int4: w = q * scale + min, so sum_k x_k w_k = sum_groups (scale * sum x q + min * sum x).
+template <int M>
+void int4_rows(const Activations& a, const Weight& w, int64_t m0, int64_t begin, int64_t end) {
+  const int64_t in = a.in, group = a.group, groups = in / group, half = group / 2;
+  const float* x = a.x + m0 * in;
+  const float* xsum = a.xsum.data() + m0 * groups;
+  const uint8_t* codes = static_cast<const uint8_t*>(w.codes);
+  const at::Half* scales = static_cast<const at::Half*>(w.scales);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = codes + o * (in / 2);
+    f32x16 acc[M] = {};
+    float offset[M] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      f32x16 t[M] = {};
+      for (int64_t j = 0; j < half; j += kLanes) {
+        const i32x16 q = widen<false>(row + g * half + j);
+        const f32x16 lo = __builtin_convertvector(q & 15, f32x16);
+        const f32x16 hi = __builtin_convertvector(q >> 4, f32x16);
+        for (int m = 0; m < M; ++m)
+          t[m] += lo * load_f32(x + m * in + g * group + j) + hi * load_f32(x + m * in + g * group + half + j);
+      }
+      const float s = static_cast<float>(scales[o * groups + g]);
+      const float mn = static_cast<float>(w.mins[o * groups + g]);
+      for (int m = 0; m < M; ++m) {
+        acc[m] += t[m] * s;
+        offset[m] += mn * xsum[m * groups + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) w.y[(m0 + m) * w.out + o] = sum_lanes(acc[m]) + offset[m];
+  }
+}
+
+#ifdef CAMELID_VNNI
+inline float sum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// Any group size, 32 codes per 256-bit step ("units" layout).
+template <int M>
+void int4_rows_vnni(const Activations& a, const Weight& w, int64_t m0, int64_t begin, int64_t end) {
+  const int64_t in = a.in, groups = in / a.group, units = a.group / 32;
+  const float* xsum = a.xsum.data() + m0 * groups;
+  const uint8_t* codes = static_cast<const uint8_t*>(w.codes);
+  const at::Half* scales = static_cast<const at::Half*>(w.scales);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = codes + o * (in / 2);
+    __m256 acc[M];
+    float offset[M] = {};
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0, unit = 0; g < groups; ++g) {
+      __m256 t[M];
+      for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_ps();
+      for (int64_t u = 0; u < units; ++u, ++unit) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + unit * 16));
+        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low4);  // low | high
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xq = &a.q[(m0 + m) * in + unit * 32];
+          const __m256 dot = _mm256_cvtepi32_ps(dot_u8_s8(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))));
+          t[m] = _mm256_fmadd_ps(dot, _mm256_loadu_ps(&a.d[(m0 + m) * in / 4 + unit * 8]), t[m]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(static_cast<float>(scales[o * groups + g]));
+      const float mn = static_cast<float>(w.mins[o * groups + g]);
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm256_fmadd_ps(t[m], s, acc[m]);
+        offset[m] += mn * xsum[m * groups + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) w.y[(m0 + m) * w.out + o] = sum8(acc[m]) + offset[m];
+  }
+}
+#endif
+
+#ifdef CAMELID_VNNI_WIDE
+// 64 codes (32 bytes) per 512-bit step ("wide" layout). With groups of 32 a step covers two
+// groups, A and B: lanes 0-3 and 8-11 hold A's sums, 4-7 and 12-15 B's; larger groups span
+// whole steps.
+template <int M>
+void int4_rows_vnni_wide(const Activations& a, const Weight& w, int64_t m0, int64_t begin, int64_t end) {
+  const int64_t in = a.in, group = a.group, groups = in / group, steps = in / 64;
+  const float* xsum = a.xsum.data() + m0 * groups;
+  const uint8_t* codes = static_cast<const uint8_t*>(w.codes);
+  const at::Half* scales = static_cast<const at::Half*>(w.scales);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = codes + o * (in / 2);
+    const at::Half* so = scales + o * groups;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < steps; ++p) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
+      const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
+                                           _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
+      __m512 s;
+      if (group == 32) {
+        int32_t two_scales;
+        std::memcpy(&two_scales, so + 2 * p, sizeof two_scales);
+        s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two_scales))));
+      } else {
+        s = _mm512_set1_ps(static_cast<float>(so[p * 64 / group]));
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512i xq = _mm512_loadu_si512(&a.q[(m0 + m) * in + p * 64]);
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq));
+        acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_loadu_ps(&a.d[(m0 + m) * in / 4 + p * 16]), s), acc[m]);
+      }
+    }
+    // the minimums' term, sum_g min_g * sum x_g, 16 groups at a time
+    const at::Half* mo = w.mins + o * groups;
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 lanes = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+      const __m512 mn = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, mo + g));
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_fmadd_ps(mn, _mm512_maskz_loadu_ps(lanes, xsum + m * groups + g), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) w.y[(m0 + m) * w.out + o] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+#endif
+
+// ---- driving a call ------------------------------------------------------------------------------
+
+// Activation rows in blocks of up to kMaxRows, each block one pass over the weights. The outputs
+// of all the weights of a call (q, k and v of a layer, say) form one range split among threads
+// (at::parallel_for follows torch.set_num_threads), so a small projection does not leave a
+// thread idle and one call replaces several.
+template <typename Kernel>
+void run(const Activations& a, const std::vector<Weight>& weights, Kernel kernel) {
+  int64_t total = 0;
+  for (const Weight& w : weights) total += w.out;
+  const int64_t grain = std::max<int64_t>(16, total / (4 * at::get_num_threads()));
+  for (int64_t m0 = 0; m0 < a.rows; m0 += kMaxRows) {
+    const int64_t block = std::min<int64_t>(kMaxRows, a.rows - m0);
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      int64_t first = 0;
+      for (const Weight& w : weights) {
+        const int64_t lo = std::max(begin, first) - first, hi = std::min(end, first + w.out) - first;
+        first += w.out;
+        if (lo >= hi) continue;
+        switch (block) {
+          case 1: kernel(std::integral_constant<int, 1>{}, w, m0, lo, hi); break;
+          case 2: kernel(std::integral_constant<int, 2>{}, w, m0, lo, hi); break;
+          case 3: kernel(std::integral_constant<int, 3>{}, w, m0, lo, hi); break;
+          default: kernel(std::integral_constant<int, 4>{}, w, m0, lo, hi); break;
+        }
+      }
+    });
+  }
+}
+
+// Each conversion is skipped when the tensor already is as stored: a decode step makes these
+// calls hundreds of times per token, and every dispatched no-op costs a fraction of a microsecond.
+at::Tensor as(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
+}
+
+// Checks, float copies where needed, and an output [rows, out] per weight.
+struct Call {
+  at::Tensor x;  // [rows, in], float
+  std::vector<at::Tensor> keep, outputs;
+  std::vector<Weight> weights;
+
+  Call(const at::Tensor& x_, int64_t in, int64_t group, int64_t multiple) {
+    TORCH_CHECK(x_.device().is_cpu(), "camelid's quantized kernels run on CPU tensors");
+    TORCH_CHECK(x_.size(-1) == in, "input has ", x_.size(-1), " features, the weight ", in);
+    TORCH_CHECK(group > 0 && in % group == 0 && group % multiple == 0,
+                "group size ", group, " must divide ", in, " and be a multiple of ", multiple);
+    x = as(x_, at::kFloat).view({-1, in});
+  }
+
+  void add(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* mins, at::ScalarType code_type,
+           at::ScalarType scale_type, int64_t in) {
+    TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == code_type, "codes of type ", code_type,
+                " on the CPU expected, got ", codes.scalar_type());
+    TORCH_CHECK(codes.size(1) * (mins ? 2 : 1) == in, "a weight of ", codes.size(1) * (mins ? 2 : 1),
+                " columns for an input of ", in);
+    const at::Tensor c = as(codes, code_type), s = as(scales, scale_type);
+    const at::Tensor mn = mins ? as(*mins, at::kHalf) : at::Tensor();
+    at::Tensor y = at::empty({x.size(0), codes.size(0)}, x.options());
+    weights.push_back({c.data_ptr(), s.data_ptr(), mins ? mn.data_ptr<at::Half>() : nullptr, codes.size(0),
+                       y.data_ptr<float>()});
+    keep.insert(keep.end(), {c, s, mn});
+    outputs.push_back(y);
+  }
+
+  // outputs [..., out] in the input's dtype
+  std::vector<at::Tensor> results(const at::Tensor& x_) const {
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& y : outputs) {
+      auto shape = x_.sizes().vec();
+      shape.back() = y.size(1);
+      const at::Tensor v = y.view(shape);
+      out.push_back(x_.scalar_type() == at::kFloat ? v : v.to(x_.scalar_type()));
+    }
+    return out;
+  }
+};
+
+std::vector<at::Tensor> int8_gemv_many(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                       int64_t group) {
+  TORCH_CHECK(!codes.empty() && codes.size() == scales.size(), "one scales tensor per codes tensor");
+  const int64_t in = codes[0].size(1);
+  Call call(x, in, group, kLanes);
+  for (size_t i = 0; i < codes.size(); ++i) call.add(codes[i], scales[i], nullptr, at::kChar, at::kFloat, in);
+  const Activations a(call.x.data_ptr<float>(), call.x.size(0), in, group, false, false);
+  run(a, call.weights, [&](auto M, const Weight& w, int64_t m0, int64_t lo, int64_t hi) {
+    int8_rows<decltype(M)::value>(a, w, m0, lo, hi);
+  });
+  return call.results(x);
+}
+
+std::vector<at::Tensor> int4_gemv_many(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                       at::TensorList mins, int64_t group, bool int8_activations) {
+  TORCH_CHECK(!codes.empty() && codes.size() == scales.size() && codes.size() == mins.size(),
+              "one scales and one mins tensor per codes tensor");
+  const int64_t in = codes[0].size(1) * 2;
+  Call call(x, in, group, 2 * kLanes);
+  for (size_t i = 0; i < codes.size(); ++i) call.add(codes[i], scales[i], &mins[i], at::kByte, at::kHalf, in);
+#ifdef CAMELID_VNNI
+  const bool int8 = int8_activations;
+#else
+  const bool int8 = false;
+#endif
+  const Activations a(call.x.data_ptr<float>(), call.x.size(0), in, group, true, int8);
+  run(a, call.weights, [&](auto M, const Weight& w, int64_t m0, int64_t lo, int64_t hi) {
+    constexpr int rows = decltype(M)::value;
+#ifdef CAMELID_VNNI_WIDE
+    if (a.wide) return int4_rows_vnni_wide<rows>(a, w, m0, lo, hi);
+#endif
+#ifdef CAMELID_VNNI
+    if (int8) return int4_rows_vnni<rows>(a, w, m0, lo, hi);
+#endif
+    int4_rows<rows>(a, w, m0, lo, hi);
+  });
+  return call.results(x);
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t group) {
+  return int8_gemv_many(x, {codes}, {scales}, group)[0];
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                     int64_t group, bool int8_activations) {
+  return int4_gemv_many(x, {codes}, {scales}, {mins}, group, int8_activations)[0];
+}
+
+// ---- dequantization, for products of many rows (prefill) ---------------------------------------
+
+// 16 floats to bfloat16, rounding to nearest even (the weights are finite: no NaN case).
+inline void store_bf16(at::BFloat16* out, f32x16 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh((__m512)v));
+#else
+  i32x16 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  uint16_t halves[kLanes];
+  for (int i = 0; i < kLanes; ++i) halves[i] = static_cast<uint16_t>(bits[i]);
+  std::memcpy(out, halves, sizeof halves);
+#endif
+}
+
+inline void store(float* out, f32x16 v) { std::memcpy(out, &v, sizeof v); }
+inline void store(at::BFloat16* out, f32x16 v) { store_bf16(out, v); }
+
+// w [out, in] in float or bfloat16 from int8 (mins undefined) or int4 codes, rows split among threads.
+template <typename T>
+void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins, int64_t group,
+                     T* w, int64_t out, int64_t in) {
+  const int64_t groups = in / group;
+  const bool int4 = mins.defined();
+  const void* cp = codes.data_ptr();
+  const void* sp = scales.data_ptr();
+  const at::Half* mp = int4 ? mins.data_ptr<at::Half>() : nullptr;
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t g = 0; g < groups; ++g) {
+        T* wg = w + o * in + g * group;
+        if (int4) {
+          const uint8_t* c = static_cast<const uint8_t*>(cp) + o * (in / 2) + g * (group / 2);
+          const float s = static_cast<float>(static_cast<const at::Half*>(sp)[o * groups + g]);
+          const float mn = static_cast<float>(mp[o * groups + g]);
+          for (int64_t j = 0; j < group / 2; j += kLanes) {
+            const i32x16 q = widen<false>(c + j);
+            store(wg + j, __builtin_convertvector(q & 15, f32x16) * s + mn);
+            store(wg + group / 2 + j, __builtin_convertvector(q >> 4, f32x16) * s + mn);
+          }
+        } else {
+          const int8_t* c = static_cast<const int8_t*>(cp) + o * in + g * group;
+          const float s = static_cast<const float*>(sp)[o * groups + g];
+          for (int64_t j = 0; j < group; j += kLanes) store(wg + j, int8_lanes(c + j) * s);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+                      int64_t group, at::ScalarType dtype) {
+  const bool int4 = mins.has_value();
+  const int64_t out = codes.size(0), in = codes.size(1) * (int4 ? 2 : 1);
+  TORCH_CHECK(codes.device().is_cpu(), "camelid's quantized kernels run on CPU tensors");
+  TORCH_CHECK(group > 0 && in % group == 0 && group % (int4 ? 2 * kLanes : kLanes) == 0, "group size ", group,
+              " does not suit ", in, " columns");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16, not ", dtype);
+  const at::Tensor c = as(codes, int4 ? at::kByte : at::kChar), s = as(scales, int4 ? at::kHalf : at::kFloat);
+  const at::Tensor mn = int4 ? as(*mins, at::kHalf) : at::Tensor();
+  at::Tensor w = at::empty({out, in}, codes.options().dtype(dtype));
+  if (dtype == at::kFloat)
+    dequantize_rows(c, s, mn, group, w.data_ptr<float>(), out, in);
+  else
+    dequantize_rows(c, s, mn, group, w.data_ptr<at::BFloat16>(), out, in);
+  return w;
+}
+
+bool has_int8_activations() {
+#ifdef CAMELID_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(camelid, m) {
+  m.def("int8_gemv(Tensor x, Tensor codes, Tensor scales, int group_size) -> Tensor");
+  // int8_activations: round x to int8 first where the CPU multiplies bytes fast (VNNI); ignored
+  // elsewhere (has_int8_activations says which)
+  m.def("int4_gemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int group_size, bool int8_activations) -> Tensor");
+  // several weights over the same input in one call: what the compiled decode step's graph pass
+  // (fuse.py) makes of a layer's q, k, v and of its w1, w3
+  m.def("int8_gemv_many(Tensor x, Tensor[] codes, Tensor[] scales, int group_size) -> Tensor[]");
+  m.def("int4_gemv_many(Tensor x, Tensor[] codes, Tensor[] scales, Tensor[] mins, int group_size, "
+        "bool int8_activations) -> Tensor[]");
+  m.def("has_int8_activations() -> bool");
+  // the float32 or bfloat16 weight of int8 (no mins) or int4 codes
+  m.def("dequantize(Tensor codes, Tensor scales, Tensor? mins, int group_size, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(camelid, CPU, m) {
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int8_gemv_many", &int8_gemv_many);
+  m.impl("int4_gemv_many", &int4_gemv_many);
+  m.impl("dequantize", &dequantize);
+}
+
+TORCH_LIBRARY_IMPL(camelid, CompositeExplicitAutograd, m) {
+  m.impl("has_int8_activations", &has_int8_activations);
+}
