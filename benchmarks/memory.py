@@ -179,7 +179,8 @@ def run_generation_cases(cases: list[str], batch: int, context_arg: int) -> None
                                   str(context)], capture_output=True, text=True, check=True).stdout
             m = json.loads(out.splitlines()[-1])
             config = get_size("tiny" if name == "tiny" else "smollm2-135M")
-            row = next(r for r in plan(config, batch, context, activation, overhead=0) if r.precision == precision)
+            row = next(r for r in plan(config, batch, context, activation, overhead=0, cpu=True)
+                       if r.precision == precision)
             dynamic, measured = row.kv_cache + row.activations, m["peak"] - m["weights"]
             print(f"{name:8} {precision:9} {activation:9} {batch:>2} {context:>5} | {row.total / mib:9.1f} "
                   f"{m['peak'] / mib:9.1f} {row.total / m['peak']:6.3f} | {dynamic / mib:11.1f} {measured / mib:9.1f} "

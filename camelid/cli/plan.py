@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(what camelid gets on CPU and CUDA); math: a backend that stores them in fp32")
     p.add_argument("--all-logits", action="store_true", default=None,
                    help="the prefill returns logits at every position (scoring) instead of the last one")
+    p.add_argument("--cpu", action="store_true", default=None,
+                   help="plan for this machine's CPU, where camelid's kernels run the int8/int4 layers: "
+                        "prefill dequantizes in one pass (into bfloat16 where the CPU multiplies it natively) "
+                        "and the head reads the codes directly")
     t = p.add_argument_group("training (--train)")
     t.add_argument("--train", action="store_true", help="plan a training step per device instead of generation")
     t.add_argument("--micro-batch", type=int, default=None, metavar="B",
@@ -179,8 +183,9 @@ def main_generate(args: argparse.Namespace, memory: int, overhead: int) -> int:
     context = args.context if args.context is not None else min(DEFAULT_CONTEXT, config.max_seq_len)
     if context > config.max_seq_len:
         raise CamelidError(f"--context {context}: {args.model} has a context of {config.max_seq_len} tokens")
+    args.cpu = bool(args.cpu)
     rows = plan(config, args.batch, context, args.activation_dtype, args.group_size, overhead,
-                args.attention, args.all_logits)
+                args.attention, args.all_logits, args.cpu)
     notes = [n for n in [int4_problem(config, args.group_size)] if n]
     choice, text = verdict(Path(args.model).name if "checkpoint" in source else args.model, rows, memory,
                            args.memory)
@@ -189,7 +194,7 @@ def main_generate(args: argparse.Namespace, memory: int, overhead: int) -> int:
             "model": args.model, "source": source, "params": config.num_params(), "config": config.to_dict(),
             "batch": args.batch, "context": context, "memory_bytes": memory, "headroom": HEADROOM,
             "group_size": args.group_size, "activation_dtype": args.activation_dtype,
-            "attention": args.attention, "all_logits": args.all_logits,
+            "attention": args.attention, "all_logits": args.all_logits, "cpu": args.cpu,
             "rows": [r.to_dict(memory) for r in rows], "notes": notes,
             "verdict": {"precision": choice.precision if choice else None,
                         "comfortable": bool(choice and choice.comfortable(memory)), "text": text}}, indent=2))
