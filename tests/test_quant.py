@@ -100,7 +100,7 @@ def test_layer_matches_dequantized_product_eager_and_compiled(scheme, group, row
                                x[:1] @ layer.dequantize(torch.float32).T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("group,columns", [(32, 96), (32, 256), (64, 192), (128, 256)])
+@pytest.mark.parametrize("group,columns", [(32, 96), (32, 256), (64, 192), (96, 192), (128, 256)])
 def test_int4_kernel_paths_agree(group, columns):
     """The float path (exact activations) and the int8-activation path, for a number of groups
     that fills whole 512-bit steps and one that does not (96 columns: three groups of 32)."""
@@ -111,6 +111,20 @@ def test_int4_kernel_paths_agree(group, columns):
     torch.testing.assert_close(exact, x @ q.dequantize().T, rtol=1e-5, atol=1e-4)
     rounded = torch.ops.camelid.int4_gemv(x, q.weight, q.scales, q.mins, group, True)
     torch.testing.assert_close(rounded, kernel_reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+def test_kernels_refuse_mismatched_shapes():
+    q = quantize(weights(16, 128), "int4", 32)
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="scales and minimums must be"):
+        torch.ops.camelid.int4_gemv(x, q.weight, q.scales, q.mins, 64, True)   # 2 groups asked of 4
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.camelid.int4_gemv(torch.randn(1, 64), q.weight, q.scales, q.mins, 32, True)
+    q8 = quantize(weights(16, 128), "int8")
+    with pytest.raises(RuntimeError, match="scales and minimums must be"):
+        torch.ops.camelid.int8_gemv(x, q8.weight, q8.scales, 32)
+    with pytest.raises(RuntimeError, match="must be uint8"):
+        torch.ops.camelid.dequantize(q8.weight, q8.scales, q8.scales, 128, torch.float32)
 
 
 def test_many_weights_in_one_call_equal_one_at_a_time():

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -88,11 +89,11 @@ inline f32x16 int8_lanes(const int8_t* p) { return __builtin_convertvector(widen
 // llama.cpp's method: x is rounded to int8 in blocks of 16 columns (one scale each), so that a
 // single vpdpbusd multiplies 32 nibbles by 32 activations and sums them in groups of four into
 // 32-bit lanes; about half the instructions of widening every code to a float. Rounding x costs
-// a relative error of at most 1/254 per activation, far below the int4 weights' own.
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// each activation an error of at most 1/254 of its block's largest, far below the int4 weights' own.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__FMA__) && defined(__F16C__)
 #define CAMELID_VNNI 1
 inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
-#elif defined(__AVXVNNI__)
+#elif defined(__AVXVNNI__) && defined(__FMA__) && defined(__F16C__)
 #define CAMELID_VNNI 1
 inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s); }
 #endif
@@ -129,7 +130,8 @@ struct Activations {
     }
     if (!int8) return;
 #ifdef CAMELID_VNNI_WIDE
-    wide = in % 64 == 0;
+    // a 64-column step must not straddle two groups: groups of 32 (two per step) or of 64k
+    wide = in % 64 == 0 && (group == 32 || group % 64 == 0);
 #endif
     q.resize(rows * in);
     d.resize(rows * in / 4);
@@ -157,9 +159,11 @@ struct Activations {
     for (int64_t b = 0; b < in / 16; ++b) {
       float amax = 0.f;
       for (int k = 0; k < 16; ++k) amax = std::max(amax, std::abs(xr[b * 16 + k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      // (a block of denormals rounds to zero rather than overflow 127 / amax)
+      const float inv = amax > 1e-30f ? 127.f / amax : 0.f;
       scale[b] = amax / 127.f;
-      for (int k = 0; k < 16; ++k) xq[b * 16 + k] = static_cast<int8_t>(std::nearbyint(xr[b * 16 + k] * inv));
+      for (int k = 0; k < 16; ++k)
+        xq[b * 16 + k] = static_cast<int8_t>(std::clamp(std::nearbyint(xr[b * 16 + k] * inv), -127.f, 127.f));
     }
   }
 };
@@ -356,14 +360,26 @@ at::Tensor as(const at::Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
 }
 
+// The kernels index scales and minimums as [out, groups]: a mismatch would read past them.
+void check_group_shapes(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* mins, int64_t groups) {
+  for (const at::Tensor* t : {&scales, mins}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == codes.size(0) && t->size(1) == groups, "scales and minimums must be [",
+                codes.size(0), ", ", groups, "] for ", codes.size(0), " outputs in groups; got ", t->sizes());
+  }
+}
+
 // Checks, float copies where needed, and an output [rows, out] per weight.
 struct Call {
   at::Tensor x;  // [rows, in], float
   std::vector<at::Tensor> keep, outputs;
   std::vector<Weight> weights;
 
-  Call(const at::Tensor& x_, int64_t in, int64_t group, int64_t multiple) {
+  int64_t group_;
+
+  Call(const at::Tensor& x_, int64_t in, int64_t group, int64_t multiple) : group_(group) {
     TORCH_CHECK(x_.device().is_cpu(), "camelid's quantized kernels run on CPU tensors");
+    TORCH_CHECK(x_.is_floating_point(), "the input must be floating point, not ", x_.scalar_type());
     TORCH_CHECK(x_.size(-1) == in, "input has ", x_.size(-1), " features, the weight ", in);
     TORCH_CHECK(group > 0 && in % group == 0 && group % multiple == 0,
                 "group size ", group, " must divide ", in, " and be a multiple of ", multiple);
@@ -376,6 +392,7 @@ struct Call {
                 " on the CPU expected, got ", codes.scalar_type());
     TORCH_CHECK(codes.size(1) * (mins ? 2 : 1) == in, "a weight of ", codes.size(1) * (mins ? 2 : 1),
                 " columns for an input of ", in);
+    check_group_shapes(codes, scales, mins, in / group_);
     const at::Tensor c = as(codes, code_type), s = as(scales, scale_type);
     const at::Tensor mn = mins ? as(*mins, at::kHalf) : at::Tensor();
     at::Tensor y = at::empty({x.size(0), codes.size(0)}, x.options());
@@ -401,6 +418,7 @@ struct Call {
 std::vector<at::Tensor> int8_gemv_many(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
                                        int64_t group) {
   TORCH_CHECK(!codes.empty() && codes.size() == scales.size(), "one scales tensor per codes tensor");
+  for (const at::Tensor& c : codes) TORCH_CHECK(c.dim() == 2, "codes must be [out, in], got ", c.sizes());
   const int64_t in = codes[0].size(1);
   Call call(x, in, group, kLanes);
   for (size_t i = 0; i < codes.size(); ++i) call.add(codes[i], scales[i], nullptr, at::kChar, at::kFloat, in);
@@ -415,6 +433,7 @@ std::vector<at::Tensor> int4_gemv_many(const at::Tensor& x, at::TensorList codes
                                        at::TensorList mins, int64_t group, bool int8_activations) {
   TORCH_CHECK(!codes.empty() && codes.size() == scales.size() && codes.size() == mins.size(),
               "one scales and one mins tensor per codes tensor");
+  for (const at::Tensor& c : codes) TORCH_CHECK(c.dim() == 2, "codes must be [out, in / 2], got ", c.sizes());
   const int64_t in = codes[0].size(1) * 2;
   Call call(x, in, group, 2 * kLanes);
   for (size_t i = 0; i < codes.size(); ++i) call.add(codes[i], scales[i], &mins[i], at::kByte, at::kHalf, in);
@@ -500,11 +519,13 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, const at
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
                       int64_t group, at::ScalarType dtype) {
   const bool int4 = mins.has_value();
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2, "codes must be a 2-D CPU tensor");
+  TORCH_CHECK(codes.scalar_type() == (int4 ? at::kByte : at::kChar), int4 ? "int4 codes must be uint8" : "int8 codes must be int8");
   const int64_t out = codes.size(0), in = codes.size(1) * (int4 ? 2 : 1);
-  TORCH_CHECK(codes.device().is_cpu(), "camelid's quantized kernels run on CPU tensors");
   TORCH_CHECK(group > 0 && in % group == 0 && group % (int4 ? 2 * kLanes : kLanes) == 0, "group size ", group,
               " does not suit ", in, " columns");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16, not ", dtype);
+  check_group_shapes(codes, scales, int4 ? &*mins : nullptr, in / group);
   const at::Tensor c = as(codes, int4 ? at::kByte : at::kChar), s = as(scales, int4 ? at::kHalf : at::kFloat);
   const at::Tensor mn = int4 ? as(*mins, at::kHalf) : at::Tensor();
   at::Tensor w = at::empty({out, in}, codes.options().dtype(dtype));

@@ -4,7 +4,7 @@ The source is compiled once per machine with the host's own instruction set (`-m
 by `torch.utils.cpp_extension` into torch's extension cache (~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR) and registered as the operators `torch.ops.camelid.int8_gemv` and
 `torch.ops.camelid.int4_gemv`, which `torch.compile` keeps inside a compiled decode step. The
-build takes about 10 s the first time and needs the C++ compiler that inductor needs anyway;
+build takes 10-20 s the first time and needs the C++ compiler that inductor needs anyway;
 where it fails, the quantized layers fall back to their pure-PyTorch formulation with one
 warning.
 """
@@ -24,15 +24,16 @@ _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
 
-def _machine_tag() -> str:
+def _build_tag() -> str:
     """-march=native code is only valid on this kind of CPU: the cache entry names the CPU's
-    feature flags, so a home directory shared between machines keeps one build per kind."""
+    feature flags, so a home directory shared between machines keeps one build per kind, and
+    the source, so that two checkouts of different versions never rebuild each other's."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    digest = hashlib.sha1((platform.machine() + flags + torch.__version__).encode()).hexdigest()
-    return digest[:10]
+    digest = hashlib.sha1((platform.machine() + flags + torch.__version__).encode() + SOURCE.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def loaded() -> bool:
@@ -55,7 +56,7 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=f"camelid_kernels_{_machine_tag()}", sources=[str(SOURCE)],
+        load(name=f"camelid_kernels_{_build_tag()}", sources=[str(SOURCE)],
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, an unsupported platform: the layers' PyTorch path remains
