@@ -23,7 +23,8 @@ generation is the prefill, taken here as a prompt of all T tokens in one forward
                the layer runs. On CPU (`cpu=True`) camelid's kernels dequantize in one pass, into
                bfloat16 where the CPU multiplies it natively (with a bfloat16 copy of the input
                and of the product), and multiply up to 16 rows (the head over the last
-               positions) straight from the codes, with no copy at all. Attention goes through scaled_dot_product_attention, whose fused kernels
+               positions) straight from the codes, with no copy at all. Attention goes through
+               scaled_dot_product_attention, whose fused kernels
                (flash on CPU and CUDA) never store the T x T scores; attention="math" adds them
                for a backend without one. A batch of prompts of different lengths is left-padded
                with a [B, T, T] mask that the kernel converts to the activation dtype.

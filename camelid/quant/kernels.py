@@ -2,8 +2,9 @@
 
 The source is compiled once per machine with the host's own instruction set (`-march=native`)
 by `torch.utils.cpp_extension` into torch's extension cache (~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR) and registered as the operators `torch.ops.camelid.int8_gemv` and
-`torch.ops.camelid.int4_gemv`, which `torch.compile` keeps inside a compiled decode step. The
+$TORCH_EXTENSIONS_DIR) and registered as the operators `torch.ops.camelid.*` (`int8_gemv`,
+`int4_gemv`, their `*_many` forms for several weights sharing one input, `dequantize`), which
+`torch.compile` keeps inside a compiled decode step. The
 build takes 10-20 s the first time and needs the C++ compiler that inductor needs anyway;
 where it fails, the quantized layers fall back to their pure-PyTorch formulation with one
 warning.
