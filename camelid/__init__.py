@@ -39,7 +39,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     if quantize is None:
         model = build_model(ckpt, dtype=dtype, device=device, progress=progress)
     else:
-        from camelid.quant.load import build_quantized_model
+        from camelid.checkpoint import build_quantized_model
         model = build_quantized_model(ckpt, quantize, group_size, dtype=dtype, device=device, progress=progress)
     return LLM(model, ckpt.tokenizer, source=str(ckpt.path), compile=compile)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
 import camelid
-from camelid.checkpoint import convert, read_checkpoint
+from camelid.checkpoint import convert, read_checkpoint, save_quantized
 from camelid.checkpoint.native import write_native
 from camelid.cli.main import main as cli
 from camelid.errors import CamelidError
@@ -22,7 +22,6 @@ from camelid.quant import Int4Linear, Int8Linear, QuantizedLinear, quantize_mode
 from camelid.quant import layers as quant_layers
 from camelid.quant.blocks import QuantizedTensor, from_ggml, quantize, quantize_int4, quantize_int8, unpack_int4
 from camelid.quant.layers import layer_for
-from camelid.quant.load import save_quantized
 from test_model import tiny
 
 Q = gguf.GGMLQuantizationType

@@ -2,6 +2,8 @@
 
     ckpt = read_checkpoint(path)                 # config, tokenizer, lazy weights
     model = build_model(ckpt, dtype, device)     # meta device + assign: one copy in memory
+    model = build_quantized_model(ckpt, "int4")  # quantized one tensor at a time
+    save_quantized(model, ckpt.tokenizer, dst)   # a quantized camelid checkpoint
     convert(src, dst, to="gguf", gguf_type="Q8_0")
 """
 
@@ -13,16 +15,18 @@ from pathlib import Path
 import torch
 
 from camelid.atomic import atomic_dir
-from camelid.checkpoint.base import Checkpoint, build_model
+from camelid.checkpoint.base import Checkpoint
+from camelid.checkpoint.build import build_model, build_quantized_model
 from camelid.checkpoint.gguf import read_gguf, write_gguf
 from camelid.checkpoint.hf import read_hf, write_hf
 from camelid.checkpoint.hub import resolve
 from camelid.checkpoint.meta import read_meta, write_meta
 from camelid.checkpoint.native import CONFIG as NATIVE_CONFIG
-from camelid.checkpoint.native import read_native, write_native
+from camelid.checkpoint.native import read_native, save_quantized, write_native
 from camelid.errors import CamelidError
 
-__all__ = ["Checkpoint", "build_model", "convert", "detect_format", "read_checkpoint", "resolve", "write_checkpoint"]
+__all__ = ["Checkpoint", "build_model", "build_quantized_model", "convert", "detect_format", "read_checkpoint",
+           "resolve", "save_quantized", "write_checkpoint"]
 
 FORMATS = ("camelid", "hf", "meta", "gguf")
 

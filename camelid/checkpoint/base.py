@@ -1,16 +1,16 @@
-"""What every reader returns, and how weights become a model without a second copy in memory.
+"""What every reader returns.
 
 A reader opens the files lazily (mmap) and returns a `Checkpoint`: the config, the tokenizer and
-a `read(name)` that yields one tensor at a time in camelid's names and q/k layout. `build_model`
-creates the model on the meta device and assign-loads the tensors, converting each one on its
-own, so peak memory is one model plus one tensor.
+a `read(name)` that yields one tensor at a time in camelid's names and q/k layout, checked
+against the shapes the config implies as it is read (`camelid.checkpoint.build` turns them into
+a model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -18,12 +18,13 @@ from tqdm import tqdm
 from camelid.checkpoint.names import expected_shapes
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
-from camelid.model import Transformer
 from camelid.quant.blocks import QuantizedTensor
 from camelid.tokenizer import Tokenizer
 
 # Buffers that some checkpoints carry but that are derived, not learned (Meta's rope.freqs).
 IGNORED = ("rope.freqs",)
+
+Shaped = TypeVar("Shaped", torch.Tensor, QuantizedTensor)
 
 
 @dataclass
@@ -60,27 +61,29 @@ class Checkpoint:
         return CamelidError(f"{self.where(name)}: weight {name} has shape {list(got)} but the config implies "
                             f"{list(want)}{self.details.get('shape_hint', '')}")
 
-    def tensors(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Validated weights one at a time, converted to dtype/device."""
+    def weights(self, desc: str = "", progress: bool = False) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """After `check`: each weight of the config that the files hold, in file order, with the
+        shape the config implies (hand both to `checked`); a progress bar over them."""
         self.check()
         want = expected_shapes(self.config)
         names = [n for n in self.names if n in want]
-        bar = tqdm(names, desc=f"loading {self.path.name}", unit="tensor", disable=not progress, leave=False)
-        for name in bar:
-            t = self.read(name)
-            if tuple(t.shape) != want[name]:
-                raise self.shape_error(name, t.shape, want[name])
+        for name in tqdm(names, desc=desc or f"loading {self.path.name}", unit="tensor", disable=not progress,
+                         leave=False):
+            yield name, want[name]
+
+    def checked(self, name: str, weight: Shaped, shape: tuple[int, ...]) -> Shaped:
+        """`weight` (a tensor, or stored codes) if it has the `shape` the config implies, else
+        the error that names its file."""
+        if tuple(weight.shape) != shape:
+            raise self.shape_error(name, weight.shape, shape)
+        return weight
+
+    def tensors(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Validated weights one at a time, converted to dtype/device."""
+        for name, shape in self.weights(progress=progress):
+            t = self.checked(name, self.read(name), shape)
             yield name, t.to(device=device, dtype=dtype or t.dtype)
-
-
-def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                progress: bool = False) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(ckpt.config)
-    state = dict(ckpt.tensors(dtype, device, progress))
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval().requires_grad_(False)
 
 
 def _brief(names: list[str], limit: int = 4) -> str:

@@ -3,7 +3,8 @@ Meta's q/k layout + the tokenizer files. Loading is an mmap and an assign: no co
 
 A quantized checkpoint (camelid.json has "quantization") stores each quantized layer as its
 buffers, `X.weight` (codes), `X.scales` and, for int4, `X.mins`, and a tied model's quantized
-head as `output.*`. Read as floats it dequantizes, so converting it to other formats works."""
+head as `output.*`. Read as floats it dequantizes, so converting it to other formats works;
+`save_quantized` writes one from a quantized model."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from typing import Iterable
 
 import torch
 
+from camelid.atomic import atomic_dir
 from camelid.checkpoint.base import Checkpoint
 from camelid.checkpoint.safetensors_io import SafetensorsFiles, save_safetensors
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
+from camelid.model import Transformer
 from camelid.quant.blocks import QuantizedTensor
+from camelid.quant.layers import QuantizedLinear
 from camelid.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 CONFIG = "camelid.json"
@@ -70,3 +74,17 @@ def write_native(directory: Path, config: ModelConfig, tokenizer: Tokenizer | No
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(directory)
+
+
+def save_quantized(model: Transformer, tokenizer: Tokenizer | None, dst: str | Path, overwrite: bool = False) -> None:
+    """Write a quantized model as a camelid checkpoint directory (atomically) that
+    `camelid.load` reads back quantized, byte for byte."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        raise CamelidError("save_quantized: the model has no quantized layers; use camelid convert for float models")
+    schemes = sorted({m.scheme for m in layers})
+    groups = sorted({m.group_size for m in layers})
+    # the main scheme: int4 when any layer is int4 (its 8-bit tensors were kept from the source)
+    info = {"scheme": schemes[-1] if "int4" not in schemes else "int4", "layers": schemes, "group_sizes": groups}
+    with atomic_dir(Path(dst), overwrite=overwrite) as tmp:
+        write_native(tmp, model.config, tokenizer, model.state_dict().items(), extra={"quantization": info})

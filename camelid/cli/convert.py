@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quantize:
         if args.to != "camelid":
             raise CamelidError("--quantize writes quantized camelid checkpoints only: add --to camelid")
-        from camelid.quant.load import build_quantized_model, save_quantized
+        from camelid.checkpoint import build_quantized_model, save_quantized
         dtype = DTYPES[args.dtype] if args.dtype else torch.float32
         model = build_quantized_model(ckpt, args.quantize, args.group_size, dtype=dtype, progress=sys.stderr.isatty())
         save_quantized(model, ckpt.tokenizer, args.dst, overwrite=args.force)

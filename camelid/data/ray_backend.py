@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from camelid.data.pipeline import Executor, encode_texts, ordered, pairs_of, stage_batch, texts_of
+from camelid.data.executor import Executor, encode_texts, ordered, pairs_of, stage_batch, texts_of
 from camelid.errors import CamelidError
 
 

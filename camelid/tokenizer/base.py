@@ -110,7 +110,8 @@ class Tokenizer(ABC):
     # ---- chat ----------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation as the text the model was trained on."""
-        return chat.render(self, messages, add_generation_prompt)
+        return chat.render(messages, add_generation_prompt, template=self.chat_template, bos=self.token(self.bos_id),
+                           eos=self.token(self.eos_id), specials=self.special_tokens())
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         text = self.apply_chat_template(messages, add_generation_prompt)

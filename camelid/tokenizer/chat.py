@@ -1,6 +1,9 @@
 """Chat formats: the model's own Jinja template (GGUF `tokenizer.chat_template`, Hugging Face
 `tokenizer_config.json`), else a built-in format chosen from the vocabulary: ChatML,
 Llama-3 headers, or Llama-2's `[INST]` format (Meta's `chat_completion`).
+
+Rendering needs the template and the special tokens' text, not the tokenizer: the tokenizer
+passes them in (`Tokenizer.apply_chat_template`).
 """
 
 from __future__ import annotations
@@ -8,15 +11,12 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from typing import TYPE_CHECKING
+from typing import Collection
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from camelid.errors import CamelidError
-
-if TYPE_CHECKING:
-    from camelid.tokenizer.base import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -30,17 +30,19 @@ def check_messages(messages: object) -> list[dict[str, str]]:
     return messages
 
 
-def render(tok: "Tokenizer", messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def render(messages: list[dict[str, str]], add_generation_prompt: bool, template: str | None,
+           bos: str | None, eos: str | None, specials: Collection[str] = ()) -> str:
+    """The conversation as text: with `template` (Jinja) if given, else in the built-in format
+    that the special tokens (`specials`, the vocabulary's markup) point to. `bos` and `eos` are
+    the text of those tokens, None where the tokenizer has none."""
     check_messages(messages)
-    if tok.chat_template:
-        return render_jinja(tok.chat_template, messages, add_generation_prompt,
-                            bos_token=tok.token(tok.bos_id) or "", eos_token=tok.token(tok.eos_id) or "")
-    specials = tok.special_tokens()
+    if template:
+        return render_jinja(template, messages, add_generation_prompt, bos_token=bos or "", eos_token=eos or "")
     if "<|im_start|>" in specials:
         return chatml(messages, add_generation_prompt)
     if "<|start_header_id|>" in specials:
-        return llama3(messages, add_generation_prompt, tok.token(tok.bos_id) or "")
-    return llama2(messages, tok.token(tok.bos_id) or "<s>", tok.token(tok.eos_id) or "</s>")
+        return llama3(messages, add_generation_prompt, bos or "")
+    return llama2(messages, bos or "<s>", eos or "</s>")
 
 
 # ---- Jinja templates, rendered as transformers does ---------------------------------------------
