@@ -48,14 +48,14 @@ def build(precision: str, device: torch.device, size: str):
 
 
 def decode_speed(model, prompt: int, new: int) -> tuple[float, float]:
-    from camelid.generate import SamplingParams, TokenGenerator
-    from camelid.generate.compiled import CompiledDecoder
+    from camelid.generate import Engine, SamplingParams, TokenGenerator
 
-    decoder = CompiledDecoder(model)
+    engine = Engine(model)
+    engine.compile(background=False)
     ids = torch.randint(0, model.config.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     best = 0.0
     for _ in range(3):  # the first run compiles
-        gen = TokenGenerator(model, [ids], new, SamplingParams(temperature=0), frozenset(), decoder=decoder)
+        gen = TokenGenerator(engine, [ids], new, SamplingParams(temperature=0), frozenset())
         for _ in gen:
             pass
         if torch.cuda.is_available():

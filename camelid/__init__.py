@@ -18,14 +18,15 @@ __all__ = ["CamelidError", "LLM", "load", "__version__"]
 
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         quantize: str | None = None, compile: bool = False, progress: bool = False,
+         quantize: str | None = None, compile: bool = True, progress: bool = False,
          group_size: int | None = None) -> "LLM":
     """Load a checkpoint as an LLM: a GGUF file, a Hugging Face model directory, a Meta directory
     (params.json + consolidated.*.pth), a camelid checkpoint directory, or a known model name.
 
     quantize: None, "int8" or "int4" (weight-only; int4 in groups of `group_size`, 32 by default;
-    a quantized camelid checkpoint loads quantized as saved). compile: decode with a torch.compile'd step
-    (slow first call, fast tokens after)."""
+    a quantized camelid checkpoint loads quantized as saved). compile: decode with compiled steps where
+    that works (the default; False decodes eagerly): a long generation compiles its step in the
+    background while it decodes, and later runs load it from ~/.cache/camelid/compiled."""
     from camelid.checkpoint import build_model, read_checkpoint
     from camelid.generate import LLM
 

@@ -19,7 +19,7 @@ from test_model import tiny
 
 @pytest.fixture(scope="module")
 def llm(bpe_tokenizer):
-    return LLM(tiny("tiny", seed=7), bpe_tokenizer)
+    return LLM(tiny("tiny", seed=7), bpe_tokenizer, compile=False)
 
 
 def reference_loglikelihood(llm, context, continuation):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from camelid.errors import CamelidError
-from camelid.generate import LLM, SamplingParams, TokenGenerator, sample
+from camelid.generate import LLM, Engine, SamplingParams, TokenGenerator, sample
 from camelid.generate.sampling import top_p_probs
 from camelid.tokenizer import StreamDecoder
 from test_model import tiny
@@ -11,7 +11,7 @@ from test_model import tiny
 @pytest.fixture(scope="module")
 def tiny_llm(bpe_tokenizer):
     model = tiny("tiny")
-    return LLM(model, bpe_tokenizer)
+    return LLM(model, bpe_tokenizer, compile=False)
 
 
 def test_top_p_follows_metas_rule():
@@ -54,24 +54,40 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(tiny_llm):
 
 
 def test_batched_logits_equal_single_logits():
-    model = tiny("tiny")
+    engine = Engine(tiny("tiny"))
     prompts = [[5, 17, 42], [7, 8, 9, 10, 11, 12]]
-    seen = {}
-    real_forward = model.forward
-
-    def spy(tokens, **kw):
-        out = real_forward(tokens, **kw)
-        seen.setdefault(tokens.shape[0], []).append(out[:, -1].clone())
-        return out
-
-    model.forward = spy
-    list(TokenGenerator(model, prompts, 5, SamplingParams(0)))
+    seen = []
+    prefill, decode = engine.prefill, engine.decode
+    engine.prefill = lambda *a, **k: seen.append(prefill(*a, **k)) or seen[-1]
+    engine.decode = lambda *a, **k: seen.append(decode(*a, **k)) or seen[-1]
+    list(TokenGenerator(engine, prompts, 5, SamplingParams(0)))
+    batched = torch.stack(seen)                                          # [steps, B, V]
     for row, p in enumerate(prompts):
-        list(TokenGenerator(model, [p], 5, SamplingParams(0)))
-    batched = torch.stack(seen[2])                                       # [steps, B, V]
-    singles = [torch.stack(seen[1][k * 5:(k + 1) * 5])[:, 0] for k in range(2)]  # [steps, V]
-    for row in range(2):
-        torch.testing.assert_close(batched[:, row], singles[row], atol=1e-5, rtol=1e-5)
+        seen.clear()
+        list(TokenGenerator(engine, [p], 5, SamplingParams(0)))
+        torch.testing.assert_close(batched[:, row], torch.stack(seen)[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_params_and_keywords_are_one_setting():
+    params = SamplingParams(temperature=0, max_new_tokens=7, stop="\n")
+    assert params.stop == ("\n",) and params.updated(max_new_tokens=3).max_new_tokens == 3
+    with pytest.raises(CamelidError, match="unknown generation setting.*max_tokens"):
+        params.updated(max_tokens=3)
+    with pytest.raises(CamelidError, match="max_new_tokens must be >= 0"):
+        SamplingParams(max_new_tokens=-1)
+
+
+def test_llm_methods_take_sampling_params_or_keywords(tiny_llm):
+    params = SamplingParams(temperature=0, max_new_tokens=9)
+    by_params = tiny_llm.generate_batch(["Shall I"], params)[0]
+    assert len(by_params.tokens) == 9
+    assert tiny_llm.generate("Shall I", params) == by_params.text
+    assert tiny_llm.generate("Shall I", max_new_tokens=9, temperature=0) == by_params.text
+    assert tiny_llm.generate("Shall I", params, max_new_tokens=4) == tiny_llm.generate("Shall I", params.updated(
+        max_new_tokens=4))
+    assert "".join(tiny_llm.stream("Shall I", params)) == by_params.text
+    with pytest.raises(CamelidError, match="SamplingParams"):
+        tiny_llm.generate("Shall I", 9)
 
 
 def test_stop_token_and_stop_string(tiny_llm, bpe_tokenizer):
@@ -129,29 +145,58 @@ def test_stream_decoder_keeps_spaces_and_whole_characters(spm_tokenizer):
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager(bpe_tokenizer):
-    eager = LLM(tiny("tiny"), bpe_tokenizer)
-    compiled = LLM(tiny("tiny"), bpe_tokenizer, compile=True)
+def test_compiled_decode_equals_eager_and_is_kept_on_disk(bpe_tokenizer, tmp_path):
+    eager = LLM(tiny("tiny"), bpe_tokenizer, compile=False)
+    compiled = LLM(tiny("tiny"), bpe_tokenizer, compile=False).compile(background=False, cache_dir=tmp_path)
     prompts = ["Shall I compare thee", "Rough"]
     a = eager.generate_batch(prompts, max_new_tokens=8, temperature=0)
     b = compiled.generate_batch(prompts, max_new_tokens=8, temperature=0)
     assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert compiled.decoder.counts == {"compiled": 1, "loaded": 0} and not compiled.decoder.failed
+    # another process (here: another decoder of an equal model) loads the step instead of compiling
+    again = LLM(tiny("tiny"), bpe_tokenizer, compile=False).compile(background=False, cache_dir=tmp_path)
+    assert [r.tokens for r in again.generate_batch(prompts, max_new_tokens=8, temperature=0)] == [r.tokens for r in a]
+    assert again.decoder.counts == {"compiled": 0, "loaded": 1}
+    # a model of another structure (tied head) does not pick up that step
+    tied = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=False).compile(background=False, cache_dir=tmp_path)
+    tied.generate_batch(prompts, max_new_tokens=4, temperature=0)
+    assert tied.decoder.counts == {"compiled": 1, "loaded": 0}
+    assert len(list(tmp_path.glob("decode-*.bin"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_background_compilation_never_holds_up_decoding(bpe_tokenizer, tmp_path):
+    llm = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=False).compile(cache_dir=tmp_path)
+    eager = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=False)
+    reference = eager.generate("Shall I", max_new_tokens=40, temperature=0)
+    short = llm.generate("Shall I", max_new_tokens=8, temperature=0)   # below COMPILE_AFTER: nothing starts
+    assert not llm.decoder.building and not llm.decoder.steps and reference.startswith(short)
+    assert llm.generate("Shall I", max_new_tokens=40, temperature=0) == reference  # eager while it builds
+    assert len(llm.decoder.building) == 1 and llm.engine.decode_steps["compiled"] == 0
+    llm.decoder.wait()                                     # the compiling process saved the step: taken
+    assert len(llm.decoder.steps) == 1 and not llm.decoder.failed, (tmp_path / "x").parent.glob("*.log")
+    assert llm.decoder.counts == {"compiled": 0, "loaded": 1}
+    assert llm.generate("Shall I", max_new_tokens=40, temperature=0) == reference  # compiled now
+    assert llm.engine.decode_steps["compiled"] == 39
 
 
 def test_compiled_decoder_reuses_its_cache_and_falls_back_to_eager(bpe_tokenizer):
-    llm = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=True)
+    llm = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=False).compile(background=False)
     llm.generate_batch(["Shall I compare thee"], max_new_tokens=4, temperature=0)
-    cache = llm.decoder.cache
+    cache = llm.engine._cache
     assert cache.max_len == 256
     llm.generate_batch(["Rough"], max_new_tokens=8, temperature=0)
-    assert llm.decoder.cache is cache                      # a shorter request: same shapes, no recompile
+    assert llm.engine._cache is cache                      # a shorter request: same shapes, no recompile
+    assert len(llm.decoder.steps) == 1
     assert "output.weight" not in llm.model.state_dict()   # the tied head stays tied
 
     def broken(*args):
         raise RuntimeError("inductor is unavailable")
 
-    reference = LLM(tiny("tiny-tied"), bpe_tokenizer).generate_batch(["Rough winds"], max_new_tokens=6, temperature=0)
-    llm.decoder._step = broken
+    reference = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=False).generate_batch(
+        ["Rough winds"], max_new_tokens=6, temperature=0)
+    llm.decoder.steps = dict.fromkeys(llm.decoder.steps, broken)
     with pytest.warns(UserWarning, match="continuing without compilation"):
         again = llm.generate_batch(["Rough winds"], max_new_tokens=6, temperature=0)
     assert again[0].tokens == reference[0].tokens
@@ -175,11 +220,11 @@ def test_rejection_rule_samples_the_target_distribution():
 
 @pytest.mark.parametrize("num_draft", [1, 3, 5])
 def test_speculative_greedy_equals_the_target_alone(bpe_tokenizer, num_draft):
-    target = LLM(tiny("tiny", seed=0), bpe_tokenizer)
+    target = LLM(tiny("tiny", seed=0), bpe_tokenizer, compile=False)
     prompt = "Shall I compare thee"
     expected = target.generate(prompt, max_new_tokens=24, temperature=0)
     # a draft that is often wrong (other weights) and one that is always right (the target)
-    for draft in (LLM(tiny("tiny-tied", seed=7), bpe_tokenizer), target):
+    for draft in (LLM(tiny("tiny-tied", seed=7), bpe_tokenizer, compile=False), target):
         target.use_draft(draft, num_draft)
         assert target.generate(prompt, max_new_tokens=24, temperature=0) == expected
         rounds = target.generator.rounds
@@ -188,9 +233,11 @@ def test_speculative_greedy_equals_the_target_alone(bpe_tokenizer, num_draft):
 
 
 def test_speculative_sampling_is_seeded_and_checks_the_vocabulary(bpe_tokenizer, spm_tokenizer):
-    target = LLM(tiny("tiny"), bpe_tokenizer).use_draft(LLM(tiny("tiny", seed=3), bpe_tokenizer), 3)
+    target = LLM(tiny("tiny"), bpe_tokenizer, compile=False).use_draft(
+        LLM(tiny("tiny", seed=3), bpe_tokenizer, compile=False), 3)
     a = target.generate("Hello", max_new_tokens=16, temperature=0.9, seed=11)
     assert a == target.generate("Hello", max_new_tokens=16, temperature=0.9, seed=11)
-    other = LLM(tiny("tiny"), spm_tokenizer.with_added_tokens({512: ("<|extra|>", True)}))  # vocabulary of 513
+    other = LLM(tiny("tiny"), spm_tokenizer.with_added_tokens({512: ("<|extra|>", True)}),  # vocabulary of 513
+                compile=False)
     with pytest.raises(CamelidError, match="vocabulary"):
         target.use_draft(other)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from camelid.config import get_size
-from camelid.model import KVCache, RMSNorm, Transformer, apply_rope, rope_inv_freq, rope_tables
+from camelid.model import KVCache, RMSNorm, Rotary, RotaryTable, Transformer, rope_inv_freq
+from camelid.model.inductor import InductorAttention, RealRotary, use_inductor_layers
 
 
 def tiny(name="tiny", seed=0, dtype=torch.float32):
@@ -23,25 +24,61 @@ def test_kv_cache_decode_equals_full_forward(name):
     with torch.no_grad():
         full = model(tokens)
         cache = KVCache(model.config, 2, 32)
-        pieces = [model(tokens[:, :10], cache=cache, start=0)]          # prefill from 0
-        pieces.append(model(tokens[:, 10:16], cache=cache, start=10))   # a chunk at an offset
-        for t in range(16, 24):                                         # one token at a time
-            pieces.append(model(tokens[:, t:t + 1], cache=cache, start=t))
+        pieces = [model(tokens[:, :10], cache=cache)]                                     # prefill from 0
+        pieces.append(model(tokens[:, 10:16], torch.arange(10, 16).unsqueeze(0), cache))  # a chunk at an offset
+        for t in range(16, 24):                                                          # one token at a time
+            pieces.append(model(tokens[:, t:t + 1], torch.tensor([[t], [t]]), cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_static_cache_path_equals_full_forward():
+def test_rows_at_different_positions_equal_each_row_alone():
+    """Two sequences of different lengths in one cache, prefilled together padded on the right,
+    then decoding side by side at their own positions: each row equals its own full forward,
+    and stale slots (the padding's) are never seen."""
     model = tiny()
-    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(0, 512, (1, 12), generator=g), torch.randint(0, 512, (1, 7), generator=g)
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 16)
+        padded = torch.cat([a[:, :5], torch.cat([b[:, :3], torch.zeros(1, 2, dtype=torch.long)], 1)])
+        model.hidden(padded, cache=cache)                    # a: 5 tokens; b: 3 tokens + 2 of padding
+        pos = [5, 3]
+        out_a, out_b = [], []
+        for _ in range(4):
+            step = torch.tensor([[a[0, pos[0]]], [b[0, pos[1]]]])
+            logits = model(step, torch.tensor([[pos[0]], [pos[1]]]), cache)
+            out_a.append(logits[0, -1])
+            out_b.append(logits[1, -1])
+            pos = [pos[0] + 1, pos[1] + 1]
+    torch.testing.assert_close(torch.stack(out_a), model(a)[0, 5:9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(out_b), model(b)[0, 3:7], atol=1e-5, rtol=1e-5)
+
+
+def test_inductor_layers_equal_the_models_own():
+    """The forms swapped in for compiled graphs: real-number RoPE and one-token attention as
+    products and sums (here run eagerly) give the model's results."""
+    model = tiny()
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model(tokens)
-        cache = KVCache(model.config, 1, 16)
-        out = [model(tokens[:, :4], cache=cache, start=0)]
-        slots = torch.arange(16)
-        for t in range(4, 12):
-            mask = (slots <= t).view(1, 1, 1, 16)
-            out.append(model(tokens[:, t:t + 1], cache=cache, start=torch.tensor([t]), mask=mask))
-    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+        use_inductor_layers(model)
+        assert isinstance(model.layers[0].attention, InductorAttention)
+        assert isinstance(model.layers[0].attention.rotary, RealRotary)
+        cache = KVCache(model.config, 2, 16)
+        pieces = [model(tokens[:, :6], cache=cache)]
+        for t in range(6, 10):
+            pieces.append(model(tokens[:, t:t + 1], torch.tensor([[t]]), cache))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == list(tiny().state_dict())
+
+
+def test_rope_tables_are_computed_once():
+    model = tiny()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+        table = model.rope.tables[torch.device("cpu")]
+        model(torch.tensor([[4, 5, 6, 7]]), torch.tensor([[3, 4, 5, 6]]))
+    assert model.rope.tables[torch.device("cpu")] is table and table.shape[0] == model.config.max_seq_len
 
 
 def test_future_tokens_never_change_earlier_outputs():
@@ -66,11 +103,12 @@ def test_rmsnorm_is_computed_in_fp32():
     assert torch.equal(norm.to(torch.bfloat16)(xb), expected)
 
 
-def test_rope_matches_metas_complex_formulation():
+@pytest.mark.parametrize("rotary", [Rotary(), RealRotary()])
+def test_rope_matches_metas_complex_formulation(rotary):
     cfg = get_size("tiny")
     x = torch.randn(2, 5, 4, cfg.head_dim)
     pos = torch.arange(3, 8)
-    ours = apply_rope(x, rope_tables(pos, rope_inv_freq(cfg, torch.device("cpu"))))
+    ours = rotary(x, RotaryTable(cfg).rotation(pos))
     # The rotation written out in reals: (a, b) -> (a cos - b sin, a sin + b cos) per pair.
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
     angle = torch.outer(pos.float(), freqs).view(1, 5, 1, -1)
@@ -97,11 +135,11 @@ def test_grouped_query_attention_equals_repeated_heads():
     model = tiny()
     attn = model.layers[0].attention
     x = torch.randn(1, 7, 64)
-    rot = rope_tables(torch.arange(7), rope_inv_freq(model.config, torch.device("cpu")))
+    rot = RotaryTable(model.config).rotation(torch.arange(7))
     with torch.no_grad():
-        ours = attn(x, rot, None, 0, None)
-        q = apply_rope(attn.wq(x).view(1, 7, 4, 16), rot).transpose(1, 2)
-        k = apply_rope(attn.wk(x).view(1, 7, 2, 16), rot).transpose(1, 2).repeat_interleave(2, dim=1)
+        ours = attn(x, rot, None, None, None)
+        q = attn.rotary(attn.wq(x).view(1, 7, 4, 16), rot).transpose(1, 2)
+        k = attn.rotary(attn.wk(x).view(1, 7, 2, 16), rot).transpose(1, 2).repeat_interleave(2, dim=1)
         v = attn.wv(x).view(1, 7, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(16)
         scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))

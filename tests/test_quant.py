@@ -149,18 +149,18 @@ def test_dequantize_kernel_equals_the_formula(scheme, group):
                        exact.to(torch.bfloat16))  # rounded to nearest even, as .to() does
 
 
-def test_compiled_step_runs_a_layers_shared_input_products_as_one_call(tiny_checkpoint):
+def test_compiled_step_runs_a_layers_shared_input_products_as_one_call(tiny_checkpoint, tmp_path, monkeypatch):
     path, _ = tiny_checkpoint
-    llm = camelid.load(path, quantize="int4", compile=True)
+    llm = camelid.load(path, quantize="int4", compile=False).compile(background=False)
 
-    with torch._inductor.config.patch(force_disable_caches=True):  # generate the code, not a cached copy
-        text, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # generate the code, not a cached copy
+    text, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
     step = code[-1]
     n_layers = llm.model.config.n_layers
     # q, k, v and w1, w3 of every layer: two fused calls per layer
     assert step.count("torch.ops.camelid.int4_gemv_many.default(") == 2 * n_layers
-    assert text == camelid.load(path, quantize="int4").generate("Shall I compare thee", max_new_tokens=4,
-                                                                  temperature=0)
+    assert text == camelid.load(path, quantize="int4", compile=False).generate("Shall I compare thee",
+                                                                                 max_new_tokens=4, temperature=0)
 
 
 def logits_of(model, tokens):
@@ -268,11 +268,11 @@ def test_quantized_compiled_decode_equals_eager(tiny_checkpoint):
     path, _ = tiny_checkpoint
     prompt = "Shall I compare thee"
     # a float model compiled first in the same process must not lend its graph to the int4 one
-    floating = camelid.load(path, compile=True)
-    assert floating.generate(prompt, max_new_tokens=8, temperature=0) == camelid.load(path).generate(
+    floating = camelid.load(path, compile=False).compile(background=False)
+    assert floating.generate(prompt, max_new_tokens=8, temperature=0) == camelid.load(path, compile=False).generate(
         prompt, max_new_tokens=8, temperature=0)
-    eager = camelid.load(path, quantize="int4")
-    compiled = camelid.load(path, quantize="int4", compile=True)
+    eager = camelid.load(path, quantize="int4", compile=False)
+    compiled = camelid.load(path, quantize="int4", compile=False).compile(background=False)
     assert compiled.generate(prompt, max_new_tokens=8, temperature=0) == eager.generate(prompt, max_new_tokens=8,
                                                                                       temperature=0)
     assert not compiled.decoder.failed and not floating.decoder.failed

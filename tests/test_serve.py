@@ -46,7 +46,7 @@ def test_a_cache_view_shares_memory_with_the_cache():
     view = cache.view(slice(1, 2), 8)
     assert view.batch == 1 and view.max_len == 8
     k = torch.ones(1, view.layers[0].k.shape[1], 3, view.layers[0].k.shape[3])
-    view.layers[0].update(0, k, k)
+    view.layers[0].update(None, k, k)
     assert cache.layers[0].k[1, :, :3].eq(1).all() and cache.layers[0].k[[0, 2]].eq(0).all()
 
 
@@ -54,7 +54,7 @@ def test_a_cache_view_shares_memory_with_the_cache():
 
 @pytest.fixture(scope="module")
 def tiny_llm(bpe_tokenizer):
-    return LLM(tiny("tiny"), bpe_tokenizer)
+    return LLM(tiny("tiny"), bpe_tokenizer, compile=False)
 
 
 class Collector:
@@ -81,15 +81,15 @@ def test_batched_decode_equals_each_prompt_alone(tiny_llm):
     earlier requests used (stale cache contents), decode exactly as each would alone."""
     prompts = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [99], [3, 4], [200, 201, 202, 203], [1] * 20]
     budgets = [12, 3, 9, 14, 5, 8]
-    batcher = Batcher(tiny_llm.model, tiny_llm.tokenizer, max_batch=3, context=64, max_queue=8)
+    batcher = Batcher(tiny_llm.engine, tiny_llm.tokenizer, max_batch=3, context=64, max_queue=8)
     collectors = [Collector() for _ in prompts]
     greedy = SamplingParams(temperature=0)
     for p, n, c in list(zip(prompts, budgets, collectors))[:2]:
-        batcher.submit(Job(p, n, greedy, c))
+        batcher.submit(Job(p, greedy.updated(max_new_tokens=n), c))
     batcher.step()
     batcher.step()
     for p, n, c in list(zip(prompts, budgets, collectors))[2:]:  # four more, for one free row
-        batcher.submit(Job(p, n, greedy, c))
+        batcher.submit(Job(p, greedy.updated(max_new_tokens=n), c))
     run_to_completion(batcher, collectors)
     for p, n, c in zip(prompts, budgets, collectors):
         alone = tiny_llm.generate_batch([p], max_new_tokens=n, temperature=0)[0]
@@ -98,12 +98,29 @@ def test_batched_decode_equals_each_prompt_alone(tiny_llm):
         assert c.done.prompt_tokens == len(p)
 
 
+@pytest.mark.slow
+def test_the_batcher_decodes_with_the_compiled_step(bpe_tokenizer):
+    """The server's batcher runs the generation core's compiled step (rows and windows rounded
+    up to few shapes), and its tokens are those of each prompt alone, eagerly."""
+    llm = LLM(tiny("tiny"), bpe_tokenizer, compile=False).compile(background=False, cache_dir=None)
+    eager = LLM(tiny("tiny"), bpe_tokenizer, compile=False)
+    batcher = Batcher(llm.engine, llm.tokenizer, max_batch=2, context=64)
+    prompts, budgets = [[5, 17, 42], [7, 8, 9, 10, 11]], [12, 6]
+    collectors = [Collector() for _ in prompts]
+    for p, n, c in zip(prompts, budgets, collectors):
+        batcher.submit(Job(p, SamplingParams(temperature=0, max_new_tokens=n), c))
+    run_to_completion(batcher, collectors)
+    assert llm.engine.decode_steps["eager"] == 0 and llm.engine.decode_steps["compiled"] > 0
+    for p, n, c in zip(prompts, budgets, collectors):
+        assert c.text == eager.generate_batch([p], max_new_tokens=n, temperature=0)[0].text
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(tiny_llm):
     sampling = SamplingParams(temperature=0.9, top_p=0.95)
-    batcher = Batcher(tiny_llm.model, tiny_llm.tokenizer, max_batch=4, context=64)
+    batcher = Batcher(tiny_llm.engine, tiny_llm.tokenizer, max_batch=4, context=64)
     collectors = [Collector() for _ in range(4)]
     for i, c in enumerate(collectors):
-        batcher.submit(Job([5, 17, 42 + i], 10, sampling, c, seed=i))
+        batcher.submit(Job([5, 17, 42 + i], sampling.updated(max_new_tokens=10, seed=i), c))
     run_to_completion(batcher, collectors)
     for i, c in enumerate(collectors):
         alone = tiny_llm.generate_batch([[5, 17, 42 + i]], max_new_tokens=10, temperature=0.9, top_p=0.95,
@@ -116,32 +133,32 @@ def test_stop_strings_end_the_text_before_them(tiny_llm):
     free = tiny_llm.generate_batch([prompt], max_new_tokens=16, temperature=0)[0]
     stop = free.text[len(free.text) // 2:][:3]
     assert stop
-    batcher = Batcher(tiny_llm.model, tiny_llm.tokenizer, max_batch=2, context=64)
+    batcher = Batcher(tiny_llm.engine, tiny_llm.tokenizer, max_batch=2, context=64)
     c = Collector()
-    batcher.submit(Job(prompt, 16, SamplingParams(temperature=0), c, stop=[stop]))
+    batcher.submit(Job(prompt, SamplingParams(temperature=0, max_new_tokens=16, stop=stop), c))
     run_to_completion(batcher, [c])
     expected = tiny_llm.generate_batch([prompt], max_new_tokens=16, temperature=0, stop=[stop])[0]
     assert c.text == expected.text and stop not in c.text and c.done.finish_reason == "stop"
 
 
 def test_a_cancelled_job_frees_its_row_and_hears_nothing_more(tiny_llm):
-    batcher = Batcher(tiny_llm.model, tiny_llm.tokenizer, max_batch=1, context=64, max_queue=1)
+    batcher = Batcher(tiny_llm.engine, tiny_llm.tokenizer, max_batch=1, context=64, max_queue=1)
     first, second = Collector(), Collector()
-    job = Job([5, 17, 42], 50, SamplingParams(temperature=0), first)
+    job = Job([5, 17, 42], SamplingParams(temperature=0, max_new_tokens=50), first)
     batcher.submit(job)
     batcher.step()
     assert batcher.active == 1
     job.cancel()
-    batcher.submit(Job([7, 8], 3, SamplingParams(temperature=0), second))
+    batcher.submit(Job([7, 8], SamplingParams(temperature=0, max_new_tokens=3), second))
     run_to_completion(batcher, [second])
     assert first.done is None and second.done.completion_tokens == 3 and batcher.active == 0
 
 
 def test_the_waiting_line_is_bounded(tiny_llm):
-    batcher = Batcher(tiny_llm.model, tiny_llm.tokenizer, max_batch=1, context=64, max_queue=1)
-    batcher.submit(Job([5], 3, SamplingParams(0), Collector()))
+    batcher = Batcher(tiny_llm.engine, tiny_llm.tokenizer, max_batch=1, context=64, max_queue=1)
+    batcher.submit(Job([5], SamplingParams(0, max_new_tokens=3), Collector()))
     with pytest.raises(QueueFull, match="busy"):
-        batcher.submit(Job([6], 3, SamplingParams(0), Collector()))
+        batcher.submit(Job([6], SamplingParams(0, max_new_tokens=3), Collector()))
 
 
 # ---- the command line -----------------------------------------------------------------------------
@@ -203,8 +220,10 @@ def running_server(model_path, tmp_path, *flags: str, timeout: float = 90.0):
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf, tmp_path_factory):
+    # eager decoding: these tests check the API, and a background compilation would only compete
+    # with the test suite for the CPU (the batcher's compiled step is tested in-process above)
     with running_server(smollm2_gguf, tmp_path_factory.mktemp("serve"), "--max-batch", "8",
-                        "--context", "512") as url:
+                        "--context", "512", "--no-compile") as url:
         yield url
 
 
@@ -212,7 +231,7 @@ def server(smollm2_gguf, tmp_path_factory):
 def one_slot_server(smollm2_gguf, tmp_path_factory):
     """One row and a waiting line of one: what a full queue and a freed slot need."""
     with running_server(smollm2_gguf, tmp_path_factory.mktemp("serve1"), "--max-batch", "1",
-                        "--max-queue", "1", "--context", "1024") as url:
+                        "--max-queue", "1", "--context", "1024", "--no-compile") as url:
         yield url
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from camelid.cli.common import add_draft_arguments, add_model_arguments, add_sampling_arguments, load_llm, sampling_kwargs
+from camelid.cli.common import add_draft_arguments, add_model_arguments, add_sampling_arguments, load_llm, sampling_params
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     llm = load_llm(args)
-    kwargs = sampling_kwargs(args)
+    params = sampling_params(args)
     system = args.system
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         if interactive:
             sys.stdout.write("assistant> ")
         reply = ""
-        for piece in llm.chat_stream(messages, **kwargs):
+        for piece in llm.chat_stream(messages, params):
             reply += piece
             sys.stdout.write(piece)
             sys.stdout.flush()

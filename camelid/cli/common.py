@@ -20,12 +20,13 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
                    help="weight dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization: int8 per output channel, or int4 in groups (GGUF "
-                        "Q8_0/Q4_0/Q4_1 weights are taken over as stored); fastest with --compile")
+                        "Q8_0/Q4_0/Q4_1 weights are taken over as stored); fastest compiled, the default)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--compile", action="store_true",
-                   help="decode with a torch.compile'd step: the first run compiles (about a minute on "
-                        "CPU, cached afterwards), then tokens come 2x faster or more")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode with a compiled step (the default where torch.compile works): the first long "
+                        "generation of a model compiles it in the background while decoding goes on, and later "
+                        "runs load it from ~/.cache/camelid/compiled in a moment; --no-compile decodes eagerly")
 
 
 def add_draft_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,8 +60,8 @@ def load_llm(args: argparse.Namespace):
     if getattr(args, "draft", None):
         if args.draft_tokens < 1:
             raise CamelidError(f"--draft-tokens must be >= 1 (got {args.draft_tokens})")
-        llm.use_draft(camelid.load(args.draft, device=device, dtype=dtype, quantize=args.draft_quantize),
-                      args.draft_tokens)
+        llm.use_draft(camelid.load(args.draft, device=device, dtype=dtype, quantize=args.draft_quantize,
+                                   compile=args.compile), args.draft_tokens)
     return llm
 
 
@@ -75,8 +76,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float) -> No
                    help="stop when this text appears (repeatable); end-of-turn tokens always stop")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
+def sampling_params(args: argparse.Namespace):
+    from camelid.generate import SamplingParams
+
     if args.max_new_tokens < 0:
         raise CamelidError(f"--max-new-tokens must be >= 0 (got {args.max_new_tokens})")
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop=args.stop)
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, stop=tuple(args.stop))

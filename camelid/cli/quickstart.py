@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"validation loss {val:.3f} nats/token (perplexity {math.exp(val):.1f}); the corpus's unigram entropy is "
           f"{entropy:.3f} nats/token (perplexity {math.exp(entropy):.1f}): the model knows "
           f"{'more' if val < entropy else 'less'} than how often each token occurs")
-    llm = camelid.load(model_dir)
+    llm = camelid.load(model_dir, compile=False)  # a few short samples: not worth compiling
     s = trainer.cfg.sample
     for prompt in s.prompts:
         text = llm.generate(prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=0)

@@ -56,14 +56,11 @@ def main(args: argparse.Namespace) -> int:
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise CamelidError(f"{flag} must be >= 1 (got {value})")
-    if args.compile:
-        raise CamelidError("--compile: not supported by serve yet (its batched decode step runs eagerly); "
-                           "leave it out")
     _check_port_free(args.host, args.port)
     llm = load_llm(args)
     context = _context(args.context, llm.config.max_seq_len)
     model_name = args.model_name or Path(args.model).stem
-    batcher = Batcher(llm.model, llm.tokenizer, max_batch=args.max_batch, context=context,
+    batcher = Batcher(llm.engine, llm.tokenizer, max_batch=args.max_batch, context=context,
                       max_queue=args.max_queue)
     print(f"camelid serve: {model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1); "
           f"{args.max_batch} slots x {context} tokens, KV cache {batcher.cache.nbytes() / 2**20:.0f} MiB",

@@ -2,8 +2,9 @@
 
 Log-likelihoods: requests are grouped by their context, which is computed once (one prefill into
 a KV cache); all continuations of the group are then scored together, attending to copies of
-that cache. Several groups go through together: their contexts left-padded into one prefill,
-all their continuations into one batch. The output head runs only at the positions that are
+that cache. Several groups go through together: their contexts in one prefill, all their
+continuations in one batch, each row at its own positions (the generation core,
+`camelid.generate.core`). The output head runs only at the positions that are
 scored, never over the whole context. Groups run longest first, as lm-evaluation-harness orders them, so
 that memory problems show up at once and the progress bar's estimate errs on the safe side.
 """
@@ -19,21 +20,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from camelid.eval.requests import Encoded, Generate, Loglikelihood, Rolling, encode_pair, prefix_token
-from camelid.generate import LLM
-from camelid.model import KVCache
+from camelid.generate import LLM, SamplingParams
 
 
 class Scorer:
     def __init__(self, llm: LLM, max_length: int | None = None, batch_size: int = 16, progress: bool = False):
         self.llm = llm
-        self.model = llm.model
+        self.engine = llm.engine
         self.tok = llm.tokenizer
         self.max_length = min(max_length or llm.config.max_seq_len, llm.config.max_seq_len)
         self.batch_size = batch_size
         self.progress = progress
         self.device = llm.device
-        self.dtype = self.model.tok_embeddings.weight.dtype if self.model.tok_embeddings.weight.is_floating_point() \
-            else torch.float32
 
     # ---- log-likelihood --------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[Loglikelihood]) -> list[tuple[float, bool]]:
@@ -81,18 +79,12 @@ class Scorer:
                 batched.append((g, context[-keep:], conts))
         if not batched:
             return out  # type: ignore[return-value]
-        dev, config = self.device, self.model.config
-        B = len(batched)
-        L = max(len(ctx) for _, ctx, _ in batched)
-        pad = torch.tensor([L - len(ctx) for _, ctx, _ in batched], device=dev)
-        tokens = torch.tensor([[0] * (L - len(ctx)) + ctx for _, ctx, _ in batched], device=dev)
-        slots = torch.arange(L, device=dev)
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)                        # [B, L]
-        mask = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= pad[:, None, None])
-        mask = (mask | torch.eye(L, dtype=torch.bool, device=dev)).unsqueeze(1)       # [B, 1, L, L]
-        base = KVCache(config, B, L, dtype=self.dtype, device=dev)
-        h = self.model.hidden(tokens, positions=positions, cache=base, start=0, mask=mask if bool(pad.any()) else None)
-        first = F.log_softmax(self._head(h[:, -1]).float(), dim=-1)                     # [B, V]: token 0
+        dev, engine = self.device, self.engine
+        contexts = [ctx for _, ctx, _ in batched]
+        lengths = torch.tensor([len(ctx) for ctx in contexts], device=dev)
+        L = max(len(ctx) for ctx in contexts)
+        base = engine.allocate(len(contexts), L)
+        first = F.log_softmax(engine.prefill(contexts, base).float(), dim=-1)            # [B, V]: token 0
 
         owner = [b for b, (_, _, conts) in enumerate(batched) for _ in conts]
         conts = [c for _, _, cs in batched for c in cs]
@@ -101,24 +93,20 @@ class Scorer:
         if longest > 1:
             R, T = len(conts), longest - 1
             rows = torch.tensor(owner, device=dev)
-            cache = KVCache(config, R, L + T, dtype=self.dtype, device=dev)
+            cache = engine.allocate(R, L + T)
             for mine, shared in zip(cache.layers, base.layers):
                 mine.k[:, :, :L] = shared.k[rows]
                 mine.v[:, :, :L] = shared.v[rows]
             inputs = torch.zeros(R, T, dtype=torch.long, device=dev)
             for r, c in enumerate(conts):
                 inputs[r, : len(c) - 1] = torch.tensor(c[:-1])
-            steps = torch.arange(T, device=dev)
-            positions = (L - pad[rows])[:, None] + steps[None, :]                       # [R, T]
-            keys = torch.arange(L + T, device=dev)
-            seen = (keys[None, None, :] >= pad[rows][:, None, None]) & (keys[None, None, :] < L)   # context
-            seen = seen | ((keys[None, :] >= L) & (keys[None, :] - L <= steps[:, None]))[None]  # causal tail
-            h = self.model.hidden(inputs, positions=positions, cache=cache, start=L, mask=seen.unsqueeze(1))
+            positions = lengths[rows][:, None] + torch.arange(T, device=dev)[None, :]   # [R, T]: after the context
+            h = engine.extend(inputs, positions, cache)
             wanted = [(r, t) for r, c in enumerate(conts) for t in range(len(c) - 1)]
             if wanted:
                 r_idx = torch.tensor([w[0] for w in wanted], device=dev)
                 t_idx = torch.tensor([w[1] for w in wanted], device=dev)
-                logp = F.log_softmax(self._head(h[r_idx, t_idx]).float(), dim=-1)      # only the scored positions
+                logp = F.log_softmax(engine.head(h[r_idx, t_idx]).float(), dim=-1)     # only the scored positions
                 targets = torch.tensor([conts[r][t + 1] for r, t in wanted], device=dev)
                 picked = logp.gather(1, targets[:, None])[:, 0].tolist()
                 hits = (logp.argmax(-1) == targets).tolist()
@@ -137,13 +125,10 @@ class Scorer:
         logp, greedy = self._window(tokens[:-1], tokens[1:], n)
         return logp, greedy
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.model.head_weight) if self.model.output is None else self.model.output(h)
-
     def _window(self, inputs: list[int], targets: list[int], scored: int) -> tuple[float, bool]:
         """Log-probability of the last `scored` targets given the inputs (one causal forward)."""
-        h = self.model.hidden(torch.tensor([inputs], device=self.device))[0, -scored:]
-        logp = F.log_softmax(self._head(h).float(), dim=-1)
+        h = self.engine.extend(torch.tensor([inputs], device=self.device), None, None)[0, -scored:]
+        logp = F.log_softmax(self.engine.head(h).float(), dim=-1)
         t = torch.tensor(targets[-scored:], device=self.device)
         return float(logp.gather(1, t[:, None]).sum()), bool((logp.argmax(-1) == t).all())
 
@@ -178,9 +163,9 @@ class Scorer:
             same = [i for i in pending if _settings(requests[i]) == _settings(first)][: self.batch_size]
             pending = [i for i in pending if i not in same]
             prompts = [self._prompt(requests[i]) for i in same]
-            results = self.llm.generate_batch(prompts, max_new_tokens=first.max_new_tokens,
-                                              temperature=first.temperature, top_p=first.top_p,
-                                              seed=first.seed, stop=list(first.stop))
+            results = self.llm.generate_batch(prompts, SamplingParams(
+                temperature=first.temperature, top_p=first.top_p, max_new_tokens=first.max_new_tokens,
+                seed=first.seed, stop=tuple(first.stop)))
             for i, r in zip(same, results):
                 out[i] = r.text
             bar.update(len(same))

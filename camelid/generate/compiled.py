@@ -1,30 +1,57 @@
-"""A torch.compile'd decode step with static shapes (the gpt-fast recipe), for CPU and GPU.
+"""The compiled decode step: one new token per row over a static KV cache, under torch.compile
+(the gpt-fast recipe), built in the background and kept on disk.
 
 Decoding one token is a chain of matrix-vector products bound by memory bandwidth. On CPU,
-MKL's sgemv streams weights at about a third of this machine's bandwidth, while inductor turns
-a product written as multiply-and-sum into one vectorised, parallel reduction that reads the
-weight once at full speed. `GemvLinear` is a module swap that does exactly that, only inside a
-compiled graph and only for single rows; everywhere else it is nn.Linear.
+MKL's sgemv streams weights well below the machine's bandwidth, while inductor turns a product
+written as multiply-and-sum into one vectorised, parallel reduction that reads the weight once.
+`GemvLinear` is a module swap that does exactly that, only inside a compiled graph and only for
+single rows; everywhere else it is nn.Linear. The attention and RoPE swaps come from
+`camelid.model.inductor`.
 
-Shapes stay static across steps: the KV cache has a fixed length (rounded up to a bucket so
-that different request lengths reuse one compiled graph), the slot index is a tensor, and the
-attention mask covers the whole cache.
+Shapes are static: a compiled step serves one (rows, cache slots, cache strides) shape, and
+callers round cache lengths up to buckets (256, 512, ...) so that a handful of shapes covers
+every request. A shape is compiled ahead of time (`aot_compile`: traced and compiled without
+running, so the live KV cache is never touched) on a background thread while decoding goes on
+eagerly; the first step after it is ready switches to it. Each compiled step is saved under the
+cache directory, keyed by everything its code depends on (the model's module structure, dtypes
+and shapes, the step's shape, camelid's and torch's versions), so the next process loads it in
+a moment instead of compiling again. Should compilation fail, decoding stays eager, with one
+warning.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
+import io
 import itertools
+import logging
+import os
+import subprocess
+import sys
 import types
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camelid.model import KVCache, Transformer
+from camelid.model import KVCache, RotaryTable, Transformer
+from camelid.model.inductor import use_inductor_layers
 from camelid.quant.fuse import FuseSharedInputProducts
 
 BUCKET = 256
+log = logging.getLogger("camelid.generate")
+
+
+def bucket(length: int, limit: int) -> int:
+    """`length` rounded up to a power of two of at least BUCKET slots, at most `limit` (but never
+    below `length`)."""
+    return max(length, min(limit, max(BUCKET, 1 << (length - 1).bit_length())))
 
 
 class GemvLinear(nn.Linear):
@@ -54,73 +81,302 @@ def _gemv_from(weight: torch.Tensor) -> GemvLinear:
     return layer
 
 
-def _own_code(method):
-    """The bound method over a private copy of its code object. Dynamo keeps compiled graphs per
-    code object and, with the module guards skipped above, would hand one decoder's graph to
-    another decoder's model of a different structure (a float model's graph to an int8 one:
-    KeyError 'weight'). Each decoder gets its own cache entry this way."""
-    code = method.__func__.__code__
-    func = types.FunctionType(code.replace(co_name=f"{code.co_name}_{next(_instances)}"), method.__func__.__globals__,
-                              None, method.__func__.__defaults__, method.__func__.__closure__)
-    return types.MethodType(func, method.__self__)
+def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits [B, V] for tokens [B, 1] at positions [B, 1] (the function that is compiled)."""
+    return model.head(model.hidden(tokens, positions, cache)[:, -1])
 
 
-_instances = itertools.count()
+@dataclass(frozen=True)
+class StepShape:
+    rows: int
+    slots: int
+    strides: tuple[int, ...]   # of the cache's key tensors: a view of a larger cache has its parent's
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, cache: KVCache) -> "StepShape":
+        k = cache.layers[0].k
+        return cls(tokens.size(0), k.size(2), tuple(k.stride()))
 
 
 class CompiledDecoder:
-    """Owns the compiled step and the fixed-size KV cache it runs on.
+    """The compiled steps of one model, one per StepShape, built on demand.
 
-    Cache lengths grow in powers of two (256, 512, ...) and a cache is reused for any shorter
-    request, so a growing chat compiles a handful of shapes, not one per request. Should
-    compilation fail (an unsupported platform, torch's recompile limit), decoding carries on
-    eagerly with a warning."""
+    `step` answers from a compiled step when its shape is ready and None otherwise (the caller
+    decodes eagerly). A shape asked for the first time is loaded from the cache directory if
+    it is there (a moment), and otherwise compiled:
 
-    def __init__(self, model: Transformer, mode: str | None = None):
-        self.model = use_gemv_linears(model)
-        self.cache: KVCache | None = None
+    - in the background (CPU, `background`): by a separate, low-priority process that rebuilds
+      the model's structure without its weights, compiles, and saves the step; decoding goes on
+      eagerly and takes the step as soon as it is saved. A thread would not do: tracing is
+      Python and would hold the interpreter's lock against the decoding thread. The process
+      finishes its work even if this one ends first, so the next run finds the step;
+    - or here and now (without `background`, on GPUs, or without a cache directory).
+    """
+
+    def __init__(self, model: Transformer, cache_dir: Path | None = None, background: bool = True,
+                 mode: str | None = None):
+        device = next(model.parameters()).device
+        self.skeleton = _skeleton(model)  # the structure without weights, for a compiling process
+        # the layers for inductor go into a copy that shares the weights: the caller's model
+        # stays as it was (its state dict, quantize_model, the eager path)
+        self.model = use_inductor_layers(use_gemv_linears(_copy_of(model, lambda t: t)))
+        self.cache_dir = cache_dir
+        self.background = background and cache_dir is not None and device.type == "cpu" and ahead_of_time()
+        self.options = compile_options(device, mode)
+        self.steps: dict[StepShape, Callable] = {}
+        self.building: dict[StepShape, subprocess.Popen] = {}
         self.failed = False
-        options = {
-            # the model's modules do not change after compilation: skipping their guards saves
-            # about a millisecond of guard checks per token on this CPU
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-            # the step's inputs have fixed shapes by construction: checking every buffer's size
-            # and stride on each call costs about 0.3 ms per token for a 30-layer model
-            "size_asserts": False,
-            # a layer's quantized products that share an input run as one kernel call
-            "post_grad_custom_post_pass": FuseSharedInputProducts(),
-            # CUDA graphs replay the whole step with one launch on a GPU
-            "triton.cudagraphs": mode == "reduce-overhead" or (
-                mode is None and next(model.parameters()).device.type == "cuda"),
-        }
-        self._step = torch.compile(_own_code(self._forward), fullgraph=True, dynamic=False, options=options)
+        self.counts = {"compiled": 0, "loaded": 0}  # steps compiled here, and loaded from the cache directory
+        self.model_key = _structure_key(self.model)
 
-    def cache_for(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        c = self.cache
-        if c is not None and c.batch == batch and c.max_len >= length and c.layers[0].k.dtype == dtype:
-            return c
-        size = max(BUCKET, 1 << (length - 1).bit_length())
-        size = min(size, max(length, self.model.config.max_seq_len))
-        self.cache = None  # one live cache: memory stays bounded
-        self.cache = KVCache(self.model.config, batch, size, dtype=dtype, device=device)
-        return self.cache
+    # ---- using the steps ---------------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             build: bool = True) -> torch.Tensor | None:
+        """Logits [B, V] for tokens [B, 1] at positions [B, 1], or None while this shape is not
+        compiled yet. A shape not asked for before is loaded or starts building, unless `build`
+        is False (a short generation, for which neither would pay) in the background mode."""
+        if self.failed:
+            return None
+        shape = StepShape.of(tokens, cache)
+        fn = self.steps.get(shape)
+        if fn is None:
+            if shape in self.building:
+                fn = self._collect(shape)
+            elif build or not self.background:
+                fn = self._obtain(shape, tokens, positions, cache)
+        return self._run(fn, tokens, positions, cache)
 
-    def _forward(self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.model(tokens, positions=positions, cache=cache, start=slot, mask=mask, last_only=True)
+    def prepare(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> Callable | None:
+        """The compiled step for these inputs' shape, loaded or compiled now if need be (waiting
+        for a background build already under way)."""
+        shape = StepShape.of(tokens, cache)
+        if shape in self.building:
+            self.building[shape].wait()
+            return self._collect(shape)
+        if shape not in self.steps and not self.failed:
+            return self._obtain(shape, tokens, positions, cache, background=False)
+        return self.steps.get(shape)
 
-    def step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor, valid: torch.Tensor,
-             cache: KVCache) -> torch.Tensor:
-        """Logits [B, 1, V] for tokens [B, 1] written at cache slot `slot`; `valid` [B, S] marks the
-        slots that are not padding."""
-        slots = torch.arange(cache.max_len, device=tokens.device)
-        mask = (valid & (slots <= slot)).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, S]
-        args = (tokens, torch.tensor([slot], device=tokens.device), positions, mask, cache)
+    def ready(self, tokens: torch.Tensor, cache: KVCache) -> bool:
+        return StepShape.of(tokens, cache) in self.steps
+
+    def wait(self) -> None:
+        """Wait for every background build, and take their steps."""
+        for shape, proc in list(self.building.items()):
+            proc.wait()
+            self._collect(shape)
+
+    def _run(self, fn, tokens, positions, cache) -> torch.Tensor | None:
+        if fn is None:
+            return None
+        try:
+            return fn(self.model, tokens, positions, cache)
+        except Exception as e:  # torch._dynamo / inductor errors: keep generating, eagerly
+            self._fail(e)
+            return None
+
+    # ---- obtaining them -----------------------------------------------------------------------------
+    def _obtain(self, shape: StepShape, tokens, positions, cache, background: bool | None = None) -> Callable | None:
+        """Load the shape's step from the cache directory, else start building it in the
+        background, else compile it here; None when it is not ready (or failed)."""
+        path = self._path(shape)
+        try:
+            with torch.inference_mode():
+                self.model.rope.table(tokens.device, shape.slots)  # built here, never while tracing
+                fn = self._load(path) if path is not None and path.exists() else None
+                if fn is None and (self.background if background is None else background):
+                    self.building[shape] = _spawn(path, self.skeleton, shape, tokens, cache)
+                elif fn is None:
+                    fn = compile_step((self.model, tokens, positions, cache), self.options, path)
+                    self.counts["compiled"] += 1
+        except Exception as e:  # a compiler error, no compiler, an unwritable cache directory
+            self._fail(e)
+            return None
+        if fn is not None:
+            self.steps[shape] = fn
+        return fn
+
+    def _collect(self, shape: StepShape) -> Callable | None:
+        """A background build's step once its process has ended (None while it runs)."""
+        proc = self.building[shape]
+        if proc.poll() is None:
+            return None
+        del self.building[shape]
+        path = self._path(shape)
+        fn = self._load(path) if proc.returncode == 0 and path.exists() else None
+        if fn is None:
+            self._fail(RuntimeError(f"the compiling process ended with code {proc.returncode} and no usable "
+                                    f"step; its log is {path.with_suffix('.log')}"))
+            return None
+        self.steps[shape] = fn
+        return fn
+
+    def _load(self, path: Path) -> Callable | None:
+        """A saved step, or None when it cannot be used (written by another torch, damaged): the
+        file goes, so that the step is compiled afresh."""
+        try:
+            with open(path, "rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+        except Exception as e:
+            log.info("could not load %s (%s: %s); compiling it again", path, type(e).__name__, e)
+            path.unlink(missing_ok=True)
+            return None
+        self.counts["loaded"] += 1
+        return fn
+
+    def _path(self, shape: StepShape) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(f"{self.model_key}|{shape}".encode()).hexdigest()[:24]
+        return self.cache_dir / f"decode-{key}.bin"
+
+    def _fail(self, e: Exception) -> None:
         if not self.failed:
-            try:
-                return self._step(*args)
-            except Exception as e:  # torch._dynamo / inductor errors: keep generating, eagerly
-                self.failed = True
-                warnings.warn(f"compiled decoding failed ({type(e).__name__}: {str(e)[:200]}); "
-                              "continuing without compilation", stacklevel=2)
-        return self._forward(*args)
+            self.failed = True
+            warnings.warn(f"compiled decoding failed ({type(e).__name__}: {str(e)[:300]}); continuing without "
+                          "compilation", stacklevel=3)
+
+
+def compile_options(device: torch.device, mode: str | None) -> dict:
+    return {
+        # the step's inputs have fixed shapes by construction (the StepShape is the key): no
+        # guards, and no size and stride checks of every buffer on each call
+        "guard_filter_fn": _no_guards,
+        "size_asserts": False,
+        # a layer's quantized products that share an input run as one kernel call
+        "post_grad_custom_post_pass": FuseSharedInputProducts(),
+        # CUDA graphs replay the whole step with one launch on a GPU
+        "triton.cudagraphs": mode == "reduce-overhead" or (mode is None and device.type == "cuda"),
+    }
+
+
+def _no_guards(entries: list) -> list[bool]:
+    return [False] * len(entries)
+
+
+def _private_copy(function: Callable) -> Callable:
+    """`function` over a private copy of its code object. Dynamo keeps compiled graphs per code
+    object, and with the module guards skipped it would hand one decoder's graph to another
+    decoder's model of a different structure; each gets its own cache entry this way."""
+    code = function.__code__
+    return types.FunctionType(code.replace(co_name=f"{code.co_name}_{next(_copies)}"), function.__globals__,
+                              None, function.__defaults__, function.__closure__)
+
+
+_copies = itertools.count()
+
+
+@functools.lru_cache(maxsize=1)
+def ahead_of_time() -> bool:
+    """Whether this torch compiles ahead of time (`aot_compile`, and saving and loading the
+    result); older ones compile on the first call instead."""
+    return hasattr(torch.compile(_no_guards), "aot_compile") and hasattr(torch.compiler, "load_compiled_function")
+
+
+def compile_step(example: tuple, options: dict, path: Path | None) -> Callable:
+    """Compile `decode_step` for the example inputs' shapes without running it (the live KV
+    cache is never written), and save it to `path` if given. Without ahead-of-time compilation
+    (older torch) the returned function compiles on its first call, and keeps dynamo's guards
+    on the inputs' shapes."""
+    if not ahead_of_time():
+        options = {**options, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(_private_copy(decode_step), fullgraph=True, dynamic=False, options=options)
+    fn = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options).aot_compile((example, {}))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fn.save_compiled_function(str(path))  # written to a temporary file and renamed
+        except Exception as e:  # a read-only cache directory, an unpicklable piece: still usable now
+            log.info("could not save the compiled step to %s (%s: %s)", path, type(e).__name__, e)
+    return fn
+
+
+# ---- compiling in another process --------------------------------------------------------------------
+
+def _copy_of(model: Transformer, tensor: Callable[[torch.Tensor], torch.Tensor]) -> Transformer:
+    """The model's module tree copied, each weight and buffer `t` replaced by `tensor(t)` (the
+    same tensor: shared; a meta tensor: a skeleton) and the rotary tables shared."""
+    memo: dict[int, object] = {id(model.rope): model.rope}
+    for t in list(model.parameters()) + list(model.buffers()):
+        memo[id(t)] = tensor(t)
+    return copy.deepcopy(model, memo)
+
+
+def _skeleton(model: Transformer) -> bytes:
+    """The model with every weight replaced by a meta tensor of its shape and dtype, pickled:
+    all a compiler needs (module classes, shapes, dtypes), a few kilobytes."""
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        m = torch.empty_like(t, device="meta")
+        return nn.Parameter(m, requires_grad=False) if isinstance(t, nn.Parameter) else m
+
+    skeleton = _copy_of(model, meta)
+    skeleton.rope = RotaryTable(model.config)  # tables are made where they are used
+    buffer = io.BytesIO()
+    torch.save(skeleton, buffer)
+    return buffer.getvalue()
+
+
+def _spawn(path: Path, skeleton: bytes, shape: StepShape, tokens: torch.Tensor, cache: KVCache) -> subprocess.Popen:
+    k = cache.layers[0].k
+    job = {"skeleton": skeleton, "path": str(path), "rows": shape.rows, "dtype": k.dtype,
+           # the cache's key tensors are views of a parent [rows, K, slots, D] buffer: rebuild it so
+           # that the view has the same strides
+           "parent": (k.untyped_storage().nbytes() // k.element_size(), tuple(k.shape), tuple(k.stride()),
+                      k.storage_offset())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    job_path = path.with_suffix(".job")
+    torch.save(job, job_path)
+    with open(path.with_suffix(".log"), "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "camelid.generate.compiled", str(job_path)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # not stopped by the terminal's Ctrl-C
+
+
+def _compile_job(job_path: str) -> None:
+    """The compiling process: rebuild the model's structure (uninitialised memory: never read),
+    compile the step for the job's shape and save it."""
+    if hasattr(os, "nice"):
+        os.nice(10)  # decoding in the parent comes first
+    job = torch.load(job_path, weights_only=False)
+    model = torch.load(io.BytesIO(job["skeleton"]), weights_only=False)
+    model.to_empty(device="cpu")
+    from camelid.quant import QuantizedLinear, kernels
+
+    if any(isinstance(m, QuantizedLinear) and m.fused for m in model.modules()):
+        kernels.available()  # camelid's operators, registered before tracing meets them
+    decoder = CompiledDecoder(model)
+    numel, shape, stride, offset = job["parent"]
+
+    def view() -> torch.Tensor:  # a buffer of its own for each: the compiler must see no aliasing
+        return torch.empty(numel, dtype=job["dtype"]).as_strided(shape, stride, offset)
+
+    cache = KVCache.over([(view(), view()) for _ in model.layers])
+    rows = job["rows"]
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    with torch.inference_mode():
+        model.rope.table(torch.device("cpu"), shape[2])
+        compile_step((decoder.model, tokens, tokens.clone(), cache), decoder.options, Path(job["path"]))
+    os.unlink(job_path)
+    Path(job["path"]).with_suffix(".log").unlink(missing_ok=True)  # kept only when something went wrong
+
+
+def _structure_key(model: nn.Module) -> str:
+    """Everything the compiled code depends on but its input shapes: the module classes, every
+    parameter's and buffer's name, shape, dtype and device, the model config, and the versions
+    of camelid, torch and the sources that shape the graph."""
+    import camelid
+    from camelid.model import inductor, transformer
+    from camelid.quant import fuse, kernels, layers
+
+    parts = [camelid.__version__, torch.__version__, repr(model.config)]
+    parts += [f"{name}:{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules()]
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    parts += [f"{n}:{tuple(t.shape)}:{t.dtype}:{t.device}" for n, t in tensors]
+    for module in (transformer, inductor, fuse, layers, kernels):
+        parts.append(hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest())
+    parts.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+if __name__ == "__main__":
+    _compile_job(sys.argv[1])

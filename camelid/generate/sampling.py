@@ -8,7 +8,7 @@ is kept), renormalise, draw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -17,9 +17,16 @@ from camelid.errors import CamelidError
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to generate: the next-token rule (temperature, top_p, top_k) and when to stop
+    (max_new_tokens, stop strings; a model's end-of-turn tokens always stop), with `seed` for
+    reproducible draws. One object serves `LLM`, the server and evaluation."""
+
     temperature: float = 0.6
     top_p: float = 0.9
     top_k: int | None = None
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0):
@@ -28,10 +35,24 @@ class SamplingParams:
             raise CamelidError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k is not None and self.top_k < 1:
             raise CamelidError(f"top_k must be >= 1 (got {self.top_k})")
+        if self.max_new_tokens < 0:
+            raise CamelidError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) for s in stop):
+            raise CamelidError(f"stop must be a string or a list of strings (got {self.stop!r})")
+        object.__setattr__(self, "stop", stop)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def updated(self, **changes) -> "SamplingParams":
+        """A copy with `changes` (the keyword arguments of the LLM methods), checked."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise CamelidError(f"unknown generation setting(s) {', '.join(unknown)}; "
+                               f"choose among {', '.join(f.name for f in fields(self))}")
+        return replace(self, **changes) if changes else self
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,9 +18,10 @@ from typing import Iterator, Sequence
 import torch
 
 from camelid.errors import CamelidError
-from camelid.generate.engine import Stats, _activation_dtype
+from camelid.generate.core import Engine
+from camelid.generate.engine import Stats
 from camelid.generate.sampling import SamplingParams, next_token_probs
-from camelid.model import KVCache, Transformer
+from camelid.model import KVCache
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, drafted: int, generator: torch.Generator | None,
@@ -50,10 +51,11 @@ class Rounds:
 
 @dataclass
 class SpeculativeGenerator:
-    """The TokenGenerator interface for one prompt: iterate to get [token] per new token."""
+    """The TokenGenerator interface for one prompt: iterate to get [token] per new token. The
+    draft shares the target's tokenizer (`LLM.use_draft` checks it)."""
 
-    model: Transformer
-    draft: Transformer
+    target: Engine
+    draft: Engine
     prompts: Sequence[Sequence[int]]
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -66,12 +68,9 @@ class SpeculativeGenerator:
     def __post_init__(self) -> None:
         if len(self.prompts) != 1 or not self.prompts[0]:
             raise CamelidError("speculative decoding takes one non-empty prompt at a time")
-        if self.draft.config.vocab_size != self.model.config.vocab_size:
-            raise CamelidError(f"the draft model's vocabulary ({self.draft.config.vocab_size}) differs from the "
-                               f"target's ({self.model.config.vocab_size}): use a draft with the same tokenizer")
         if self.num_draft < 1:
             raise CamelidError(f"draft tokens per round must be >= 1 (got {self.num_draft})")
-        limit = min(self.model.config.max_seq_len, self.draft.config.max_seq_len)
+        limit = min(self.target.config.max_seq_len, self.draft.config.max_seq_len)
         if len(self.prompts[0]) >= limit:
             raise CamelidError(f"generate: the prompt has {len(self.prompts[0])} tokens but the context is {limit}")
         self.max_new_tokens = max(0, min(self.max_new_tokens, limit - len(self.prompts[0]) - self.num_draft - 1))
@@ -80,26 +79,32 @@ class SpeculativeGenerator:
     def finish(self, row: int) -> None:
         self.done = True
 
-    def _forward(self, model: Transformer, cache: KVCache, tokens: list[int], start: int) -> torch.Tensor:
-        x = torch.tensor([tokens], device=model.tok_embeddings.weight.device)
-        return model(x, cache=cache, start=start)[0].float()  # [T, V]
+    @staticmethod
+    def _forward(engine: Engine, cache: KVCache, tokens: list[int], start: int) -> torch.Tensor:
+        """Logits [T, V] (fp32) for a chunk at positions start..; a single token takes the
+        engine's decode step (compiled, when it is built)."""
+        x = torch.tensor([tokens], device=engine.device)
+        if start == 0:
+            return engine.head(engine.extend(x, None, cache))[0].float()
+        if len(tokens) == 1:
+            return engine.decode(x[0], [start], cache).float()
+        positions = torch.arange(start, start + len(tokens), device=engine.device).unsqueeze(0)
+        return engine.head(engine.extend(x, positions, cache))[0].float()
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.sampling.greedy else next_token_probs(logits, self.sampling)  # argmax is all greedy needs
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int]]:
-        device = self.model.tok_embeddings.weight.device
-        gen = torch.Generator(device=device)
+        gen = torch.Generator(device=self.target.device)
         if self.seed is not None:
             gen.manual_seed(self.seed)
         seq = list(self.prompts[0])
         length = len(seq) + self.max_new_tokens + self.num_draft + 1
-        caches = [KVCache(m.config, 1, length, _activation_dtype(m.tok_embeddings.weight.dtype), device)
-                  for m in (self.model, self.draft)]
+        caches = [engine.new_cache(1, length) for engine in (self.target, self.draft)]
         t0 = time.perf_counter()
         if len(seq) > 1:  # both caches hold all committed tokens but the last
-            self._forward(self.model, caches[0], seq[:-1], 0)
+            self._forward(self.target, caches[0], seq[:-1], 0)
             self._forward(self.draft, caches[1], seq[:-1], 0)
         self.stats.prompt_tokens, self.stats.prefill_s = len(seq), time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -116,7 +121,7 @@ class SpeculativeGenerator:
                 proposals.append(token)
                 q.append(probs)
                 feed = [token]
-            p = self._probs(self._forward(self.model, caches[0], seq[target_len:] + proposals, target_len))
+            p = self._probs(self._forward(self.target, caches[0], seq[target_len:] + proposals, target_len))
             p = p[-(k + 1):]                                                  # [k + 1, V]
             new = []
             for i, token in enumerate(proposals):

@@ -4,9 +4,10 @@ The caller sizes it for what it will actually generate (prompt + new tokens), no
 model's maximum context: preallocating for the maximum batch and context is the classic
 out-of-memory complaint about inference stacks (meta-llama/llama #67).
 
-A server that batches requests continuously (`camelid.serve`) keeps one cache with a row per
-request slot: each row sits at its own position, so a decode step writes per-row slots (a 2-D
-`start`), and `view` lends out a row for a prefill, or the rows and slots in use for a step.
+Each row of the cache belongs to one sequence and a token's slot is its position, so rows of one
+batch can sit at different positions (prompts of different lengths decoding together, a server's
+requests joining and leaving). `view` lends out some rows and the first slots of the cache, in
+the same memory, so a step reads only the part in use.
 """
 
 from __future__ import annotations
@@ -25,37 +26,27 @@ class LayerKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, K, T, D] into slots start..start+T-1 and return slots 0..start+T-1.
-
-        With `start` a tensor of slot indices [T] (the static-shape path for torch.compile,
-        as in gpt-fast) the whole cache comes back and the caller's mask hides unused slots.
-        With `start` [B, T], row b writes its tokens into its own slots start[b]; rows 0..B-1
-        come back whole, and again the caller's mask hides what each row must not see."""
-        if isinstance(start, torch.Tensor) and start.dim() == 2:
-            B = k.size(0)
-            rows = torch.arange(B, device=start.device).unsqueeze(1).expand_as(start)  # [B, T]
-            # seen as [batch, slots, K, D], each (row, slot) pair addresses one token's K x D block
-            self.k.transpose(1, 2).index_put_((rows, start), k.transpose(1, 2))
-            self.v.transpose(1, 2).index_put_((rows, start), v.transpose(1, 2))
-            return self.k[:B], self.v[:B]
-        if isinstance(start, torch.Tensor):
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
-            return self.k, self.v
-        end = start + k.size(2)
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache overflow: slot {end - 1} requested, cache holds {self.k.size(2)}")
-        self.k[: k.size(0), :, start:end] = k
-        self.v[: v.size(0), :, start:end] = v
-        return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
-
-    def view(self, rows: slice, length: int) -> "LayerKVCache":
-        """This cache's `rows` and first `length` slots, sharing its memory (writes land here)."""
-        return LayerKVCache._over(self.k[rows, :, :length], self.v[rows, :, :length])
+    def update(self, positions: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, K, T, D] into the slots `positions` [B, T] (or [1, T] for every row) and
+        return the whole cache of rows 0..B-1, for the caller's mask to pick from. Without
+        positions the tokens go into slots 0..T-1 and only those come back (a prefill)."""
+        B, T = k.size(0), k.size(2)
+        if positions is None:
+            if T > self.k.size(2):
+                raise ValueError(f"KV cache overflow: {T} tokens for a cache of {self.k.size(2)} slots")
+            self.k[:B, :, :T] = k
+            self.v[:B, :, :T] = v
+            return self.k[:B, :, :T], self.v[:B, :, :T]
+        positions = positions.expand(B, T)
+        rows = torch.arange(B, device=positions.device).unsqueeze(1).expand(B, T)
+        # seen as [batch, slots, K, D], each (row, slot) pair addresses one token's K x D block
+        self.k.transpose(1, 2).index_put_((rows, positions), k.transpose(1, 2))
+        self.v.transpose(1, 2).index_put_((rows, positions), v.transpose(1, 2))
+        return self.k[:B], self.v[:B]
 
     @classmethod
-    def _over(cls, k: torch.Tensor, v: torch.Tensor) -> "LayerKVCache":
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "LayerKVCache":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.register_buffer("k", k, persistent=False)
@@ -76,13 +67,17 @@ class KVCache(nn.Module):
 
     def view(self, rows: slice, length: int) -> "KVCache":
         """The same memory seen as `rows` (a slice of the batch) and the first `length` slots: a
-        prefill writes one request's row through it with the plain int `start`, and a decode step
-        reads only the slots in use instead of the whole context."""
-        cache = KVCache.__new__(KVCache)
+        prefill writes one request's row through it, and a decode step reads only the slots in
+        use instead of the whole context."""
+        return KVCache.over([(layer.k[rows, :, :length], layer.v[rows, :, :length]) for layer in self.layers])
+
+    @classmethod
+    def over(cls, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> "KVCache":
+        """A cache over existing key and value tensors [B, K, S, D], one pair per layer."""
+        cache = cls.__new__(cls)
         nn.Module.__init__(cache)
-        cache.batch = len(range(*rows.indices(self.batch)))
-        cache.max_len = min(length, self.max_len)
-        cache.layers = nn.ModuleList(layer.view(rows, length) for layer in self.layers)
+        cache.batch, _, cache.max_len, _ = tensors[0][0].shape
+        cache.layers = nn.ModuleList(LayerKVCache.over(k, v) for k, v in tensors)
         return cache
 
     def nbytes(self) -> int:

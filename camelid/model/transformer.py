@@ -63,25 +63,40 @@ def rope_inv_freq(config: ModelConfig, device: torch.device) -> torch.Tensor:
     raise ValueError(f"unknown rope_scaling type {kind!r}")
 
 
-def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """(cos, sin) of position * freq for positions [T] or [B, T], fp32, shaped
-    [(B,) T, 1, D/2, 2] to broadcast over heads."""
-    angles = positions.float().unsqueeze(-1) * inv_freq  # [(B,) T, D/2]
-    return torch.stack((angles.cos(), angles.sin()), dim=-1).unsqueeze(-3)
+class RotaryTable:
+    """cos and sin of position x frequency, fp32, [positions, D/2, 2]: computed once per device
+    for the model's context (or longer, when asked) and looked up by position afterwards, rather
+    than recomputed in every forward. Not a buffer: derived, never saved, and free of the meta
+    device that models are built on."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.tables: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, device: torch.device, length: int = 0) -> torch.Tensor:
+        t = self.tables.get(device)
+        if t is None or t.size(0) < length:
+            n = max(length, self.config.max_seq_len)
+            angles = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(-1) * rope_inv_freq(self.config, device)
+            t = self.tables[device] = torch.stack((angles.cos(), angles.sin()), dim=-1)
+        return t
+
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotation for `positions` ([T] or [B, T]), shaped [(B,) T, 1, D/2, 2] to broadcast
+        over heads."""
+        return self.table(positions.device)[positions].unsqueeze(-3)
 
 
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, heads, D] by the angles in `rotation`,
-    in fp32 as Meta does. Eagerly this is one complex multiply (Meta's formulation, and the
-    fastest on CPU); inductor generates no code for complex numbers, so a compiled graph gets
-    the same rotation written out in reals."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, D/2, 2]
-    if torch.compiler.is_compiling():
-        a, b, cos, sin = pairs[..., 0], pairs[..., 1], rotation[..., 0], rotation[..., 1]
-        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    else:
+class Rotary(nn.Module):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, heads, D] by the angles of `rotation`,
+    in fp32 as Meta does: one complex multiply, Meta's formulation and the fastest eagerly on CPU.
+    (Inductor generates no code for complex numbers: `camelid.model.inductor` swaps in the same
+    rotation written in reals for compiled graphs.)"""
+
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, D/2, 2]
         rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation))
-    return rotated.flatten(-2).type_as(x)
+        return rotated.flatten(-2).type_as(x)
 
 
 # ---- attention and feed-forward ---------------------------------------------------------------
@@ -94,43 +109,27 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.rotary = Rotary()
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, cache: LayerKVCache | None,
-                start: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                positions: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rotation), apply_rope(k, rotation)
+        q, k = self.rotary(q, rotation), self.rotary(k, rotation)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is not None:
-            k, v = cache.update(start, k, v)  # [B, K, S, D]
-        if T == 1 and torch.compiler.is_compiling():
-            return self.wo(decode_attention(q, k, v, mask).reshape(B, 1, self.n_heads * self.head_dim))
-        # Without a mask, T > 1 only happens for a prefill from position 0, where the causal
-        # mask is the plain lower triangle: SDPA then skips the masked half and never
-        # materialises a T x S mask (the paper's efficient causal attention).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.n_heads != self.n_kv_heads)
+            k, v = cache.update(positions, k, v)  # [B, K, S, D]
+        y = self.attend(q, k, v, mask)                                       # [B, H, T, D]
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one new token, written out so that a compiled decode step fuses it (an
-    SDPA call per layer costs more than the arithmetic here). The query heads that share a
-    key/value head are grouped instead of repeating k and v. q [B, H, 1, D] -> [B, H, D]."""
-    B, H, _, D = q.shape
-    K = k.shape[1]
-    qg = q.view(B, K, H // K, D)                                               # [B, K, G, D]
-    # products and sums rather than einsum: inductor lowers an einsum to a batched matrix
-    # product call per layer, but fuses these into its own loops
-    scores = (qg.float().unsqueeze(-2) * k.float().unsqueeze(2)).sum(-1) / math.sqrt(D)     # [B, K, G, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    out = (weights.unsqueeze(-2) * v.float().transpose(-1, -2).unsqueeze(2)).sum(-1)         # [B, K, G, D]
-    return out.reshape(B, H, D).type_as(q)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # Without a mask the T queries sit at positions 0..T-1 over the same T keys: the causal
+        # mask is the plain lower triangle, which SDPA skips without ever materialising a T x T
+        # mask (the paper's efficient causal attention).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
 
 
 class FeedForward(nn.Module):
@@ -155,8 +154,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, cache: LayerKVCache | None,
-                start: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rotation, cache, start, mask)
+                positions: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rotation, cache, positions, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -172,51 +171,47 @@ class Transformer(nn.Module):
         # Tied models (SmolLM2, Llama-3.2) reuse the embedding matrix as the output head and have
         # no `output` weight at all, so assign-loading cannot untie them.
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.rope = RotaryTable(config)
 
-    def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int | torch.Tensor = 0, mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) for tokens [B, T]; the arguments
-        are those of `hidden`."""
-        h = self.hidden(tokens, positions=positions, cache=cache, start=start, mask=mask)
-        if last_only:
-            h = h[:, -1:]
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T]; the arguments are those of `hidden`."""
+        return self.head(self.hidden(tokens, positions, cache))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection of hidden states [..., dim] to logits [..., vocab]."""
+        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
     @property
     def head_weight(self) -> torch.Tensor:
         """The output projection [vocab, dim] (the embedding matrix when tied)."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def hidden(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-               cache: KVCache | None = None, start: int | torch.Tensor = 0,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
         """The final normalised hidden states [B, T, dim] for tokens [B, T] (the input of the
         output head; training computes its loss from these without materialising logits).
 
-        Without a cache this is the plain causal forward. With a cache, the T new tokens go into
-        cache slots start..start+T-1 and attend to every slot before them. `positions` ([T] or
-        [B, T]) are the RoPE positions, start.. by default; `mask` ([B or 1, 1, T, start+T],
-        True = attend) replaces the causal rule, for left-padded batches. `start` may also be a
-        tensor of the T slot indices (or [B, T] per-row slot indices, for continuous batching,
-        see `kv_cache.py`): shapes then stay static (for torch.compile), attention
-        spans the whole cache and `mask` ([B or 1, 1, T, cache length]) is required.
+        `positions` [B, T] (or [1, T] for every row) says where each token sits: its RoPE
+        position and, with a cache, the slot its key and value are written to; a token sees
+        the cache slots up to its own position (earlier tokens, and the chunk's own tokens
+        before it). None means 0..T-1 in every row: the plain causal forward, and with a cache
+        a prefill into slots 0..T-1. Rows of a batch may sit at different positions (prompts of
+        different lengths decoding together); whatever a row holds in slots beyond its position
+        is never seen, so stale slots need no clearing.
         """
         B, T = tokens.shape
-        if isinstance(start, torch.Tensor):
-            if mask is None:
-                raise ValueError("a tensor `start` needs an explicit mask over the whole cache")
-            positions = start if positions is None else positions
-        elif positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)
-        rotation = rope_tables(positions, rope_inv_freq(self.config, tokens.device))
-        if mask is None and cache is not None and start > 0 and T > 1:  # int start
-            mask = causal_mask(T, start, tokens.device)
+        mask = None
+        if positions is None:
+            rotation = self.rope.table(tokens.device, T)[:T].unsqueeze(-3)
+        else:
+            rotation = self.rope.rotation(positions)
+            if cache is not None:
+                slots = torch.arange(cache.max_len, device=tokens.device)
+                mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B or 1, 1, T, S]
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rotation, cache.layers[i] if cache is not None else None, start, mask)
+            h = layer(h, rotation, cache.layers[i] if cache is not None else None, positions, mask)
         return self.norm(h)
 
     @torch.no_grad()
@@ -235,9 +230,3 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std, generator=gen)
 
-
-def causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor:
-    """[T, start+T] bool: new token i (at slot start+i) sees slots 0..start+i, the cached prefix
-    included (Meta's v1 mask assumed start == 0)."""
-    slots = torch.arange(start + T, device=device)
-    return slots.unsqueeze(0) <= (start + torch.arange(T, device=device)).unsqueeze(1)

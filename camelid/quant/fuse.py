@@ -3,9 +3,10 @@
 A layer's q, k and v projections read the same normed input, and so do the feed-forward's w1 and
 w3. In the compiled graph each is one call of camelid's kernel; this pass (run by inductor after
 its own, `post_grad_custom_post_pass`) replaces each such set with one `*_gemv_many` call, which
-splits the outputs of all of them among the threads at once: fewer calls per token (about 5
-microseconds each on this CPU) and no thread left idle on a small projection such as k or v
-(192 rows on SmolLM2). The model and the layers stay as they are; only the compiled graph changes.
+splits the outputs of all of them among the threads at once: fewer calls per token (each call
+has a fixed cost) and no thread left idle on a small projection such as k or v. The model and
+the layers stay as they are; only the compiled graph changes (docs/cpu-kernels.md has the
+measurements).
 """
 
 from __future__ import annotations

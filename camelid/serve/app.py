@@ -139,7 +139,9 @@ async def _answer(request: Request, body: SamplingFields, prompt: list[int], max
         except RuntimeError:  # the event loop has closed: the server is going down
             pass
 
-    job = Job(prompt, max_tokens, SamplingParams(body.temperature, body.top_p), deliver, body.stops, body.seed)
+    sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, max_new_tokens=max_tokens,
+                              seed=body.seed, stop=tuple(body.stops))
+    job = Job(prompt, sampling, deliver)
     try:
         batcher.submit(job)
     except QueueFull as e:

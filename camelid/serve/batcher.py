@@ -1,17 +1,17 @@
 """Continuous batching: one worker thread owns the model and decodes every active request in one
-forward per step, admitting and evicting requests between steps.
+step, admitting and evicting requests between steps, through the generation core
+(`camelid.generate.core`): the same prefill and the same (compiled) decode step as `LLM.generate`.
 
 The KV cache is static, [max_batch, kv_heads, context, head_dim], one row per request slot, and
 a request keeps its row from admission to its last token. Its prompt is prefilled alone into
-that row (a view of the row, plain int start=0, the ordinary causal prefill). A decode step then
-feeds every row its last token at the row's own position: tokens, RoPE positions and cache
-slots are all [n, 1], and a mask [n, 1, 1, window] lets row b see its own slots 0..position[b].
-Each row starts at slot 0, so its slot is its position and no row needs padding.
+that row. A decode step then feeds every row its last token at the row's own position (a row's
+slot is its position, so no row needs padding).
 
-Rows are not compacted: a step runs rows 0..(highest active row), an idle row in between
-computes a throw-away token at slot 0, and admission fills the lowest free row so that active
-rows gather at the top. The window is the longest active row, not the whole context, so a step
-reads only the part of the cache in use.
+Rows are not compacted: a step runs rows 0..(highest active row), rounded up to a power of two
+so that the compiled step sees few shapes; an idle row among them computes a throw-away token at
+slot 0, and admission fills the lowest free row so that active rows gather at the top. Likewise
+a step reads only the slots in use, rounded up to a bucket (`compiled.bucket`), not the whole
+context.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from camelid.generate import SamplingParams, TextStream, sample
-from camelid.model import KVCache, Transformer
+from camelid.generate import Engine, SamplingParams, TextStream, sample
+from camelid.generate.compiled import bucket
 from camelid.tokenizer import Tokenizer
 
 log = logging.getLogger("camelid.serve")
@@ -53,11 +53,8 @@ class Job:
     called from any thread (a client went away) and the worker drops the job at its next step."""
 
     prompt: list[int]
-    max_tokens: int
-    sampling: SamplingParams
+    sampling: SamplingParams  # with the request's max_new_tokens, stop strings and seed
     deliver: Callable[[Event], None]
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -78,17 +75,15 @@ class Row:
 
 
 class Batcher:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, context: int = 2048,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, max_batch: int = 8, context: int = 2048,
                  max_queue: int = 64):
         if max_batch < 1 or max_queue < 1 or context < 2:
             raise ValueError("max_batch and max_queue must be >= 1 and context >= 2")
-        self.model, self.tokenizer = model, tokenizer
+        self.engine, self.tokenizer = engine, tokenizer
         self.context = context
         self.stop_ids = tokenizer.stop_ids
-        weight = model.tok_embeddings.weight
-        self.device = weight.device
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.cache = KVCache(model.config, max_batch, context, dtype=dtype, device=self.device)
+        self.device = engine.device
+        self.cache = engine.allocate(max_batch, context)
         self.rows: list[Row | None] = [None] * max_batch
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
@@ -168,27 +163,24 @@ class Batcher:
         return None
 
     def _prefill(self, index: int, job: Job) -> None:
+        s = job.sampling
         generator = None
-        if job.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(job.seed)
-        row = Row(job, TextStream(self.tokenizer, job.prompt, job.stop), generator,
-                  limit=min(job.max_tokens, self.context - len(job.prompt)), position=len(job.prompt))
+        if s.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        row = Row(job, TextStream(self.tokenizer, job.prompt, s.stop), generator,
+                  limit=min(s.max_new_tokens, self.context - len(job.prompt)), position=len(job.prompt))
         self.rows[index] = row
-        tokens = torch.tensor([job.prompt], device=self.device)
-        view = self.cache.view(slice(index, index + 1), self.context)
-        logits = self.model(tokens, cache=view, start=0, last_only=True)[:, -1]
+        logits = self.engine.prefill([job.prompt], self.cache.view(slice(index, index + 1), self.context))
         self._accept(index, self._sample(logits, [row])[0])
 
     def _decode(self) -> None:
         n = 1 + max(i for i, r in enumerate(self.rows) if r is not None)
+        n = min(len(self.rows), 1 << (n - 1).bit_length())
         rows = self.rows[:n]
-        tokens = torch.tensor([[r.last if r else 0] for r in rows], device=self.device)        # [n, 1]
-        positions = torch.tensor([[r.position if r else 0] for r in rows], device=self.device)  # [n, 1]
-        window = int(positions.max()) + 1
-        slots = torch.arange(window, device=self.device)
-        mask = (slots.unsqueeze(0) <= positions).view(n, 1, 1, window)  # row b sees its slots 0..pos[b]
-        logits = self.model(tokens, positions=positions, cache=self.cache.view(slice(0, n), window),
-                            start=positions, mask=mask, last_only=True)[:, -1]
+        tokens = torch.tensor([r.last if r else 0 for r in rows], device=self.device)
+        positions = [r.position if r else 0 for r in rows]
+        window = bucket(max(positions) + 1, self.context)
+        logits = self.engine.decode(tokens, positions, self.cache.view(slice(0, n), window))
         next_ids = self._sample(logits, rows)
         for i, row in enumerate(rows):
             if row is not None:
