@@ -18,6 +18,7 @@ from camelid.distributed import apply_activation_checkpointing
 from camelid.train import Trainer, load_train_config
 from camelid.train.config import TrainSection
 from camelid.train.loss import linear_cross_entropy
+from camelid.train.metrics import PPL_MAX_LOSS, perplexity
 from camelid.train.optim import lr_at
 from test_model import tiny
 
@@ -228,12 +229,39 @@ def test_config_errors_name_the_key(tmp_path):
 
     with pytest.raises(CamelidError, match=r"train: unknown key\(s\) \['lrr'\]"):
         load_train_config(None, ["--data.synthetic=true", "--train.lrr=1"])
-    with pytest.raises(CamelidError, match="train.dtype must be float32 or bfloat16"):
+    with pytest.raises(CamelidError, match="train.dtype must be float32, bfloat16 or auto"):
         load_train_config(None, ["--data.synthetic=true", "--train.dtype=fp8"])
     with pytest.raises(CamelidError, match=r"train\.max_steps: expected int"):
         load_train_config(None, ["--data.synthetic=true", "--train.max_steps=ten"])
     with pytest.raises(CamelidError, match="data.path is empty"):
         load_train_config(None, [])
+
+
+def test_stability_settings_are_checked():
+    from camelid.errors import CamelidError
+
+    assert load_train_config(None, ["--data.synthetic=true"]).stability.spike_warmup == 10
+    for bad in ("--stability.spike_warmup=0", "--stability.spike_warmup=51"):
+        with pytest.raises(CamelidError, match="stability.spike_warmup must be positive and at most"):
+            load_train_config(None, ["--data.synthetic=true", bad])
+    assert perplexity(1.0) == pytest.approx(2.718281828) and perplexity(1e6) == perplexity(PPL_MAX_LOSS)
+
+
+def test_a_single_process_has_a_runtime_whose_collectives_return_their_input():
+    from camelid.distributed import Runtime, SingleProcessRuntime, setup
+
+    rt: Runtime = setup(1, 1, 1, "cpu")
+    assert isinstance(rt, SingleProcessRuntime) and not rt.distributed and rt.mesh is None
+    assert (rt.rank, rt.world, rt.dp_rank, rt.dp_size, rt.tp, rt.main) == (0, 1, 0, 1, 1, True)
+    assert rt.device == torch.device("cpu") and rt.describe() == ""
+    x = torch.tensor([1.5])
+    assert rt.dp_sum(x) is x and rt.broadcast(x) is x
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 2.0)
+    assert rt.clip_grad_norm([p], 1.0) == pytest.approx(4.0)
+    torch.testing.assert_close(p.grad.norm(), torch.tensor(1.0), atol=1e-5, rtol=1e-5)
+    rt.barrier()
+    rt.close()
 
 
 def test_bench_recipe_runs_on_synthetic_tokens(tmp_path):

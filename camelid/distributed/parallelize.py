@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import (
 from camelid.distributed.activation_checkpoint import apply_activation_checkpointing
 from camelid.errors import CamelidError
 from camelid.model import Transformer
+from camelid.model.inductor import use_inductor_layers
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -80,6 +81,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig) -> Tr
             # eager copy waits for the collective and keeps the autograd chain whole
             # (tests/test_distributed.py checks the compiled gradients).
             model.tok_embeddings.register_forward_hook(lambda module, inputs, output: output.clone())
+        use_inductor_layers(model)  # the model's layers in the forms inductor compiles well
         for block in model.layers:
             block.compile()  # in place: parameter names stay the same
     sizes = dict(zip(mesh.mesh_dim_names, mesh.shape))
@@ -115,7 +117,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
         # (`full_tensor`), since training never calls model.output
         top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     parallelize_module(model, tp_mesh, top)
-    # The attention block is called as attention(x, rotation, cache, start, mask): only x is
+    # The attention block is called as attention(x, rotation, cache, positions, mask): only x is
     # distributed; the rotary tables are computed identically on every rank.
     block_plan = {
         "attention_norm": SequenceParallel(),

@@ -1,20 +1,20 @@
 """Int8Linear and Int4Linear: drop-in replacements for a bias-free nn.Linear.
 
-Kernels, as measured on a 2-core AVX-512 CPU with torch 2.13 (benchmarks/decode.py): PyTorch's
-`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran a batch-1 product 2x and 4.5x
-slower than fp32; the same product written as dequantize-multiply-sum and compiled by inductor
-was faster than fp32 for int8 but not for int4 (inductor unpacks nibbles in a slow loop);
-camelid's own kernels (kernels.cpp) unpack the codes in registers and beat both. So:
+Which kernel runs depends on how many rows the product has (the measurements behind these
+choices are in docs/cpu-kernels.md):
 
-- a few rows (decode, a batch of decodes, a speculative check; CPU): camelid's kernels, eager
-  or inside a compiled step. int4 rounds the activations to int8 first where the CPU has VNNI
-  byte products, as llama.cpp does (kernels.cpp);
-- without them (no compiler) one row inside a compiled graph takes the multiply-sum form;
+- a few rows (decode, a batch of decodes, a speculative check; CPU): camelid's kernels
+  (kernels.cpp), eager or inside a compiled step. They unpack the codes in registers, which
+  neither PyTorch's packed int8/int4 products nor inductor's loop over packed nibbles do well;
+  int4 rounds the activations to int8 first where the CPU has VNNI byte products, as llama.cpp
+  does;
+- without them (no compiler) one row inside a compiled graph takes the multiply-sum form, which
+  inductor turns into one reduction that reads each weight once;
 - many rows (prefill, scoring): the layer's weight is dequantized (camelid's kernel on CPU) and
   multiplied by the ordinary matrix product, which is compute-bound there. On a CPU that
-  multiplies bfloat16 natively (AVX512-BF16, AMX) that product runs in bfloat16, 2.4x faster
-  than fp32 here: the weights carry 4 or 8 bits, so bfloat16's 8-bit mantissa on the
-  activations adds little (perplexity table in the README).
+  multiplies bfloat16 natively (AVX512-BF16, AMX) that product runs in bfloat16: the weights
+  carry 4 or 8 bits, so bfloat16's 8-bit mantissa on the activations adds little (perplexity
+  table in the README).
 """
 
 from __future__ import annotations
@@ -24,18 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.errors import CamelidError
+from camelid.platform import native_bf16
 from camelid.quant import kernels
 from camelid.quant.blocks import QuantizedTensor
 
-FUSED_ROWS = 16  # up to this many rows, camelid's kernels beat dequantize + matrix product
+FUSED_ROWS = 16  # up to this many rows, camelid's kernels beat dequantize + matrix product (measured)
 
 
-def _native_bf16() -> bool:
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-NATIVE_BF16 = _native_bf16()
+NATIVE_BF16 = native_bf16("cpu")
 
 
 class QuantizedLinear(nn.Module):

@@ -11,6 +11,7 @@ from camelid.errors import CamelidError
 from camelid.schema import apply_overrides, build, load_toml
 
 EXPORTS = ("hf", "gguf", "meta")    # formats the final model can also be written in
+DTYPES = ("float32", "bfloat16")    # train.dtype: fp32, or bf16 autocast over fp32 weights
 
 
 @dataclass
@@ -58,7 +59,8 @@ class DataSection:
 class TrainSection:
     max_steps: int = 1000
     seed: int = 0
-    dtype: str = "bfloat16"          # float32, or bfloat16 autocast (weights and optimizer stay fp32)
+    dtype: str = "auto"              # float32, or bfloat16 autocast (weights and optimizer stay fp32), or auto:
+                                     # bfloat16 where the device multiplies it natively, else float32
     micro_batch: int = 8             # sequences per forward/backward pass (under torchrun: per rank, at most)
     batch_tokens: int = 0            # tokens per optimizer step, all ranks together (gradient accumulation);
                                      # 0: one micro-batch (shared by the data-parallel ranks)
@@ -102,7 +104,8 @@ class ParallelSection:
 class StabilitySection:
     skip_nonfinite: bool = True      # a NaN/Inf loss or gradient skips the update
     spike_factor: float = 3.0        # a loss above factor x the recent median is a spike ...
-    spike_window: int = 50           # ... over this many recent steps (needs 10 before judging)
+    spike_window: int = 50           # ... over this many recent steps
+    spike_warmup: int = 10           # steps of history needed before a spike can be judged (<= spike_window)
     spike_patience: int = 3          # this many spikes in a row roll back to the last checkpoint
     max_rollbacks: int = 5
 
@@ -128,7 +131,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         t = self.train
         checks = [
-            (t.dtype in ("float32", "bfloat16"), f"train.dtype must be float32 or bfloat16 (got {t.dtype!r})"),
+            (t.dtype in (*DTYPES, "auto"), f"train.dtype must be {', '.join(DTYPES)} or auto (got {t.dtype!r})"),
             (t.optimizer in ("adamw", "adamax"), f"train.optimizer must be adamw or adamax (got {t.optimizer!r})"),
             (t.max_steps > 0, "train.max_steps must be positive"),
             (t.micro_batch > 0, "train.micro_batch must be positive"),
@@ -142,6 +145,8 @@ class TrainConfig:
              "checkpoint.export: a GGUF file carries its tokenizer and synthetic data has none; drop gguf"),
             (min(self.parallel.dp_replicate, self.parallel.dp_shard, self.parallel.tp) >= 1,
              "parallel.dp_replicate, parallel.dp_shard and parallel.tp must be at least 1"),
+            (0 < self.stability.spike_warmup <= self.stability.spike_window,
+             "stability.spike_warmup must be positive and at most stability.spike_window (the history kept)"),
             (self.data.synthetic or bool(self.data.path), "data.path is empty: point it at `camelid data prepare` "
                                                            "output, or set data.synthetic = true"),
         ]

@@ -4,6 +4,7 @@ loss-curve PNG; plus the FLOP count behind MFU."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ from camelid.config import ModelConfig
 # Dense bf16 peak FLOP/s per device, by name fragment (vendor data sheets; SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
              "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+# The largest validation loss whose exp is reported as the perplexity (val_ppl). Beyond it the
+# run has diverged and the number says nothing more (e^50 is about 5e21), while math.exp would
+# overflow past about 709 nats and stop the run over a log line. A guard on a reported number,
+# not a setting of the run, hence a constant rather than a config key.
+PPL_MAX_LOSS = 50.0
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the loss capped at PPL_MAX_LOSS."""
+    return math.exp(min(loss, PPL_MAX_LOSS))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

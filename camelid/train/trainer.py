@@ -6,7 +6,10 @@ checkpoint and move on past the offending batches).
 Under torchrun the same loop runs on every rank over a parallelized model (camelid.distributed):
 the data-parallel ranks share each step's batch, which is the batch one process would take, so
 the loss curve does not depend on the layout; every rank takes the same decisions (skip, roll
-back) from all-reduced numbers; rank 0 alone logs."""
+back) from all-reduced numbers; rank 0 alone logs. The loop asks the runtime (one process or
+torchrun's) for sums, clipping and broadcasts alike; what differs for real is decided once each:
+how the model is placed (`place_whole` / `place_parallel`) and which kind of checkpoint holds
+the run's state (camelid.train.run_state)."""
 
 from __future__ import annotations
 
@@ -23,100 +26,150 @@ from tqdm import tqdm
 
 from camelid.atomic import atomic_dir
 from camelid.checkpoint import Checkpoint, write_checkpoint
-from camelid.checkpoint.names import expected_shapes
 from camelid.checkpoint.native import write_native
+from camelid.config import ModelConfig
 from camelid.data import Manifest, PackedLoader, SyntheticLoader
-from camelid.distributed import ParallelConfig, apply_activation_checkpointing, init_weights, parallelize, setup
-from camelid.distributed.checkpoint import full_weights
-from camelid.distributed.grads import align_grads, clip_grad_norm
+from camelid.distributed import ParallelConfig, apply_activation_checkpointing, init_weights, parallelize
 from camelid.distributed.parallelize import gather
+from camelid.distributed.runtime import Runtime, setup
 from camelid.errors import CamelidError
 from camelid.model import Transformer
-from camelid.platform import keep_freed_memory
+from camelid.model.inductor import use_inductor_layers
+from camelid.platform import keep_freed_memory, native_bf16
 from camelid.tokenizer import Tokenizer, load_tokenizer
-from camelid.train import checkpoint as ckpt
+from camelid.train import run_state
 from camelid.train.config import TrainConfig
 from camelid.train.loss import linear_cross_entropy
-from camelid.train.metrics import MetricsLog, NullMetrics, flops_per_token, peak_flops
+from camelid.train.metrics import MetricsLog, NullMetrics, flops_per_token, peak_flops, perplexity
 from camelid.train.optim import build_optimizer, lr_at
 
 
 EXPORT_NAMES = {"hf": "model-hf", "gguf": "model.gguf", "meta": "model-meta"}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def start_runtime(cfg: TrainConfig) -> Runtime:
+    """This process's runtime (one process, or torchrun's), with the CPU threads and allocator
+    set, and train.dtype "auto" settled for its device."""
+    keep_freed_memory()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    p = cfg.parallel
+    runtime = setup(p.dp_replicate, p.dp_shard, p.tp, cfg.train.device)
+    if cfg.train.dtype == "auto":
+        cfg.train.dtype = "bfloat16" if native_bf16(runtime.device.type) else "float32"
+    return runtime
+
+
+def load_data_source(cfg: TrainConfig) -> tuple[Manifest | None, Tokenizer | None]:
+    """The prepared data's manifest and tokenizer; neither for synthetic tokens."""
+    if cfg.data.synthetic:
+        return None, None
+    manifest = Manifest.load(cfg.data.path)
+    return manifest, load_tokenizer(manifest.directory / manifest.tokenizer)
+
+
+def model_config(cfg: TrainConfig, manifest: Manifest | None) -> ModelConfig:
+    """The model's shape; the vocabulary defaults to the data's and must hold it."""
+    config = cfg.model.build(manifest.vocab_size if manifest else None)
+    if manifest and config.vocab_size < manifest.vocab_size:
+        raise CamelidError(f"model.vocab_size {config.vocab_size} is smaller than the data's {manifest.vocab_size}")
+    return config
+
+
+def build_model(cfg: TrainConfig, config: ModelConfig, runtime: Runtime) -> Transformer:
+    """The model built on the meta device, then placed on this process's device: whole, or
+    parallelized over the runtime's mesh."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    place = place_parallel if runtime.distributed else place_whole
+    place(model, cfg, runtime)
+    return model
+
+
+def place_whole(model: Transformer, cfg: TrainConfig, runtime: Runtime) -> None:
+    """One process: materialise and initialise the whole model, then wrap its blocks."""
+    t = cfg.train
+    model.to_empty(device=runtime.device)
+    model.init_weights(seed=t.seed, std=cfg.model.init_std)
+    apply_activation_checkpointing(model, t.activation_checkpointing)
+    if t.compile:  # block by block, as torchtitan does: one graph, compiled once, reused per layer
+        use_inductor_layers(model)
+        for i, block in enumerate(model.layers):
+            model.layers[i] = torch.compile(block)
+
+
+def place_parallel(model: Transformer, cfg: TrainConfig, runtime: Runtime) -> None:
+    """torchrun: parallelize on the meta device, then each rank materialises its shards only
+    (with the weights `place_whole` would give)."""
+    t = cfg.train
+    if cfg.data.seq_len % runtime.tp:
+        raise CamelidError(f"data.seq_len {cfg.data.seq_len} is not a multiple of parallel.tp {runtime.tp} "
+                           "(sequence parallelism splits every sequence over the tp ranks)")
+    parallelize(model, runtime.mesh, ParallelConfig(t.activation_checkpointing, t.compile,
+                                                    bf16=t.dtype == "bfloat16", async_tp=cfg.parallel.async_tp))
+    model.to_empty(device=runtime.device)
+    init_weights(model, seed=t.seed, std=cfg.model.init_std)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log: bool = True):
         self.cfg = cfg
-        t = cfg.train
-        keep_freed_memory()
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        p = cfg.parallel
-        self.runtime = setup(p.dp_replicate, p.dp_shard, p.tp, t.device)  # None: a single process
-        rt = self.runtime
-        self.device = rt.device if rt else pick_device(t.device)
-        self.main = rt is None or rt.main
-        self.dp_rank, self.dp_size = (rt.dp_rank, rt.dp_size) if rt else (0, 1)
+        self.log = log
+        self.runtime = start_runtime(cfg)
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(t.seed)
-
-        # data and tokenizer
-        self.tokenizer: Tokenizer | None = None
-        self.manifest: Manifest | None = None
-        vocab = None
-        if not cfg.data.synthetic:
-            self.manifest = Manifest.load(cfg.data.path)
-            self.tokenizer = load_tokenizer(self.manifest.directory / self.manifest.tokenizer)
-            vocab = self.manifest.vocab_size
-        self.config = cfg.model.build(vocab)
-        if self.manifest and self.config.vocab_size < self.manifest.vocab_size:
-            raise CamelidError(f"model.vocab_size {self.config.vocab_size} is smaller than the data's "
-                               f"{self.manifest.vocab_size}")
-        self.train_loader = self._loader("train", t.seed)
-        self.micro_rows = self._micro_batches(self._global_rows(), t.micro_batch)  # this rank's passes per step
-        self.accumulation = len(self.micro_rows)
-        self.step_tokens = self._global_rows() * cfg.data.seq_len
-
-        # model and optimizer
-        with torch.device("meta"):
-            model = Transformer(self.config)
-        if rt is None:
-            model.to_empty(device=self.device)
-            model.init_weights(seed=t.seed, std=cfg.model.init_std)
-            apply_activation_checkpointing(model, t.activation_checkpointing)
-            if t.compile:  # block by block, as torchtitan does: one graph, compiled once, reused per layer
-                for i, block in enumerate(model.layers):
-                    model.layers[i] = torch.compile(block)
-        else:  # parallelized on the meta device, then each rank materialises its shards only
-            if cfg.data.seq_len % rt.tp:
-                raise CamelidError(f"data.seq_len {cfg.data.seq_len} is not a multiple of parallel.tp {rt.tp} "
-                                   "(sequence parallelism splits every sequence over the tp ranks)")
-            parallelize(model, rt.mesh, ParallelConfig(t.activation_checkpointing, t.compile,
-                                                      bf16=t.dtype == "bfloat16", async_tp=p.async_tp))
-            model.to_empty(device=self.device)
-            init_weights(model, seed=t.seed, std=cfg.model.init_std)
-        self.model = model
-        self.optimizer = build_optimizer(model, t)
-
-        self.flops_per_token = flops_per_token(self.config, cfg.data.seq_len)
-        self.peak = peak_flops(self.device, t.peak_flops)
-
-        self.metrics = MetricsLog(self.run_dir) if self.main else NullMetrics(self.run_dir)
         self.checkpoints = self.run_dir / "checkpoints"
+        torch.manual_seed(cfg.train.seed)
+        self._build_data()
+        self.model = build_model(cfg, self.config, self.runtime)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self._build_metrics()
+        self._start_progress()
+        self.resumed_from = self._resume()
+
+    # ---- where this process stands (the runtime's answers) ---------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def main(self) -> bool:
+        return self.runtime.main
+
+    @property
+    def dp_rank(self) -> int:
+        return self.runtime.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.runtime.dp_size
+
+    # ---- builders --------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        """The data source and tokenizer, the model's shape, the training loader and this rank's
+        forward/backward passes per optimizer step."""
+        c = self.cfg
+        self.manifest, self.tokenizer = load_data_source(c)
+        self.config = model_config(c, self.manifest)
+        self.train_loader = self._loader("train", c.train.seed)
+        rows = self._global_rows()
+        self.micro_rows = self._micro_batches(rows, c.train.micro_batch)
+        self.accumulation = len(self.micro_rows)
+        self.step_tokens = rows * c.data.seq_len
+
+    def _build_metrics(self) -> None:
+        """The metrics log (rank 0's; the other ranks write nothing) and the numbers behind MFU."""
+        self.flops_per_token = flops_per_token(self.config, self.cfg.data.seq_len)
+        self.peak = peak_flops(self.device, self.cfg.train.peak_flops)
+        self.metrics = MetricsLog(self.run_dir) if self.main else NullMetrics(self.run_dir)
+
+    def _start_progress(self) -> None:
+        """Step 0: nothing seen yet, the stability guard without history."""
         self.step = 0
         self.tokens_seen = 0
-        self.recent: deque[float] = deque(maxlen=cfg.stability.spike_window)
+        self.recent: deque[float] = deque(maxlen=self.cfg.stability.spike_window)
         self.spikes_in_a_row = 0
         self.rollbacks = 0
-        self.log = log
-        self.resumed_from = self._resume()
 
     def _loader(self, split: str, seed: int):
         c = self.cfg
@@ -143,10 +196,8 @@ class Trainer:
         share = rows // self.dp_size
         return [size] * (share // size) + ([share % size] if share % size else [])
 
-    def _dp_sum(self, values: list[float] | list[torch.Tensor]) -> float:
+    def _dp_sum(self, values: list[torch.Tensor] | list[int]) -> float:
         """The sum over micro-batches and data-parallel ranks, the same on every rank."""
-        if self.runtime is None:
-            return sum(float(v) for v in values)
         total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]).sum()
         return float(self.runtime.dp_sum(total))
 
@@ -173,17 +224,13 @@ class Trainer:
             # FSDP averages gradients over the data-parallel ranks, hence the factor that makes it a sum
             loss = self.loss_sum(inputs, targets) / self.step_tokens
             (loss * self.dp_size if self.dp_size > 1 else loss).backward()
-            losses.append(loss.detach() if self.runtime else loss.item())
+            losses.append(loss.detach())
         loss_total = self._dp_sum(losses)
         step = self.step + 1
         lr = lr_at(step, self.cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.runtime is None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
-        else:
-            align_grads(self.model.parameters())
-            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
+        grad_norm = self.runtime.clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
         record: dict[str, Any] = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm}
         event = self._judge(loss_total, grad_norm)
         if event is None:
@@ -197,8 +244,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         record.update(tokens=self.tokens_seen, tokens_per_s=self.step_tokens / seconds)
         if self.peak:
-            devices = self.runtime.world if self.runtime else 1
-            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * devices)
+            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.runtime.world)
         return record
 
     def _judge(self, loss: float, grad_norm: float) -> str | None:
@@ -206,7 +252,7 @@ class Trainer:
         s = self.cfg.stability
         if s.skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return "nonfinite"
-        if len(self.recent) >= 10 and loss > s.spike_factor * statistics.median(self.recent):
+        if len(self.recent) >= s.spike_warmup and loss > s.spike_factor * statistics.median(self.recent):
             self.spikes_in_a_row += 1
             return "spike"
         self.spikes_in_a_row = 0
@@ -225,49 +271,36 @@ class Trainer:
         rows += (-rows) % self.dp_size  # every rank must run as many passes (FSDP's collectives)
         for n in self._micro_batches(rows, t.micro_batch):
             inputs, targets = (x.to(self.device) for x in loader.next_batch(n))
-            loss = self.loss_sum(inputs, targets)
-            total.append(loss if self.runtime else loss.item())
+            total.append(self.loss_sum(inputs, targets))
             count.append(targets.numel())
         return self._dp_sum(total) / self._dp_sum(count)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        """Everything but the weights; in a distributed run also without the optimizer state
-        (sharded in the checkpoint's dcp/) and equal on every rank, so rank 0's is saved."""
-        state = {"step": self.step, "tokens_seen": self.tokens_seen,
-                 "loader": self.train_loader.state_dict(), "recent": list(self.recent),
-                 "spikes_in_a_row": self.spikes_in_a_row, "rollbacks": self.rollbacks,
-                 "torch_rng": torch.get_rng_state(), "metrics_offset": self.metrics.offset()}
-        if self.runtime is None:
-            state["optimizer"] = self.optimizer.state_dict()
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
+        """Everything but the weights and the optimizer state (run_state stores those as the
+        checkpoint's kind wants); equal on every rank, so rank 0's is saved."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen,
+                "loader": self.train_loader.state_dict(), "recent": list(self.recent),
+                "spikes_in_a_row": self.spikes_in_a_row, "rollbacks": self.rollbacks,
+                "metrics_offset": self.metrics.offset(), **run_state.rng_state()}
 
     def save(self) -> Path:
-        if self.runtime is not None:
-            return ckpt.save_sharded(self.runtime, self.checkpoints, self.step, self.model, self.optimizer,
-                                     self.trainer_state(), self.cfg.checkpoint.keep)
-        return ckpt.save(self.checkpoints, self.step, self.model, self.config, self.tokenizer,
-                         self.trainer_state(), self.cfg.checkpoint.keep)
+        return run_state.save(self.runtime, self.checkpoints, self.step, self.model, self.optimizer, self.config,
+                              self.tokenizer, self.trainer_state(), self.cfg.checkpoint.keep)
 
     def _checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first, as rank 0 sees them."""
-        found = ckpt.complete(self.checkpoints)
-        return found if self.runtime is None else self.runtime.broadcast(found)
+        return self.runtime.broadcast(run_state.complete(self.checkpoints))
 
     def _restore(self, path: Path, with_loader: bool = True) -> dict[str, Any]:
-        state = ckpt.restore(path, self.model, self.optimizer, distributed=self.runtime is not None)
+        state = run_state.restore(self.runtime, path, self.model, self.optimizer)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.recent = deque(state["recent"], maxlen=self.cfg.stability.spike_window)
         self.spikes_in_a_row = state["spikes_in_a_row"]
         if with_loader:
             self.train_loader.load_state_dict(state["loader"])
             self.rollbacks = state["rollbacks"]
-            torch.set_rng_state(state["torch_rng"])
-            # (a distributed run saved rank 0's CUDA generators: the other ranks keep their own)
-            if "cuda_rng" in state and torch.cuda.is_available() and self.runtime is None:
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            run_state.restore_rng(self.runtime, state)
         return state
 
     def _resume(self) -> Path | None:
@@ -297,11 +330,7 @@ class Trainer:
         checkpoint.export beside it (model-hf/, model.gguf, model-meta/). A distributed run
         gathers the whole weights on rank 0, which writes them; every rank must call this."""
         target = self.run_dir / "model"
-        if self.runtime is None:
-            weights = ckpt.model_state(self.model, self.config)
-        else:
-            gathered = full_weights(self.model)
-            weights = {name: gathered[name] for name in expected_shapes(self.config)} if self.main else {}
+        weights = run_state.whole_weights(self.runtime, self.model, self.config)
         if self.main:
             with atomic_dir(target, overwrite=True) as tmp:
                 write_native(tmp, self.config, self.tokenizer, weights.items(), extra={"step": self.step})
@@ -309,14 +338,12 @@ class Trainer:
                                names=list(weights), read=weights.__getitem__)
             for fmt in self.cfg.checkpoint.export:
                 write_checkpoint(whole, self.run_dir / EXPORT_NAMES[fmt], fmt, overwrite=True)
-        if self.runtime is not None:
-            self.runtime.barrier()
+        self.runtime.barrier()
         return target
 
     def close(self) -> None:
         """Leave the process group (a distributed run); the trainer is unusable afterwards."""
-        if self.runtime is not None:
-            self.runtime.close()
+        self.runtime.close()
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -324,14 +351,10 @@ class Trainer:
         say = (lambda *a: print(*a, file=sys.stderr)) if self.log and self.main else (lambda *a: None)
         if self.resumed_from:
             say(f"resuming from {self.resumed_from} (step {self.step})")
-        layout, ranks = "", ""
-        if self.runtime:
-            p = c.parallel
-            layout = (f" x {self.runtime.world} processes (dp_replicate {p.dp_replicate}, dp_shard {p.dp_shard}, "
-                      f"tp {p.tp})")
-            ranks = f"{self.dp_size} data-parallel ranks x " if self.dp_size > 1 else ""
-        say(f"training {self.config.num_params():,} parameters on {self.device}{layout}, {t.dtype}, "
-            f"{self.step_tokens:,} tokens per step ({ranks}{self.accumulation} x {self.micro_rows[0]} x "
+        layout = self.runtime.describe()
+        ranks = f"{self.dp_size} data-parallel ranks x " if self.dp_size > 1 else ""
+        say(f"training {self.config.num_params():,} parameters on {self.device}{' x ' + layout if layout else ''}, "
+            f"{t.dtype}, {self.step_tokens:,} tokens per step ({ranks}{self.accumulation} x {self.micro_rows[0]} x "
             f"{c.data.seq_len})")
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not (
             self.log and self.main and sys.stderr.isatty()), dynamic_ncols=True)
@@ -354,7 +377,7 @@ class Trainer:
                             tok_s=f"{record['tokens_per_s']:.0f}")
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                 val_loss = self.evaluate()
-                self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
                 self.metrics.plot()
             if self.step % c.checkpoint.interval == 0 or self.step == t.max_steps:
                 self.save()

@@ -1,7 +1,8 @@
-"""Distributed checkpoints: each rank writes its own shards of the weights and optimizer states
-with torch.distributed.checkpoint (DCP), so nothing is gathered and every rank writes in
-parallel. DCP records where each shard sits in the whole tensor, so a checkpoint loads into any
-other layout or world size (4 ranks -> 2 -> 1 process): each rank reads the pieces it needs.
+"""Sharded training state, the checkpoints of a distributed run: each rank writes its own
+shards of the weights and optimizer states with torch.distributed.checkpoint (DCP), so nothing
+is gathered and every rank writes in parallel. DCP records where each shard sits in the whole
+tensor, so a checkpoint loads into any other layout or world size (4 ranks -> 2 -> 1 process):
+each rank reads the pieces it needs.
 
 step_NNNNNNNN/
   dcp/         DCP files: {"model": ..., "optim": ...} as get_state_dict returns them, keyed by
