@@ -1,8 +1,8 @@
 """camelid plan against measured peaks: each case loads a model, generates (a prefill that fills
-the context but for 4 new tokens, prompts left-padded by one token per row) and measures it
-twice, in a fresh process of its own:
+the context but for 4 new tokens, prompts one token shorter per row) and measures it twice, in
+a fresh process of its own:
 
-- tensors: the peak bytes of tensor storage alive (camelid.memory.LiveTensorBytes), weights
+- tensors: the peak bytes of tensor storage alive (camelid.plan.LiveTensorBytes), weights
   included: what the plan predicts, and what a CUDA allocator would call max_memory_allocated;
 - RSS: the growth of the process's resident set over the generation (VmHWM after clearing it),
   next to the plan's KV cache + activations: it adds what tensors do not show (kernel scratch,
@@ -13,28 +13,13 @@ quantized rows on CPU, as camelid does).
 
 The "train" cases plan a training step (camelid plan --train, single process) and measure one
 step of camelid's Trainer on synthetic tokens, two micro-batches accumulated, for every
-activation-checkpointing mode in float32 and bfloat16 (camelid.memory_train.measure_training_step):
+activation-checkpointing mode in float32 and bfloat16 (camelid.plan.measure_training_step):
 the step's peak, and the forward/backward's peak beyond the resident weights, gradients and
 AdamW states. Command:
 
     python benchmarks/memory.py [--cases tiny,smollm2,train] [--batch 4] [--context 1024]
 
-A run (2026-11-28, 2 shared CPU cores, torch 2.13 CPU; SmolLM2-135M-Instruct from its Q4_1 GGUF,
-batch 4, context 1024): the plan's total was within 0.3% of the measured tensor peak in every
-row (float32 798.1 vs 797.8 MiB, bfloat16 402.1 vs 401.9, int8 648.9 vs 647.2, int4 610.4 vs
-608.6), and so was its KV cache + activations (285.0 vs 284.6 MiB in float32); the tiny model
-within 1%. The resident set grew 1.3 to 2.5 times the tensors' growth (381, 371, 711, 1032
-MiB): glibc's heap keeps the holes that temporaries of many sizes leave (worst for quantized
-rows, which dequantize a fresh weight per layer), which the overhead line has to cover on CPU.
-
-A run of the train cases (2026-11-28, same machine, one thread; `--cases train`): the plan's
-total was within 0.3% of the measured step peak in all twelve rows, and so was its
-forward/backward part beyond the resident weights, gradients and AdamW states. dim256 (4
-layers, vocabulary 32000, 8 x 512 tokens, four chunks of logits), plan vs tensors in MiB:
-float32 none 1066.6 vs 1066.7, selective 930.5 vs 930.6, full 746.3 vs 746.3; bfloat16 none
-1104.3 vs 1104.4, selective 988.2 vs 988.2, full 895.9 vs 896.0 (the fused loss's 128 MiB slabs
-of logits dominate at this size: the loss chunk, not the blocks, is the peak). The resident set
-grew 1.3 to 2.1 times the plan's transient over a step, for the reasons above.
+Results, with the date, machine and command of each run: docs/plan.md.
 """
 
 from __future__ import annotations
@@ -67,9 +52,9 @@ def status(field: str) -> int:
 
 def child(model_name: str, precision: str, activation: str, batch: int, context: int) -> None:
     import camelid
-    from camelid.generate.engine import TokenGenerator
+    from camelid.generate import Engine, TokenGenerator
     from camelid.generate.sampling import SamplingParams
-    from camelid.memory import LiveTensorBytes
+    from camelid.plan import LiveTensorBytes
     from camelid.platform import keep_freed_memory
     from camelid.quant import quantize_model
 
@@ -95,7 +80,7 @@ def child(model_name: str, precision: str, activation: str, batch: int, context:
                for row in range(batch)]
 
     def generate() -> None:
-        for _ in TokenGenerator(model, prompts, 4, SamplingParams(temperature=0.0)):
+        for _ in TokenGenerator(Engine(model), prompts, 4, SamplingParams(temperature=0.0)):
             pass
 
     # hand the heap that setting up freed (quantize_model's float weights) back to the system,
@@ -115,7 +100,7 @@ def child(model_name: str, precision: str, activation: str, batch: int, context:
 def train_child(model_name: str, ac: str, dtype: str) -> None:
     import tempfile
 
-    from camelid.memory_train import measure_training_step
+    from camelid.plan import measure_training_step
     from camelid.train.config import DataSection, ModelSection, RunSection, TrainConfig, TrainSection
     from camelid.train.trainer import Trainer
 
@@ -142,7 +127,7 @@ def train_child(model_name: str, ac: str, dtype: str) -> None:
 
 def run_train_cases() -> None:
     from camelid.config import ModelConfig
-    from camelid.memory_train import AC_MODES, Layout, plan_training
+    from camelid.plan import AC_MODES, Layout, plan_training
 
     mib = 2**20
     print(f"{'model':7} {'dtype':8} {'ac':9} {'B':>2} {'T':>4} | {'plan MiB':>9} {'tensors':>9} {'ratio':>6} | "
@@ -166,7 +151,7 @@ def run_train_cases() -> None:
 
 def run_generation_cases(cases: list[str], batch: int, context_arg: int) -> None:
     from camelid.config import get_size
-    from camelid.memory import plan
+    from camelid.plan import plan
 
     mib = 2**20
     print(f"{'model':8} {'precision':9} {'compute':9} {'B':>2} {'T':>5} | {'plan MiB':>9} {'tensors':>9} "

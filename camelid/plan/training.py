@@ -47,25 +47,8 @@ throughout, as they are from the second micro-batch of an accumulated step on. P
   total = parameters + gradients + optimizer + overhead + max(gathered + activations + working,
   update)
 
-`measure_training_step` measures the same peak on a real trainer (single process), with
-camelid.memory.LiveTensorBytes; tests/test_plan.py holds the two within 15% for every
-checkpointing mode in float32 and bfloat16, and benchmarks/memory.py prints them side by side.
-
-The paper's sizes on 80 GB GPUs (A100/H100-80GB), bfloat16, micro-batch 1 x 2048 tokens, the
-default 2 GiB overhead, GiB per GPU (`camelid plan 65B --train --memory 80GB --dp-shard 64 --tp 8`):
-
-  size  layout (GPUs)            weights, grads,  activations            total                  fits with 10%
-                                 AdamW states     none / sel. / full     none / sel. / full     to spare
-  7B    dp_shard 8 (8)           12.6             13.9 /  6.7 / 1.0      31.1 / 24.2 / 18.7     all three
-  13B   dp_shard 8 (8)           24.2             21.7 / 10.5 / 1.6      52.0 / 41.1 / 32.4     all three
-  33B   dp_shard 16 (16)         30.3             42.3 / 20.4 / 3.0      81.2 / 59.7 / 42.6     selective, full
-  33B   dp_shard 32 (32)         15.1             42.3 / 20.4 / 3.0      66.0 / 44.5 / 27.4     all three
-  65B   dp_shard 32 (32)         30.4             69.4 / 33.5 / 5.0     111.5 / 76.0 / 47.9     full
-  65B   dp_shard 64 (64)         15.2             69.4 / 33.5 / 5.0      96.3 / 60.8 / 32.7     selective, full
-  65B   dp_shard 64 x tp 8 (512)  1.9             19.6 /  8.6 / 0.6      26.3 / 15.2 /  7.3     all three
-
-Under tensor parallelism most of what a block saves is the norms' outputs, gathered whole over
-the sequence and cast to bf16 once per matrix product (65B, tp 8: 160 of 251 MiB a block).
+camelid.plan.live.measure_training_step measures the same peak on a real trainer, and
+tests/test_plan.py holds the two together for every checkpointing mode in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -73,12 +56,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from camelid.config import ModelConfig
+from camelid.distributed.activation_checkpoint import MODES as AC_MODES
 from camelid.errors import CamelidError
-from camelid.memory import DTYPE_BYTES, Budget, LiveTensorBytes
+from camelid.plan.budget import DTYPE_BYTES, Budget
+from camelid.train.config import DTYPES as TRAIN_DTYPES
+from camelid.train.loss import SLAB as LOSS_SLAB
 
-AC_MODES = ("none", "selective", "full")   # camelid.distributed.activation_checkpoint.MODES
-TRAIN_DTYPES = ("bfloat16", "float32")      # train.dtype: bf16 autocast over fp32 weights, or fp32
-LOSS_SLAB = 1 << 25                         # camelid.train.loss.SLAB: logits per chunk of the fused loss
 TRAIN_OVERHEAD = 2 * 2**30                  # CUDA context, cuBLAS workspaces, NCCL buffers, slack
 FP32 = 4
 
@@ -99,9 +82,10 @@ class Layout:
         return self.dp_replicate * self.dp_shard > 1
 
     def describe(self) -> str:
+        """"one device", or "512 devices (dp_shard 64 x tp 8)"."""
         parts = [f"{k} {v}" for k, v in (("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
                                           ("tp", self.tp)) if v > 1]
-        return " x ".join(parts) or "one device"
+        return f"{self.devices} devices ({' x '.join(parts)})" if parts else "one device"
 
 
 @dataclass(frozen=True)
@@ -280,24 +264,3 @@ def plan_training(c: ModelConfig, layout: Layout = Layout(), micro_batch: int = 
         rows.append(TrainRow(mode, dtype, state, state, 2 * state, gathered, saved, working,
                              matrices * FP32, overhead))
     return rows
-
-
-def measure_training_step(trainer) -> tuple[int, int, int]:
-    """(resident, step peak, forward/backward peak) in bytes of tensors alive on a single-process
-    camelid.train.Trainer (passed in, not imported: this module sits below train): weights,
-    gradients and AdamW states; their peak over one train_step; and over the forward and backward
-    of one more micro-batch (loss_sum, as train_step calls it), all with gradients resident. Runs
-    a step first, which creates the optimizer states. For the plan's assumption of resident
-    gradients to hold, the trainer should accumulate at least two micro-batches a step."""
-
-    def resident() -> list:
-        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-        return [trainer.model, trainer.optimizer, *grads]
-
-    trainer.train_step()
-    with LiveTensorBytes(*resident()) as step:
-        trainer.train_step()
-    inputs, targets = (x.to(trainer.device) for x in trainer.train_loader.next_batch())
-    with LiveTensorBytes(*resident()) as compute:
-        trainer.loss_sum(inputs, targets).backward()
-    return step.baseline, step.peak, compute.peak

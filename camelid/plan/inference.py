@@ -24,75 +24,28 @@ generation is the prefill, taken here as a prompt of all T tokens in one forward
                bfloat16 where the CPU multiplies it natively (with a bfloat16 copy of the input
                and of the product), and multiply up to 16 rows (the head over the last
                positions) straight from the codes, with no copy at all. Attention goes through
-               scaled_dot_product_attention, whose fused kernels
-               (flash on CPU and CUDA) never store the T x T scores; attention="math" adds them
-               for a backend without one. A batch of prompts of different lengths is left-padded
-               with a [B, T, T] mask that the kernel converts to the activation dtype.
+               scaled_dot_product_attention, whose fused kernels (flash on CPU and CUDA) never
+               store the T x T scores; attention="math" adds them for a backend without one.
+               A batch of prompts of different lengths is padded on the right
+               (camelid.generate.core), so it needs no mask.
   overhead     a fixed allowance: CUDA context, cuBLAS workspaces, caching-allocator slack.
 
-`LiveTensorBytes` measures the same quantity on a real run: the peak bytes of tensor storage
-alive, which is what a CUDA caching allocator reports as max_memory_allocated.
-
-Training (`camelid plan --train`) is planned in camelid.memory_train, on the same `Budget`.
+camelid.plan.live.LiveTensorBytes measures the same quantity on a real run, and
+tests/test_plan.py holds the two together; training is planned in camelid.plan.training.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass
-
-import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from dataclasses import dataclass
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
+from camelid.plan.budget import DTYPE_BYTES, Budget
+from camelid.quant import GROUP_SIZES
 from camelid.quant.layers import FUSED_ROWS, NATIVE_BF16
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")  # best first; float16 costs what bfloat16 does
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-GROUP_SIZES = (32, 64, 128)                           # int4 groups camelid.quant offers
-HEADROOM = 0.10      # below this share of the card spare, fragmentation can still end in OOM
-DEFAULT_OVERHEAD = 2**30
-
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
-          "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
-
-
-def parse_size(text: str, flag: str = "--memory") -> int:
-    """Bytes in "24GB", "24GiB", "80G", "512MB", "1.5TB": GB, MB, TB and bare G/M/T are powers of
-    ten (as cards and disks are sold), GiB, MiB, TiB powers of two; a plain number is bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and match.group(2).upper()
-    if not match or unit not in _UNITS:
-        raise CamelidError(f"{flag} {text!r}: not a size; write e.g. 24GB (10^9 bytes), 24GiB (2^30 bytes), "
-                           "80G or 512MB")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-class Budget:
-    """A plan's total set against a card: what is spare, whether it fits, and with headroom.
-    Subclasses are dataclasses with a `total`; their fields named in LABELS are not byte counts."""
-
-    LABELS: tuple[str, ...] = ()
-
-    total: int
-
-    def spare(self, memory: int) -> int:
-        return memory - self.total
-
-    def fits(self, memory: int) -> bool:
-        return self.total <= memory
-
-    def comfortable(self, memory: int) -> bool:
-        return self.spare(memory) >= HEADROOM * memory
-
-    def to_dict(self, memory: int | None = None) -> dict:
-        d = {**asdict(self), "total": self.total}
-        if memory is not None:
-            d.update(fits=self.fits(memory), comfortable=self.comfortable(memory), spare=self.spare(memory))
-        return {k if k in (*self.LABELS, "fits", "comfortable") else f"{k}_bytes": v for k, v in d.items()}
+DEFAULT_OVERHEAD = 2**30    # CUDA context, cuBLAS workspaces, caching-allocator slack
 
 
 @dataclass(frozen=True)
@@ -175,17 +128,14 @@ def activation_bytes(config: ModelConfig, precision: str, batch: int, context: i
     # RoPE on q or k: an fp32 copy, the fp32 rotation, and the cast back (fp32 rows: the rotation).
     rope = 4 if a == 4 else 8 + a
     qkv = n * (q + 2 * kv) * a
-    # Alive through the whole prefill: the RoPE table (fp32 cos and sin per position, per row when
-    # left padding gives rows their own positions) and the padding masks ([B, T, T] and the
-    # causal [T, T], boolean).
-    padded = batch > 1
-    mask = batch * context * context if padded else 0
-    prefill_state = (batch if padded else 1) * context * config.head_dim * 4 + mask + padded * context ** 2
+    # Alive from the first forward on: the RoPE table (fp32 cos and sin per position of the
+    # model's context, computed once and shared by the rows, camelid.model.RotaryTable).
+    prefill_state = max(context, config.max_seq_len) * config.head_dim * 4
     scores = 2 * batch * config.n_heads * context * context * 4 if attention == "math" else 0  # fp32, softmax
     attention_peak = 2 * n * d * a + max(
         linear(q, d, n), n * q * a + linear(kv, d, n), n * (q + kv) * a + linear(kv, d, n),
         qkv + n * q * rope, qkv + n * q * a + n * kv * rope,
-        2 * n * q * a + mask * a + scores,     # rotated q, attention output, the kernel's float mask
+        2 * n * q * a + scores,                # rotated q, attention output
         3 * n * q * a + linear(d, q, n))       # ... and the output's [B, T, H*D] copy into wo
     ffn_peak = 3 * n * d * a + max(n * f * a + linear(f, d, n), 3 * n * f * a, n * f * a + linear(d, f, n))
     rows = n if all_logits else batch
@@ -235,72 +185,3 @@ def best(rows: list[Row], memory: int) -> tuple[Row | None, bool]:
             if wanted(row, memory):
                 return row, wanted is Row.comfortable
     return None, False
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage alive while the `with` block runs: the quantity `plan`
-    predicts, measured.
-
-    Every tensor an operation returns is tracked by a weak reference to its storage until it is
-    freed; views share their base's storage and count once. The baseline is what exists before:
-    the given modules' parameters and buffers (the weights), optimizers' states and further
-    tensors (gradients, say), each counted until it is freed. Composite operations without a
-    kernel of their own on the device run as their parts, so their temporaries count too
-    (scaled_dot_product_attention's float copy of a boolean mask); those with one (silu_backward)
-    run as the one kernel they are. Memory a kernel takes outside tensors (scratch of a few MB)
-    is not seen. Unlike the process's resident set it is exact and repeatable: no allocator
-    caching, no libraries, no mmap'd files.
-    """
-
-    def __init__(self, *objects: torch.nn.Module | torch.optim.Optimizer | torch.Tensor):
-        super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        for obj in objects:
-            for t in _tensors_of(obj):
-                self._track(t)
-        self.baseline = self.peak = self._total()
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        ref = StorageWeakRef(storage)
-        known = self._live.get(ref.cdata)
-        if known is None or known[0].expired():   # a freed storage's address can come back
-            self._live[ref.cdata] = (ref, storage.nbytes())
-
-    def _total(self) -> int:
-        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
-            del self._live[key]
-        return sum(n for _, n in self._live.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = NotImplemented
-        if _runs_as_parts(func, args, kwargs):
-            with self:
-                out = func.decompose(*args, **kwargs)
-        if out is NotImplemented:
-            out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t)
-        self.peak = max(self.peak, self._total())
-        return out
-
-
-def _tensors_of(obj: torch.nn.Module | torch.optim.Optimizer | torch.Tensor) -> list[torch.Tensor]:
-    if isinstance(obj, torch.nn.Module):
-        return [*obj.parameters(), *obj.buffers()]
-    if isinstance(obj, torch.optim.Optimizer):
-        return [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    return [obj]
-
-
-_BACKENDS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
-
-
-def _runs_as_parts(func, args, kwargs) -> bool:
-    """Whether the device runs `func` as its composite parts: it has no kernel of its own there.
-    (silu_backward has a fused CPU kernel beside its composite definition; SDPA has none.)"""
-    tensor = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
-    key = _BACKENDS.get(tensor.device.type) if tensor is not None else None
-    return key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)

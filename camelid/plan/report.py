@@ -1,0 +1,204 @@
+"""What `camelid plan` shows, decided here: which model, the settings once defaults are filled
+in, the rows, and the verdict in words.
+
+The command line parses flags and prints; every choice (a default, a check, which precision or
+checkpointing mode to recommend) is made here, so that the table and --json cannot disagree and
+the tests reach it without a terminal. A setting left as None takes its default: for a context
+or sequence length the model's own when shorter than 2048 tokens, for training a recipe's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from camelid.config import SIZES, ModelConfig, get_size
+from camelid.errors import CamelidError
+from camelid.plan.budget import HEADROOM, gib, parse_memory, parse_size
+from camelid.plan.inference import DEFAULT_OVERHEAD, Row, best, int4_problem, plan
+from camelid.plan.training import AC_MODES, TRAIN_OVERHEAD, Layout, TrainRow, plan_training
+from camelid.train.config import load_train_config
+
+DEFAULT_CONTEXT = 2048
+
+
+def read_config(name: str) -> tuple[ModelConfig, str]:
+    """The config of a named size or a checkpoint, without reading any weights, and which it was."""
+    if any(k.lower() == name.lower() for k in SIZES) and not Path(name).exists():
+        return get_size(name), "named size"
+    from camelid.checkpoint import read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(name)
+    except CamelidError as e:
+        if Path(name).exists():
+            raise
+        raise CamelidError(f"{e}; named sizes: {', '.join(SIZES)}") from None
+    return ckpt.config, f"{ckpt.format} checkpoint"
+
+
+def read_training(name: str) -> tuple[ModelConfig, str, dict]:
+    """The model, where it came from, and the training settings to default to: a recipe's (its
+    model section, data.seq_len, train and parallel sections) or the plain ones."""
+    if name.endswith(".toml"):
+        cfg = load_train_config(name)
+        p = cfg.parallel
+        return cfg.model.build(None), "recipe", {
+            "micro_batch": cfg.train.micro_batch, "seq_len": cfg.data.seq_len, "dtype": cfg.train.dtype,
+            "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp,
+            "ac": cfg.train.activation_checkpointing}
+    config, source = read_config(name)
+    return config, source, {"micro_batch": 1, "seq_len": min(DEFAULT_CONTEXT, config.max_seq_len),
+                            "dtype": "bfloat16", "dp_replicate": 1, "dp_shard": 1, "tp": 1, "ac": None}
+
+
+def _join(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _short_name(model: str, source: str) -> str:
+    """How verdicts name the model: a path by its last part."""
+    return model if source == "named size" else Path(model).name
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """`camelid plan MODEL`: a row per precision and the one to use."""
+    model: str
+    source: str
+    config: ModelConfig
+    memory: int
+    memory_text: str
+    batch: int
+    context: int
+    group_size: int
+    activation_dtype: str
+    attention: str
+    all_logits: bool
+    cpu: bool
+    rows: list[Row]
+    notes: list[str]
+    choice: Row | None
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "source": self.source, "params": self.config.num_params(),
+            "config": self.config.to_dict(), "batch": self.batch, "context": self.context,
+            "memory_bytes": self.memory, "headroom": HEADROOM, "group_size": self.group_size,
+            "activation_dtype": self.activation_dtype, "attention": self.attention, "all_logits": self.all_logits,
+            "cpu": self.cpu, "rows": [r.to_dict(self.memory) for r in self.rows], "notes": self.notes,
+            "verdict": {"precision": self.choice.precision if self.choice else None,
+                        "comfortable": bool(self.choice and self.choice.comfortable(self.memory)),
+                        "text": self.verdict}}
+
+
+def generation_report(model: str, memory: str, overhead: str | None = None, batch: int = 1,
+                    context: int | None = None, group_size: int = 32, activation_dtype: str = "bfloat16",
+                    attention: str = "fused", all_logits: bool = False, cpu: bool = False) -> GenerationReport:
+    """Plan generating with `model` on a card of `memory` (a size as written: "24GB")."""
+    memory_bytes = parse_memory(memory)
+    overhead_bytes = DEFAULT_OVERHEAD if overhead is None else parse_size(overhead, "--overhead")
+    config, source = read_config(model)
+    context = min(DEFAULT_CONTEXT, config.max_seq_len) if context is None else context
+    if context > config.max_seq_len:
+        raise CamelidError(f"--context {context}: {model} has a context of {config.max_seq_len} tokens")
+    rows = plan(config, batch, context, activation_dtype, group_size, overhead_bytes, attention, all_logits, cpu)
+    notes = [n for n in [int4_problem(config, group_size)] if n]
+    choice, text = generation_verdict(_short_name(model, source), rows, memory_bytes, memory)
+    return GenerationReport(model, source, config, memory_bytes, memory, batch, context, group_size, activation_dtype,
+                          attention, all_logits, cpu, rows, notes, choice, text)
+
+
+def generation_verdict(name: str, rows: list[Row], memory: int, memory_text: str) -> tuple[Row | None, str]:
+    """The best precision that fits with headroom (or tightly), and why not the one above it."""
+    choice, comfortable = best(rows, memory)
+    if choice is None:
+        return None, (f"{name} does not fit in {memory_text} at any precision ({rows[-1].precision} needs "
+                      f"{gib(rows[-1].total)}); lower --context or --batch, or use a bigger card")
+    text = f"{name} runs in {choice.precision} on {memory_text} with {gib(choice.spare(memory))} to spare"
+    if not comfortable:
+        return choice, text + f", less than the {HEADROOM:.0%} of headroom allocator fragmentation may need"
+    better = [r for r in rows[:rows.index(choice)] if r.fits(memory)]
+    if better:
+        text += (f" ({better[-1].precision} would fit too, but with only {gib(better[-1].spare(memory))}: "
+                 f"under {HEADROOM:.0%})")
+    return choice, text
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """`camelid plan MODEL --train`: a row per activation-checkpointing mode, per device."""
+    model: str
+    source: str
+    config: ModelConfig
+    memory: int
+    memory_text: str
+    layout: Layout
+    micro_batch: int
+    seq_len: int
+    dtype: str
+    rows: list[TrainRow]
+    recipe_ac: str | None
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": "train", "model": self.model, "source": self.source, "params": self.config.num_params(),
+            "config": self.config.to_dict(), "layout": {**asdict(self.layout), "devices": self.layout.devices},
+            "micro_batch": self.micro_batch, "seq_len": self.seq_len, "dtype": self.dtype,
+            "memory_bytes": self.memory, "headroom": HEADROOM, "rows": [r.to_dict(self.memory) for r in self.rows],
+            "verdict": {"fits": [r.ac for r in self.rows if r.fits(self.memory)],
+                        "comfortable": [r.ac for r in self.rows if r.comfortable(self.memory)],
+                        "recipe_ac": self.recipe_ac, "text": self.verdict}}
+
+
+def training_report(model: str, memory: str, overhead: str | None = None, micro_batch: int | None = None,
+                      seq_len: int | None = None, dtype: str | None = None, dp_replicate: int | None = None,
+                      dp_shard: int | None = None, tp: int | None = None, ac: str | None = None) -> TrainingReport:
+    """Plan a training step of `model` (a named size, a checkpoint or a recipe) per device of
+    `memory`; `ac` plans one checkpointing mode instead of all three."""
+    memory_bytes = parse_memory(memory)
+    overhead_bytes = TRAIN_OVERHEAD if overhead is None else parse_size(overhead, "--overhead")
+    config, source, settings = read_training(model)
+    given = {"micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "dp_replicate": dp_replicate,
+             "dp_shard": dp_shard, "tp": tp, "ac": ac}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    layout = Layout(settings["dp_replicate"], settings["dp_shard"], settings["tp"])
+    rows = plan_training(config, layout, settings["micro_batch"], settings["seq_len"], settings["dtype"],
+                         overhead_bytes, (ac,) if ac else AC_MODES)
+    recipe_ac = settings["ac"] if source == "recipe" else None
+    text = training_verdict(_short_name(model, source), rows, memory_bytes, memory, layout, recipe_ac)
+    return TrainingReport(model, source, config, memory_bytes, memory, layout, settings["micro_batch"],
+                        settings["seq_len"], settings["dtype"], rows, recipe_ac, text)
+
+
+def training_verdict(name: str, rows: list[TrainRow], memory: int, memory_text: str, layout: Layout,
+                     recipe_ac: str | None) -> str:
+    """Which activation-checkpointing modes fit, with the headroom or tightly, and what the others need."""
+    comfortable = [r.ac for r in rows if r.comfortable(memory)]
+    tight = [r.ac for r in rows if r.fits(memory) and not r.comfortable(memory)]
+    short = [r for r in rows if not r.fits(memory)]
+    where = f"{name} on {layout.describe()} of {memory_text}"
+    if not comfortable and not tight:
+        needs = _join([f"{r.ac} needs {gib(r.total)}" for r in rows])
+        return (f"{where} does not fit with any activation checkpointing ({needs} per device); shard further "
+                "(--dp-shard, --tp) or lower --micro-batch or --seq-len")
+    parts = []
+    if comfortable:
+        parts.append(f"activation checkpointing {_join(comfortable)} fit{'s' * (len(comfortable) == 1)} "
+                     f"with {HEADROOM:.0%} to spare")
+    if tight:
+        parts.append(f"{_join(tight)} fit{'s' * (len(tight) == 1)}, with less than {HEADROOM:.0%} spare")
+    if short:
+        parts.append(_join([f"{r.ac} needs {gib(r.total)}" for r in short]))
+    text = f"{where}: " + "; ".join(parts)
+    chosen = next((r for r in rows if r.ac == recipe_ac), None)
+    if chosen:
+        text += f" (the recipe's {chosen.ac} {'fits' if chosen.fits(memory) else 'does not fit'})"
+    return text
