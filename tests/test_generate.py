@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -175,14 +179,14 @@ def test_background_compilation_never_holds_up_decoding(bpe_tokenizer, tmp_path)
     assert llm.generate("Shall I", max_new_tokens=40, temperature=0) == reference  # eager while it builds
     assert len(llm.decoder.building) == 1 and llm.engine.decode_steps["compiled"] == 0
     llm.decoder.wait()                                     # the compiling process saved the step: taken
-    assert len(llm.decoder.steps) == 1 and not llm.decoder.failed, (tmp_path / "x").parent.glob("*.log")
+    assert len(llm.decoder.steps) == 1 and not llm.decoder.failed, [p.read_text() for p in tmp_path.glob("*.log")]
     assert llm.decoder.counts == {"compiled": 0, "loaded": 1}
     assert llm.generate("Shall I", max_new_tokens=40, temperature=0) == reference  # compiled now
     assert llm.engine.decode_steps["compiled"] == 39
 
 
 def test_compiled_decoder_reuses_its_cache_and_falls_back_to_eager(bpe_tokenizer):
-    llm = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=False).compile(background=False)
+    llm = LLM(tiny("tiny-tied"), bpe_tokenizer, compile=False).compile(background=False, cache_dir=None)
     llm.generate_batch(["Shall I compare thee"], max_new_tokens=4, temperature=0)
     cache = llm.engine._cache
     assert cache.max_len == 256
@@ -200,6 +204,46 @@ def test_compiled_decoder_reuses_its_cache_and_falls_back_to_eager(bpe_tokenizer
     with pytest.warns(UserWarning, match="continuing without compilation"):
         again = llm.generate_batch(["Rough winds"], max_new_tokens=6, temperature=0)
     assert again[0].tokens == reference[0].tokens
+
+
+def test_generations_in_flight_together_never_share_a_cache(bpe_tokenizer):
+    """Two generations interleaved on one engine (two threads, or a stream not read to the
+    end): each gets its own KV cache, also when compilation keeps one cache for reuse."""
+    engine = Engine(tiny("tiny"))
+    engine.compile(cache_dir=None)        # keeps a cache between calls; short runs build nothing
+    prompts = [[5, 17, 42], [7, 8, 9, 10]]
+    alone = [[t[0] for t in TokenGenerator(engine, [p], 10, SamplingParams(0))] for p in prompts]
+    a, b = (iter(TokenGenerator(engine, [p], 10, SamplingParams(0))) for p in prompts)
+    together = [[], []]
+    for step_a, step_b in zip(a, b):
+        together[0].append(step_a[0])
+        together[1].append(step_b[0])
+    assert together == alone
+
+
+def test_a_model_changed_after_compile_gets_a_new_compiled_decoder(bpe_tokenizer):
+    from camelid.quant import quantize_model
+
+    llm = LLM(tiny("tiny"), bpe_tokenizer, compile=False).compile(cache_dir=None)
+    before = llm.decoder
+    quantize_model(llm.model, "int8")
+    expected = LLM(quantize_model(tiny("tiny"), "int8"), bpe_tokenizer, compile=False).generate(
+        "Shall I", max_new_tokens=6, temperature=0)
+    assert llm.generate("Shall I", max_new_tokens=6, temperature=0) == expected
+    assert llm.decoder is not before and llm.decoder.matches(llm.model)
+
+
+def test_a_build_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from camelid.generate.compiled import _alive
+
+    lock = tmp_path / "decode-x.lock"
+    assert not _alive(lock)
+    lock.write_text(str(os.getpid()))
+    assert _alive(lock)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))
+    assert not _alive(lock)
 
 
 # ---- speculative decoding ---------------------------------------------------------------------

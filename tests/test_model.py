@@ -72,6 +72,21 @@ def test_inductor_layers_equal_the_models_own():
     assert list(model.state_dict()) == list(tiny().state_dict())
 
 
+def test_positions_are_one_explicit_shape():
+    model = tiny()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"positions must be \[B, 4\] or \[1, 4\]"):
+        model(torch.tensor([[1, 2, 3, 4]]), torch.arange(6, 10), KVCache(model.config, 1, 16))
+
+
+def test_a_model_sampled_under_inference_mode_still_trains():
+    model = tiny()
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))           # the RoPE table is made here first
+    model.train().requires_grad_(True)
+    model(torch.tensor([[1, 2, 3, 4]])).sum().backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
+
+
 def test_rope_tables_are_computed_once():
     model = tiny()
     with torch.no_grad():

@@ -151,9 +151,9 @@ def test_dequantize_kernel_equals_the_formula(scheme, group):
 
 def test_compiled_step_runs_a_layers_shared_input_products_as_one_call(tiny_checkpoint, tmp_path, monkeypatch):
     path, _ = tiny_checkpoint
-    llm = camelid.load(path, quantize="int4", compile=False).compile(background=False)
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # generate the code, not a cached copy
+    # a fresh camelid and inductor cache: the code is generated here, not found compiled
+    llm = camelid.load(path, quantize="int4", compile=False).compile(background=False, cache_dir=tmp_path / "camelid")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     text, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
     step = code[-1]
     n_layers = llm.model.config.n_layers
@@ -264,15 +264,15 @@ def test_smollm2_gguf_blocks_map_in_without_loss(smollm2_gguf, smollm2, monkeypa
     assert abs(nll(got) - nll(ref)) < 0.01 and math.isfinite(nll(got))  # perplexity within 1%
 
 
-def test_quantized_compiled_decode_equals_eager(tiny_checkpoint):
+def test_quantized_compiled_decode_equals_eager(tiny_checkpoint, tmp_path):
     path, _ = tiny_checkpoint
     prompt = "Shall I compare thee"
-    # a float model compiled first in the same process must not lend its graph to the int4 one
-    floating = camelid.load(path, compile=False).compile(background=False)
+    # a float model compiled first in the same process (and cache) must not lend its step to the int4 one
+    floating = camelid.load(path, compile=False).compile(background=False, cache_dir=tmp_path)
     assert floating.generate(prompt, max_new_tokens=8, temperature=0) == camelid.load(path, compile=False).generate(
         prompt, max_new_tokens=8, temperature=0)
     eager = camelid.load(path, quantize="int4", compile=False)
-    compiled = camelid.load(path, quantize="int4", compile=False).compile(background=False)
+    compiled = camelid.load(path, quantize="int4", compile=False).compile(background=False, cache_dir=tmp_path)
     assert compiled.generate(prompt, max_new_tokens=8, temperature=0) == eager.generate(prompt, max_new_tokens=8,
                                                                                       temperature=0)
     assert not compiled.decoder.failed and not floating.decoder.failed

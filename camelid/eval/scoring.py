@@ -67,7 +67,7 @@ class Scorer:
 
     def _score_groups(self, groups: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
         """Score several contexts, each with its continuations, in two batched passes: the
-        contexts left-padded into one prefill, then every continuation of every context in one
+        contexts in one prefill, then every continuation of every context in one
         batch that attends to its own context's rows of the cache."""
         out: list[list[tuple[float, bool]] | None] = [None] * len(groups)
         batched = []

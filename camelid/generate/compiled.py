@@ -8,15 +8,15 @@ written as multiply-and-sum into one vectorised, parallel reduction that reads t
 single rows; everywhere else it is nn.Linear. The attention and RoPE swaps come from
 `camelid.model.inductor`.
 
-Shapes are static: a compiled step serves one (rows, cache slots, cache strides) shape, and
-callers round cache lengths up to buckets (256, 512, ...) so that a handful of shapes covers
-every request. A shape is compiled ahead of time (`aot_compile`: traced and compiled without
-running, so the live KV cache is never touched) on a background thread while decoding goes on
-eagerly; the first step after it is ready switches to it. Each compiled step is saved under the
-cache directory, keyed by everything its code depends on (the model's module structure, dtypes
-and shapes, the step's shape, camelid's and torch's versions), so the next process loads it in
-a moment instead of compiling again. Should compilation fail, decoding stays eager, with one
-warning.
+Shapes are static: a compiled step serves one StepShape (rows, cache slots and strides, dtypes,
+device), and callers round cache lengths up to buckets (256, 512, ...) so that a handful of
+shapes covers every request. A shape is compiled ahead of time (`aot_compile`: traced and
+compiled without running, so no live KV cache is touched), on CPU by a background process while
+decoding goes on eagerly; the first step after it is saved switches to it. Each compiled step is
+saved under the cache directory, keyed by everything its code depends on (the model's module
+structure, dtypes and shapes, the step's shape, the compile mode, the CPU's instruction set,
+torch's version and camelid's code that it runs), so the next process loads it in a moment
+instead of compiling again. Should compilation fail, decoding stays eager, with one warning.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import io
 import itertools
 import logging
 import os
+import platform
 import subprocess
 import sys
+import time
 import types
 import warnings
 from dataclasses import dataclass
@@ -91,11 +93,14 @@ class StepShape:
     rows: int
     slots: int
     strides: tuple[int, ...]   # of the cache's key tensors: a view of a larger cache has its parent's
+    cache_dtype: torch.dtype
+    token_dtype: torch.dtype
+    device: str
 
     @classmethod
     def of(cls, tokens: torch.Tensor, cache: KVCache) -> "StepShape":
         k = cache.layers[0].k
-        return cls(tokens.size(0), k.size(2), tuple(k.stride()))
+        return cls(tokens.size(0), k.size(2), tuple(k.stride()), k.dtype, tokens.dtype, str(k.device))
 
 
 class CompiledDecoder:
@@ -116,25 +121,34 @@ class CompiledDecoder:
     def __init__(self, model: Transformer, cache_dir: Path | None = None, background: bool = True,
                  mode: str | None = None):
         device = next(model.parameters()).device
+        self.fingerprint = _fingerprint(model)
         self.skeleton = _skeleton(model)  # the structure without weights, for a compiling process
         # the layers for inductor go into a copy that shares the weights: the caller's model
         # stays as it was (its state dict, quantize_model, the eager path)
         self.model = use_inductor_layers(use_gemv_linears(_copy_of(model, lambda t: t)))
         self.cache_dir = cache_dir
+        self.wait_for_steps = not background  # the caller wants compiled steps from the first token on
         self.background = background and cache_dir is not None and device.type == "cpu" and ahead_of_time()
+        self.mode = mode
         self.options = compile_options(device, mode)
         self.steps: dict[StepShape, Callable] = {}
-        self.building: dict[StepShape, subprocess.Popen] = {}
+        self.building: dict[StepShape, _Build] = {}
         self.failed = False
         self.counts = {"compiled": 0, "loaded": 0}  # steps compiled here, and loaded from the cache directory
-        self.model_key = _structure_key(self.model)
+        self.model_key = _structure_key(self.model, mode)
+
+    def matches(self, model: Transformer) -> bool:
+        """Whether `model` is still the model this decoder copied: no layer swapped (quantized),
+        no weight cast or moved since."""
+        return _fingerprint(model) == self.fingerprint
 
     # ---- using the steps ---------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              build: bool = True) -> torch.Tensor | None:
         """Logits [B, V] for tokens [B, 1] at positions [B, 1], or None while this shape is not
-        compiled yet. A shape not asked for before is loaded or starts building, unless `build`
-        is False (a short generation, for which neither would pay) in the background mode."""
+        compiled yet. A shape not asked for before is loaded, or built (in the background where
+        it can be, else now), unless `build` is False (a short generation, for which neither
+        would pay) and the caller did not ask to wait for compiled steps."""
         if self.failed:
             return None
         shape = StepShape.of(tokens, cache)
@@ -142,7 +156,7 @@ class CompiledDecoder:
         if fn is None:
             if shape in self.building:
                 fn = self._collect(shape)
-            elif build or not self.background:
+            elif build or self.wait_for_steps:
                 fn = self._obtain(shape, tokens, positions, cache)
         return self._run(fn, tokens, positions, cache)
 
@@ -151,7 +165,7 @@ class CompiledDecoder:
         for a background build already under way)."""
         shape = StepShape.of(tokens, cache)
         if shape in self.building:
-            self.building[shape].wait()
+            self.building[shape].join()
             return self._collect(shape)
         if shape not in self.steps and not self.failed:
             return self._obtain(shape, tokens, positions, cache, background=False)
@@ -162,8 +176,8 @@ class CompiledDecoder:
 
     def wait(self) -> None:
         """Wait for every background build, and take their steps."""
-        for shape, proc in list(self.building.items()):
-            proc.wait()
+        for shape, build in list(self.building.items()):
+            build.join()
             self._collect(shape)
 
     def _run(self, fn, tokens, positions, cache) -> torch.Tensor | None:
@@ -185,7 +199,9 @@ class CompiledDecoder:
                 self.model.rope.table(tokens.device, shape.slots)  # built here, never while tracing
                 fn = self._load(path) if path is not None and path.exists() else None
                 if fn is None and (self.background if background is None else background):
-                    self.building[shape] = _spawn(path, self.skeleton, shape, tokens, cache)
+                    # one build at a time: the others wait their turn (asked for again next step)
+                    if not any(b.running() for b in self.building.values()):
+                        self.building[shape] = _Build(path, self.skeleton, tokens, cache, self.mode)
                 elif fn is None:
                     fn = compile_step((self.model, tokens, positions, cache), self.options, path)
                     self.counts["compiled"] += 1
@@ -197,19 +213,18 @@ class CompiledDecoder:
         return fn
 
     def _collect(self, shape: StepShape) -> Callable | None:
-        """A background build's step once its process has ended (None while it runs)."""
-        proc = self.building[shape]
-        if proc.poll() is None:
+        """A background build's step once it has ended (None while it runs)."""
+        build = self.building[shape]
+        if build.running():
             return None
         del self.building[shape]
-        path = self._path(shape)
-        fn = self._load(path) if proc.returncode == 0 and path.exists() else None
-        if fn is None:
-            self._fail(RuntimeError(f"the compiling process ended with code {proc.returncode} and no usable "
-                                    f"step; its log is {path.with_suffix('.log')}"))
-            return None
-        self.steps[shape] = fn
-        return fn
+        fn = self._load(build.path) if build.path.exists() else None
+        if fn is None and build.own:
+            self._fail(RuntimeError(f"the compiling process ended with code {build.proc.returncode} and no usable "
+                                    f"step; its log is {build.log}"))
+        if fn is not None:
+            self.steps[shape] = fn
+        return fn  # another process's build that failed: this one builds it when next asked
 
     def _load(self, path: Path) -> Callable | None:
         """A saved step, or None when it cannot be used (written by another torch, damaged): the
@@ -316,20 +331,74 @@ def _skeleton(model: Transformer) -> bytes:
     return buffer.getvalue()
 
 
-def _spawn(path: Path, skeleton: bytes, shape: StepShape, tokens: torch.Tensor, cache: KVCache) -> subprocess.Popen:
-    k = cache.layers[0].k
-    job = {"skeleton": skeleton, "path": str(path), "rows": shape.rows, "dtype": k.dtype,
-           # the cache's key tensors are views of a parent [rows, K, slots, D] buffer: rebuild it so
-           # that the view has the same strides
-           "parent": (k.untyped_storage().nbytes() // k.element_size(), tuple(k.shape), tuple(k.stride()),
-                      k.storage_offset())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    job_path = path.with_suffix(".job")
-    torch.save(job, job_path)
-    with open(path.with_suffix(".log"), "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "camelid.generate.compiled", str(job_path)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # not stopped by the terminal's Ctrl-C
+class _Build:
+    """A step being compiled by a background process: this process's own, or (when the step's
+    lock file names a live process) another's, which this one only waits for. The lock keeps two
+    `camelid generate` runs from compiling the same step at once."""
+
+    def __init__(self, path: Path, skeleton: bytes, tokens: torch.Tensor, cache: KVCache, mode: str | None):
+        self.path, self.proc = path, None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = path.with_suffix(".lock")
+        try:
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _alive(self.lock):
+                self.own = False
+                return
+            self.lock.unlink(missing_ok=True)  # left by a process that died: take over
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        self.own = True
+        k = cache.layers[0].k
+        job = {"skeleton": skeleton, "path": str(path), "rows": tokens.size(0), "mode": mode, "dtype": k.dtype,
+               # the cache's key tensors are views of a parent [rows, K, slots, D] buffer: rebuild it
+               # so that the view has the same strides
+               "parent": (k.untyped_storage().nbytes() // k.element_size(), tuple(k.shape), tuple(k.stride()),
+                          k.storage_offset())}
+        stem = f"{path.stem}-{os.getpid()}"
+        job_path, self.log = path.with_name(stem + ".job"), path.with_name(stem + ".log")
+        with os.fdopen(fd, "w") as lock_file:
+            try:
+                torch.save(job, job_path)
+                with open(self.log, "w") as out:
+                    self.proc = subprocess.Popen(
+                        [sys.executable, "-m", "camelid.generate.compiled", str(job_path)], stdout=out,
+                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        start_new_session=True)  # not stopped by the terminal's Ctrl-C
+            except BaseException:
+                self.lock.unlink(missing_ok=True)
+                raise
+            lock_file.write(str(self.proc.pid))
+
+    def running(self) -> bool:
+        if self.own:
+            return self.proc.poll() is None
+        return not self.path.exists() and _alive(self.lock)
+
+    def join(self) -> None:
+        while self.running():
+            if self.own:
+                self.proc.wait()
+            else:
+                time.sleep(0.5)
+
+
+def _alive(lock: Path) -> bool:
+    """Whether the build a lock file stands for still runs: the process it names is alive (or
+    the file is brand new, its writer about to name the process)."""
+    try:
+        text, age = lock.read_text(), time.time() - lock.stat().st_mtime
+    except OSError:
+        return False  # gone: that build has ended
+    if not text.strip():
+        return age < 10
+    try:
+        os.kill(int(text), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:  # alive, under another user
+        pass
+    return True
 
 
 def _compile_job(job_path: str) -> None:
@@ -338,13 +407,23 @@ def _compile_job(job_path: str) -> None:
     if hasattr(os, "nice"):
         os.nice(10)  # decoding in the parent comes first
     job = torch.load(job_path, weights_only=False)
+    path = Path(job["path"])
+    try:
+        _compile_from(job)
+    finally:
+        Path(job_path).unlink(missing_ok=True)
+        path.with_suffix(".lock").unlink(missing_ok=True)
+    Path(job_path).with_suffix(".log").unlink(missing_ok=True)  # kept only when something went wrong
+
+
+def _compile_from(job: dict) -> None:
     model = torch.load(io.BytesIO(job["skeleton"]), weights_only=False)
     model.to_empty(device="cpu")
     from camelid.quant import QuantizedLinear, kernels
 
     if any(isinstance(m, QuantizedLinear) and m.fused for m in model.modules()):
         kernels.available()  # camelid's operators, registered before tracing meets them
-    decoder = CompiledDecoder(model)
+    decoder = CompiledDecoder(model, mode=job["mode"])
     numel, shape, stride, offset = job["parent"]
 
     def view() -> torch.Tensor:  # a buffer of its own for each: the compiler must see no aliasing
@@ -356,23 +435,28 @@ def _compile_job(job_path: str) -> None:
     with torch.inference_mode():
         model.rope.table(torch.device("cpu"), shape[2])
         compile_step((decoder.model, tokens, tokens.clone(), cache), decoder.options, Path(job["path"]))
-    os.unlink(job_path)
-    Path(job["path"]).with_suffix(".log").unlink(missing_ok=True)  # kept only when something went wrong
 
 
-def _structure_key(model: nn.Module) -> str:
+def _fingerprint(model: nn.Module) -> tuple:
+    """Which tensors the model holds, with their dtypes and devices: changes when a layer is
+    swapped (quantize_model) or the weights are cast or moved."""
+    return tuple((id(t), t.dtype, t.device) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _structure_key(model: nn.Module, mode: str | None) -> str:
     """Everything the compiled code depends on but its input shapes: the module classes, every
-    parameter's and buffer's name, shape, dtype and device, the model config, and the versions
-    of camelid, torch and the sources that shape the graph."""
-    import camelid
-    from camelid.model import inductor, transformer
+    parameter's and buffer's name, shape, dtype and device, the model config, the compile mode,
+    the CPU's instruction set (inductor's C++ is built for it), torch's version and the sources
+    of camelid's code that the step runs."""
+    from camelid.model import inductor, kv_cache, transformer
     from camelid.quant import fuse, kernels, layers
 
-    parts = [camelid.__version__, torch.__version__, repr(model.config)]
+    parts = [torch.__version__, repr(model.config), str(mode), torch.backends.cpu.get_cpu_capability(),
+             platform.machine()]
     parts += [f"{name}:{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules()]
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}:{t.device}" for n, t in tensors]
-    for module in (transformer, inductor, fuse, layers, kernels):
+    for module in (transformer, kv_cache, inductor, fuse, layers, kernels):  # camelid's code in the step
         parts.append(hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest())
     parts.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

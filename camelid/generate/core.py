@@ -20,6 +20,8 @@ shape, and run eagerly until then.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +45,10 @@ class Engine:
     def __init__(self, model: Transformer):
         self.model = model
         self.compiled: CompiledDecoder | None = None
-        self._cache: KVCache | None = None
+        self._compile_settings: dict | None = None
+        self._cache: KVCache | None = None      # kept between calls when compiled: see new_cache
+        self._cache_lent = False
+        self._lock = threading.Lock()
         self.decode_steps = {"compiled": 0, "eager": 0}  # how the decode steps ran, since the start
 
     @property
@@ -59,22 +64,44 @@ class Engine:
         return self.model.config
 
     def compile(self, mode: str | None = None, background: bool = True, cache_dir: Path | None = None) -> None:
-        """Decode with compiled steps from now on (see `CompiledDecoder`)."""
-        self.compiled = CompiledDecoder(self.model, cache_dir=cache_dir, background=background, mode=mode)
+        """Decode with compiled steps from now on (see `CompiledDecoder`); should that fail to
+        set up, decoding stays eager, with a warning."""
+        self._compile_settings = {"mode": mode, "background": background, "cache_dir": cache_dir}
+        try:
+            self.compiled = CompiledDecoder(self.model, **self._compile_settings)
+        except Exception as e:  # a module the decoder cannot copy or pickle, say
+            self.compiled = self._compile_settings = None
+            warnings.warn(f"compiled decoding is unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
+                          "eagerly", stacklevel=2)
 
     # ---- caches --------------------------------------------------------------------------------------
     def new_cache(self, rows: int, length: int) -> KVCache:
-        """A cache for `rows` sequences of up to `length` tokens. With compilation its length is
-        rounded up to a bucket and the cache is kept for the next call of the same shape, so that
-        later requests reuse both it and its compiled step (one cache lives at a time)."""
+        """A cache for `rows` sequences of up to `length` tokens, for the caller alone until it
+        calls `release`. With compilation its length is rounded up to a bucket, and one cache is
+        kept for the next call of the same shape, so that later requests reuse both it and its
+        compiled step."""
         if self.compiled is None:
             return self.allocate(rows, length)
+        if not self.compiled.matches(self.model):  # the model was changed (quantized, cast): start afresh
+            self.compile(**self._compile_settings)
+            if self.compiled is None:
+                return self.allocate(rows, length)
         length = bucket(length, self.config.max_seq_len)
-        c = self._cache
-        if c is None or c.batch != rows or c.max_len != length or c.layers[0].k.dtype != self.dtype:
-            self._cache = None  # freed before the next one is allocated
-            self._cache = self.allocate(rows, length)
-        return self._cache
+        with self._lock:
+            c = self._cache
+            if self._cache_lent:    # another generation holds it (threads, a stream not read to the end)
+                return self.allocate(rows, length)
+            if c is None or c.batch != rows or c.max_len != length or c.layers[0].k.dtype != self.dtype:
+                self._cache = None  # freed before the next one is allocated
+                self._cache = self.allocate(rows, length)
+            self._cache_lent = True
+            return self._cache
+
+    def release(self, cache: KVCache) -> None:
+        """The caller of `new_cache` is done with `cache`."""
+        with self._lock:
+            if cache is self._cache:
+                self._cache_lent = False
 
     def allocate(self, rows: int, length: int) -> KVCache:
         """A cache of exactly `rows` x `length`, for the caller alone."""

@@ -73,7 +73,11 @@ class TokenGenerator:
         generator = None
         if self.seed is not None:
             generator = torch.Generator(device=engine.device).manual_seed(self.seed)
-        next_tokens = sample(engine.prefill(self.prompts, cache, self.pad_id), self.sampling, generator)
+        try:
+            next_tokens = sample(engine.prefill(self.prompts, cache, self.pad_id), self.sampling, generator)
+        except BaseException:
+            engine.release(cache)
+            raise
         ids = next_tokens.tolist()
         self.stats.prefill_s += time.perf_counter() - t0
         self.stats.first_token_s = self.stats.prefill_s
@@ -94,6 +98,7 @@ class TokenGenerator:
                 ids = next_tokens.tolist()
         finally:
             self.stats.decode_s += time.perf_counter() - t0
+            engine.release(cache)
 
     def _emit(self, ids: list[int], last: bool) -> list[int | None]:
         out: list[int | None] = []

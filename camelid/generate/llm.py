@@ -104,9 +104,12 @@ class LLM:
         same tokenizer, proposes `num_draft` tokens per round and this model checks them in one
         forward. Output is unchanged: greedy gives the same tokens, sampling the same
         distribution. `generator.rounds.acceptance` after a call says how often the draft was right."""
-        if draft is not None and draft.tokenizer.vocab_size != self.tokenizer.vocab_size:
-            raise CamelidError(f"draft model {draft.source}: its vocabulary ({draft.tokenizer.vocab_size}) differs "
-                               f"from this model's ({self.tokenizer.vocab_size}); use a draft with the same tokenizer")
+        if draft is not None and (draft.tokenizer.vocab_size, draft.config.vocab_size) != (
+                self.tokenizer.vocab_size, self.config.vocab_size):
+            raise CamelidError(f"draft model {draft.source}: its vocabulary ({draft.tokenizer.vocab_size} tokens, "
+                               f"{draft.config.vocab_size} logits) differs from this model's "
+                               f"({self.tokenizer.vocab_size}, {self.config.vocab_size}); use a draft with the same "
+                               "tokenizer")
         self.draft, self.num_draft = draft, num_draft
         return self
 

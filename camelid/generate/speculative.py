@@ -102,6 +102,13 @@ class SpeculativeGenerator:
         seq = list(self.prompts[0])
         length = len(seq) + self.max_new_tokens + self.num_draft + 1
         caches = [engine.new_cache(1, length) for engine in (self.target, self.draft)]
+        try:
+            yield from self._rounds(seq, caches, gen)
+        finally:
+            self.target.release(caches[0])
+            self.draft.release(caches[1])
+
+    def _rounds(self, seq: list[int], caches: list[KVCache], gen: torch.Generator) -> Iterator[list[int]]:
         t0 = time.perf_counter()
         if len(seq) > 1:  # both caches hold all committed tokens but the last
             self._forward(self.target, caches[0], seq[:-1], 0)
@@ -141,6 +148,8 @@ class SpeculativeGenerator:
                 seq.append(token)
                 produced += 1
                 self.stats.new_tokens += 1
+                if produced == 1:
+                    self.stats.first_token_s = self.stats.prefill_s + time.perf_counter() - t0
                 yield [token]
                 if token in self.stop_ids or self.done:
                     self.done = True

@@ -77,8 +77,12 @@ class RotaryTable:
         t = self.tables.get(device)
         if t is None or t.size(0) < length:
             n = max(length, self.config.max_seq_len)
-            angles = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(-1) * rope_inv_freq(self.config, device)
-            t = self.tables[device] = torch.stack((angles.cos(), angles.sin()), dim=-1)
+            # an ordinary tensor even when first asked for under inference_mode, so that training
+            # can save it for backward later
+            with torch.inference_mode(False), torch.no_grad():
+                angles = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(-1) * rope_inv_freq(
+                    self.config, device)
+                t = self.tables[device] = torch.stack((angles.cos(), angles.sin()), dim=-1)
         return t
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
@@ -202,6 +206,9 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         mask = None
+        if positions is not None and (positions.dim() != 2 or positions.size(-1) != T):
+            raise ValueError(f"positions must be [B, {T}] or [1, {T}] for tokens {list(tokens.shape)} "
+                             f"(got {list(positions.shape)})")
         if positions is None:
             rotation = self.rope.table(tokens.device, T)[:T].unsqueeze(-3)
         else:
