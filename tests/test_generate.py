@@ -176,8 +176,8 @@ def test_background_compilation_never_holds_up_decoding(bpe_tokenizer, tmp_path)
     reference = eager.generate("Shall I", max_new_tokens=40, temperature=0)
     short = llm.generate("Shall I", max_new_tokens=8, temperature=0)   # below COMPILE_AFTER: nothing starts
     assert not llm.decoder.building and not llm.decoder.steps and reference.startswith(short)
-    assert llm.generate("Shall I", max_new_tokens=40, temperature=0) == reference  # eager while it builds
-    assert len(llm.decoder.building) == 1 and llm.engine.decode_steps["compiled"] == 0
+    assert llm.generate("Shall I", max_new_tokens=40, temperature=0) == reference  # eager: asks for the step
+    assert len(llm.decoder.building) == 1 and llm.engine.decode_steps["compiled"] == 0  # built once it ended
     llm.decoder.wait()                                     # the compiling process saved the step: taken
     assert len(llm.decoder.steps) == 1 and not llm.decoder.failed, [p.read_text() for p in tmp_path.glob("*.log")]
     assert llm.decoder.counts == {"compiled": 0, "loaded": 1}

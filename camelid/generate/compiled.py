@@ -110,10 +110,11 @@ class CompiledDecoder:
     decodes eagerly). A shape asked for the first time is loaded from the cache directory if
     it is there (a moment), and otherwise compiled:
 
-    - in the background (CPU, `background`): by a separate, low-priority process that rebuilds
-      the model's structure without its weights, compiles, and saves the step; decoding goes on
-      eagerly and takes the step as soon as it is saved. A thread would not do: tracing is
-      Python and would hold the interpreter's lock against the decoding thread. The process
+    - in the background (CPU, `background`): by a separate, lowest-priority process that
+      rebuilds the model's structure without its weights, compiles, and saves the step. It
+      starts when decoding pauses (`start_builds`: the generation that asked for the step has
+      ended) and decoding takes the step as soon as it is saved. A thread would not do: tracing
+      is Python and would hold the interpreter's lock against the decoding thread. The process
       finishes its work even if this one ends first, so the next run finds the step;
     - or here and now (without `background`, on GPUs, or without a cache directory).
     """
@@ -132,6 +133,7 @@ class CompiledDecoder:
         self.mode = mode
         self.options = compile_options(device, mode)
         self.steps: dict[StepShape, Callable] = {}
+        self.wanted: dict[StepShape, dict] = {}      # asked for, to build once decoding pauses
         self.building: dict[StepShape, _Build] = {}
         self.failed = False
         self.counts = {"compiled": 0, "loaded": 0}  # steps compiled here, and loaded from the cache directory
@@ -156,7 +158,7 @@ class CompiledDecoder:
         if fn is None:
             if shape in self.building:
                 fn = self._collect(shape)
-            elif build or self.wait_for_steps:
+            elif shape not in self.wanted and (build or self.wait_for_steps):
                 fn = self._obtain(shape, tokens, positions, cache)
         return self._run(fn, tokens, positions, cache)
 
@@ -164,9 +166,9 @@ class CompiledDecoder:
         """The compiled step for these inputs' shape, loaded or compiled now if need be (waiting
         for a background build already under way)."""
         shape = StepShape.of(tokens, cache)
-        if shape in self.building:
-            self.building[shape].join()
-            return self._collect(shape)
+        if shape in self.wanted or shape in self.building:
+            self.wait()
+            return self.steps.get(shape)
         if shape not in self.steps and not self.failed:
             return self._obtain(shape, tokens, positions, cache, background=False)
         return self.steps.get(shape)
@@ -175,10 +177,29 @@ class CompiledDecoder:
         return StepShape.of(tokens, cache) in self.steps
 
     def wait(self) -> None:
-        """Wait for every background build, and take their steps."""
-        for shape, build in list(self.building.items()):
-            build.join()
+        """Build every step asked for in the background, wait for them, and take them."""
+        while self.wanted or self.building:
+            self.start_builds()
+            for shape, build in list(self.building.items()):
+                build.join()
+                self._collect(shape)
+
+    def start_builds(self) -> None:
+        """Start compiling the next step asked for, if none is being compiled: called when
+        decoding pauses (a generation ends, a request is answered). Compiling beside a decoding
+        process on the same cores slows its decoding several times over, even at the lowest
+        priority, so a step asked for is built after the generation that asked, for the next."""
+        if self.failed or any(b.running() for b in self.building.values()):
+            return
+        for shape in list(self.building):
             self._collect(shape)
+        if self.wanted:
+            shape, job = next(iter(self.wanted.items()))
+            del self.wanted[shape]
+            try:
+                self.building[shape] = _Build(self._path(shape), job)
+            except Exception as e:  # an unwritable cache directory, no process to spare
+                self._fail(e)
 
     def _run(self, fn, tokens, positions, cache) -> torch.Tensor | None:
         if fn is None:
@@ -191,17 +212,15 @@ class CompiledDecoder:
 
     # ---- obtaining them -----------------------------------------------------------------------------
     def _obtain(self, shape: StepShape, tokens, positions, cache, background: bool | None = None) -> Callable | None:
-        """Load the shape's step from the cache directory, else start building it in the
-        background, else compile it here; None when it is not ready (or failed)."""
+        """Load the shape's step from the cache directory, else ask for it to be built in the
+        background (`start_builds`), else compile it here; None when it is not ready (or failed)."""
         path = self._path(shape)
         try:
             with torch.inference_mode():
                 self.model.rope.table(tokens.device, shape.slots)  # built here, never while tracing
                 fn = self._load(path) if path is not None and path.exists() else None
                 if fn is None and (self.background if background is None else background):
-                    # one build at a time: the others wait their turn (asked for again next step)
-                    if not any(b.running() for b in self.building.values()):
-                        self.building[shape] = _Build(path, self.skeleton, tokens, cache, self.mode)
+                    self.wanted[shape] = _job(self.skeleton, path, tokens, cache, self.mode)
                 elif fn is None:
                     fn = compile_step((self.model, tokens, positions, cache), self.options, path)
                     self.counts["compiled"] += 1
@@ -331,12 +350,22 @@ def _skeleton(model: Transformer) -> bytes:
     return buffer.getvalue()
 
 
+def _job(skeleton: bytes, path: Path, tokens: torch.Tensor, cache: KVCache, mode: str | None) -> dict:
+    """What a compiling process needs to know: the model's skeleton and the step's inputs as
+    shapes, dtypes and strides (the cache's key tensors are views of a parent [rows, K, slots, D]
+    buffer: the process rebuilds it, so that the view has the same strides)."""
+    k = cache.layers[0].k
+    return {"skeleton": skeleton, "path": str(path), "rows": tokens.size(0), "mode": mode, "dtype": k.dtype,
+            "parent": (k.untyped_storage().nbytes() // k.element_size(), tuple(k.shape), tuple(k.stride()),
+                       k.storage_offset())}
+
+
 class _Build:
     """A step being compiled by a background process: this process's own, or (when the step's
     lock file names a live process) another's, which this one only waits for. The lock keeps two
     `camelid generate` runs from compiling the same step at once."""
 
-    def __init__(self, path: Path, skeleton: bytes, tokens: torch.Tensor, cache: KVCache, mode: str | None):
+    def __init__(self, path: Path, job: dict):
         self.path, self.proc = path, None
         path.parent.mkdir(parents=True, exist_ok=True)
         self.lock = path.with_suffix(".lock")
@@ -349,12 +378,6 @@ class _Build:
             self.lock.unlink(missing_ok=True)  # left by a process that died: take over
             fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         self.own = True
-        k = cache.layers[0].k
-        job = {"skeleton": skeleton, "path": str(path), "rows": tokens.size(0), "mode": mode, "dtype": k.dtype,
-               # the cache's key tensors are views of a parent [rows, K, slots, D] buffer: rebuild it
-               # so that the view has the same strides
-               "parent": (k.untyped_storage().nbytes() // k.element_size(), tuple(k.shape), tuple(k.stride()),
-                          k.storage_offset())}
         stem = f"{path.stem}-{os.getpid()}"
         job_path, self.log = path.with_name(stem + ".job"), path.with_name(stem + ".log")
         with os.fdopen(fd, "w") as lock_file:
@@ -404,8 +427,7 @@ def _alive(lock: Path) -> bool:
 def _compile_job(job_path: str) -> None:
     """The compiling process: rebuild the model's structure (uninitialised memory: never read),
     compile the step for the job's shape and save it."""
-    if hasattr(os, "nice"):
-        os.nice(10)  # decoding in the parent comes first
+    _yield_the_cpu()
     job = torch.load(job_path, weights_only=False)
     path = Path(job["path"])
     try:
@@ -414,6 +436,17 @@ def _compile_job(job_path: str) -> None:
         Path(job_path).unlink(missing_ok=True)
         path.with_suffix(".lock").unlink(missing_ok=True)
     Path(job_path).with_suffix(".log").unlink(missing_ok=True)  # kept only when something went wrong
+
+
+def _yield_the_cpu() -> None:
+    """Run only when the CPU would otherwise idle (Linux's SCHED_IDLE, inherited by inductor's
+    compile workers), else at the lowest priority: a decoding process's threads wait for each
+    other at every operation, so any share of a core taken from one of them slows them all."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        if hasattr(os, "nice"):
+            os.nice(19)
 
 
 def _compile_from(job: dict) -> None:

@@ -98,10 +98,17 @@ class Engine:
             return self._cache
 
     def release(self, cache: KVCache) -> None:
-        """The caller of `new_cache` is done with `cache`."""
+        """The caller of `new_cache` is done with `cache` (and with decoding, for now)."""
         with self._lock:
             if cache is self._cache:
                 self._cache_lent = False
+        self.pause()
+
+    def pause(self) -> None:
+        """Decoding pauses: the compiled steps asked for meanwhile start building, in the
+        background (see `CompiledDecoder.start_builds`)."""
+        if self.compiled is not None:
+            self.compiled.start_builds()
 
     def allocate(self, rows: int, length: int) -> KVCache:
         """A cache of exactly `rows` x `length`, for the caller alone."""

@@ -26,6 +26,7 @@ import torch
 
 from camelid.generate import Engine, SamplingParams, TextStream, sample
 from camelid.generate.compiled import bucket
+from camelid.model import KVCache
 from camelid.tokenizer import Tokenizer
 
 log = logging.getLogger("camelid.serve")
@@ -84,6 +85,7 @@ class Batcher:
         self.stop_ids = tokenizer.stop_ids
         self.device = engine.device
         self.cache = engine.allocate(max_batch, context)
+        self.views: dict[tuple[int, int], KVCache] = {}  # of the cache, by (rows, slots), for decode steps
         self.rows: list[Row | None] = [None] * max_batch
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
@@ -180,7 +182,10 @@ class Batcher:
         tokens = torch.tensor([r.last if r else 0 for r in rows], device=self.device)
         positions = [r.position if r else 0 for r in rows]
         window = bucket(max(positions) + 1, self.context)
-        logits = self.engine.decode(tokens, positions, self.cache.view(slice(0, n), window))
+        view = self.views.get((n, window))
+        if view is None:  # a handful of (rows, window) pairs: each view made once
+            view = self.views[n, window] = self.cache.view(slice(0, n), window)
+        logits = self.engine.decode(tokens, positions, view)
         next_ids = self._sample(logits, rows)
         for i, row in enumerate(rows):
             if row is not None:
@@ -214,6 +219,7 @@ class Batcher:
     def _finish(self, index: int, reason: str) -> None:
         row = self.rows[index]
         self.rows[index] = None
+        self.engine.pause()  # a compiled step asked for meanwhile starts building
         rest = row.text.finish()
         row.job.deliver(Event(text=rest, finish_reason=reason, prompt_tokens=len(row.job.prompt),
                               completion_tokens=row.produced))
