@@ -7,7 +7,7 @@ Rows:
   time to first token counts its import and load too;
 - `camelid generate --no-compile`: eager decoding, for reference;
 - `camelid generate`, cold: a fresh process on fresh caches (camelid's compiled steps and
-  inductor's): it decodes eagerly while a background process compiles its step;
+  inductor's): it decodes eagerly, and once it stops a background process compiles its step;
 - `camelid generate`, warm: the same command again, once that compilation has finished;
 - `camelid serve`, one client: a server on the warm caches, one streamed completion of the same
   length (after a first request whose shapes it compiles, and waiting for that).
