@@ -13,6 +13,24 @@ from typing import Iterator
 from camelid.errors import CamelidError
 
 
+def check_destination(path: str | os.PathLike[str], what: str, directory: bool = False) -> Path:
+    """Refuse, before any work is done, a destination that cannot be written: a directory where
+    a file goes (or a file where a directory goes), a parent that is a file, or a parent the
+    user may not write. `what` names the option or field, e.g. "--output" or "run.dir"."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        kind = "a directory" if path.is_dir() else "a file"
+        raise CamelidError(f"{what} {path}: is {kind}; give a {'directory' if directory else 'file'} path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CamelidError(f"{what} {path}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CamelidError(f"{what} {path}: cannot write in {parent} (permission denied); choose another path")
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -24,9 +24,9 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode with a compiled step (the default where torch.compile works): the first long "
-                        "generation of a model compiles it in the background while decoding goes on, and later "
-                        "runs load it from ~/.cache/camelid/compiled in a moment; --no-compile decodes eagerly")
+                   help="decode with a compiled step (the default where torch.compile works): after the first long "
+                        "generation of a model a background process compiles its step, and later runs load it "
+                        "from ~/.cache/camelid/compiled in a moment; --no-compile decodes eagerly")
 
 
 def add_draft_arguments(p: argparse.ArgumentParser) -> None:
