@@ -80,36 +80,38 @@ class _ZstdReader(io.RawIOBase):
     truncated file ends, so a cut file would pass for a short (or empty) one; this reader
     raises EOFError when the input ends inside a frame."""
 
+    CHUNK = 1 << 16  # compressed bytes per step: bounds the memory one step can decompress into
+
     def __init__(self, path: Path):
         import zstandard
 
         self._zstd = zstandard
         self._raw = open(path, "rb")
         self._frame = zstandard.ZstdDecompressor().decompressobj()
-        self._started = False         # the current frame has consumed input
-        self._pending = b""
+        self._in_frame = False        # the current frame has consumed input but not ended
+        self._out = memoryview(b"")   # decompressed, not yet read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        while not self._pending:
-            chunk = self._raw.read(1 << 20)
+        while not self._out:
+            chunk = self._raw.read(self.CHUNK)
             if not chunk:
-                if self._started:
+                if self._in_frame:
                     raise EOFError("the file ends inside a zstd frame")
                 return 0
+            pieces = []
             while chunk:
                 if self._frame.eof:  # the next frame of a multi-frame file
                     self._frame = self._zstd.ZstdDecompressor().decompressobj()
-                self._started = True
-                self._pending += self._frame.decompress(chunk)
+                pieces.append(self._frame.decompress(chunk))
+                self._in_frame = not self._frame.eof
                 chunk = self._frame.unused_data if self._frame.eof else b""
-                if self._frame.eof:
-                    self._started = False
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+            self._out = memoryview(b"".join(pieces))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
         return n
 
     def close(self) -> None:
@@ -123,7 +125,7 @@ def open_binary(path: Path) -> IO[bytes]:
         return gzip.open(path, "rb")
     if name.endswith((".zst", ".zstd")):
         # buffered, so that it can be iterated line by line like the others
-        return io.BufferedReader(_ZstdReader(path))
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
