@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
 import math
+import sys
 from pathlib import Path
 from typing import Any
 

@@ -66,6 +66,8 @@ def train_sentencepiece(lines: Iterable[str], directory: Path, vocab_size: int,
                 if line.strip():
                     counted[0] += 1
                     yield line
+        except GeneratorExit:  # SentencePiece stopped reading early: not a failure
+            raise
         except BaseException as e:
             failed.append(e)
             raise
