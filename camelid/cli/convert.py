@@ -53,8 +53,8 @@ def check_options(args: argparse.Namespace) -> None:
     """Every mistake in the options, before the source is read (which can take minutes)."""
     if args.shards is not None:
         if args.to != "meta":
-            raise CamelidError(f"--shards splits Meta's consolidated.NN.pth files and does nothing with --to {args.to}; "
-                               "drop it or use --to meta")
+            raise CamelidError(f"--shards splits Meta's consolidated.NN.pth files and does nothing with "
+                               f"--to {args.to}; drop it or use --to meta")
         if args.shards < 1:
             raise CamelidError(f"--shards must be >= 1 (got {args.shards})")
     if args.gguf_type and args.to != "gguf":
@@ -69,7 +69,8 @@ def check_options(args: argparse.Namespace) -> None:
         from camelid.quant import GROUP_SIZES
 
         if args.group_size not in GROUP_SIZES:
-            raise CamelidError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} (got {args.group_size})")
+            raise CamelidError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} "
+                               f"(got {args.group_size})")
     # GGUF is one file; every other format is a directory
     dst = check_destination(args.dst, "DST", directory=args.to != "gguf")
     if dst.exists() and not args.force and (dst.is_file() or any(dst.iterdir())):

@@ -115,7 +115,8 @@ class Recipe:
             if s.on_error not in ("raise", "skip", "replace"):
                 raise CamelidError(f"recipe: source {s.name!r}: on_error must be raise, skip or replace")
             if s.format not in FORMATS:
-                raise CamelidError(f"recipe: source {s.name!r}: format must be one of {list(FORMATS)} (got {s.format!r})")
+                raise CamelidError(f"recipe: source {s.name!r}: format must be one of {list(FORMATS)} "
+                                   f"(got {s.format!r})")
             if s.split not in SPLITS:
                 raise CamelidError(f"recipe: source {s.name!r}: split must be one of {list(SPLITS)} (got {s.split!r})")
         out = self.output
