@@ -22,6 +22,10 @@ from camelid.errors import CamelidError
 from camelid.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
+# Settings params.json cannot hold. Meta's loaders build ModelArgs(max_seq_len=...,
+# max_batch_size=..., **params), so a max_seq_len key there would be a duplicate argument;
+# the context length the model was trained for goes beside it instead, and is read back.
+EXTRA = "camelid_params.json"
 # Split axis of each weight when writing shards (Meta's reference layout).
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
 
@@ -68,6 +72,19 @@ def read_meta(directory: Path) -> Checkpoint:
         params = json.loads(params_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CamelidError(f"{params_path}: cannot read ({e})") from None
+    if not isinstance(params, dict):
+        raise CamelidError(f"{params_path}: expected a JSON object, got {type(params).__name__}")
+    extra_path = directory / EXTRA
+    if "max_seq_len" not in params and extra_path.exists():
+        try:
+            extra = json.loads(extra_path.read_text())
+            context = extra["max_seq_len"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CamelidError(f"{extra_path}: cannot read the context length ({type(e).__name__}: {e}); "
+                               "fix or delete the file") from None
+        if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+            raise CamelidError(f"{extra_path}: max_seq_len must be a positive integer (got {context!r})")
+        params["max_seq_len"] = context
     files = shard_files(directory)
     # LLaMA-1's release keeps tokenizer.model one level up, beside the size folders.
     tok_dir = next((d for d in (directory, directory.parent) if has_tokenizer(d)), None)
@@ -161,5 +178,6 @@ def write_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None
         params["use_scaled_rope"] = True
         params["rope_scaling_factor"] = config.rope_scaling["factor"]
     (directory / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    (directory / EXTRA).write_text(json.dumps({"max_seq_len": config.max_seq_len}, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(directory)

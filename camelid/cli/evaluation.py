@@ -8,6 +8,11 @@ A task is a built-in benchmark or a file:
   FILE.jsonl  {"query", "choices", "gold"} multiple choice, or {"prompt", "answers"} generation
   task.json   a BIG-bench task;   FILE.txt  perplexity of the text
 
+In a multiple-choice file each choice is scored as the continuation of the query: " " + choice,
+or the choice as written when it already starts with whitespace (lm-evaluation-harness style
+" Paris" is scored with one space, not two). --log-samples records the exact context and
+continuations that were scored.
+
 Built-in benchmarks read their published files from --data-dir/<task>/ (e.g. boolq/val.jsonl,
 piqa/valid.jsonl + valid-labels.lst, hellaswag/hellaswag_val.jsonl, winogrande/dev.jsonl,
 arc/ARC-Easy/ARC-Easy-Test.jsonl, openbookqa/Main/test.jsonl, nq/NQ-open.dev.jsonl,
@@ -25,42 +30,76 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
+from typing import Any
 
-from camelid.atomic import write_text_atomic
+from camelid.atomic import check_destination, write_text_atomic
 from camelid.cli.common import add_model_arguments, load_llm
 from camelid.errors import CamelidError
-from camelid.eval import Settings, evaluate, format_results
+from camelid.eval import Settings, evaluate, format_results, get_task
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--tasks", required=True, help="comma-separated task names or files")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
-                   help="examples in each prompt (default: the paper's setting per task)")
+                   help="examples in each prompt, 0 or more (default: the paper's setting per task)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N documents only")
     p.add_argument("--output", required=True, metavar="OUT.json", help="results (and samples) as JSON")
-    p.add_argument("--log-samples", action="store_true", help="also write every document's record")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every document's record, with the exact context and continuations scored")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="where the benchmarks' files are")
-    p.add_argument("--batch-size", type=int, default=16, help="continuations or generations per batch")
+    p.add_argument("--batch-size", type=int, default=16, help="continuations or generations per batch (default 16)")
     p.add_argument("--samples", type=int, default=1, metavar="N",
                    help="generations per document, for pass@k and maj1@k (default 1: greedy)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature with --samples")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 or more (default: greedy for one sample, the task's for several)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot and sampling seed")
 
 
-def main(args: argparse.Namespace) -> int:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
+def check_options(args: argparse.Namespace) -> list:
+    """Every mistake in the options and the task files, before the model is loaded; returns
+    the tasks."""
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
         raise CamelidError("--tasks: give at least one task")
-    if args.limit is not None and args.limit < 1:
-        raise CamelidError("--limit must be at least 1")
+    for option, value, least in (("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0),
+                                 ("--batch-size", args.batch_size, 1), ("--samples", args.samples, 1)):
+        if value is not None and value < least:
+            raise CamelidError(f"{option} must be at least {least} (got {value})")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CamelidError(f"--temperature must be 0 (greedy) or more (got {args.temperature})")
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        raise CamelidError(f"--data-dir {args.data_dir}: no such directory")
+    check_destination(args.output, "--output")
+    tasks = [get_task(name, args.data_dir) for name in names]
+    for task in tasks:
+        if isinstance(getattr(task, "path", None), Path):  # a task file: read and check every record now
+            task.docs()
+    return tasks
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity (strict parsers reject Python's spelling): they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(args: argparse.Namespace) -> int:
+    tasks = check_options(args)
     llm = load_llm(args)
     settings = Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
                         temperature=args.temperature)
-    out = evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,
-                   progress=sys.stderr.isatty(), log_samples=args.log_samples)
-    write_text_atomic(args.output, json.dumps(out, indent=2) + "\n")
+    out = _finite(evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,
+                           progress=sys.stderr.isatty(), log_samples=args.log_samples))
+    write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")
     print(format_results(out))
     print(f"wrote {args.output} ({out['seconds']['total']:.1f}s)", file=sys.stderr)
     return 0

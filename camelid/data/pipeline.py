@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from camelid.atomic import write_text_atomic
+from camelid.atomic import check_destination, write_text_atomic
 from camelid.data import dedup, filters
 from camelid.data.executor import Executor, LocalExecutor, make_stage
 from camelid.data.recipe import STAGES, Recipe, SourceConfig
@@ -34,6 +34,7 @@ from camelid.data.sources import Document, expand_paths, read_documents
 from camelid.errors import CamelidError
 
 EXAMPLES = 3  # where-from examples kept per drop reason
+TOKENIZER_KEYS = {"vocab_size": "tokenizer.vocab_size", "character_coverage": "tokenizer.character_coverage"}
 
 
 @dataclass
@@ -185,7 +186,7 @@ def tokenizer_lines(clean: dict[str, Path], recipe: Recipe) -> Iterator[str]:
 
 def get_tokenizer(recipe: Recipe, clean: dict[str, Path], out: Path):
     from camelid.tokenizer import has_tokenizer, load_tokenizer
-    from camelid.tokenizer.train import train_sentencepiece
+    from camelid.tokenizer.train import shortfall, train_sentencepiece
 
     target = out / "tokenizer"
     if recipe.tokenizer.path:
@@ -200,12 +201,13 @@ def get_tokenizer(recipe: Recipe, clean: dict[str, Path], out: Path):
         return load_tokenizer(target)
     t0 = time.perf_counter()
     tok = train_sentencepiece(tokenizer_lines(clean, recipe), target, recipe.tokenizer.vocab_size,
-                              recipe.tokenizer.character_coverage, threads=max(1, os.cpu_count() or 1))
+                              recipe.tokenizer.character_coverage, threads=max(1, os.cpu_count() or 1),
+                              names=TOKENIZER_KEYS)
     print(f"trained a SentencePiece BPE tokenizer ({tok.vocab_size} pieces) in {time.perf_counter() - t0:.1f}s "
           f"-> {target}", file=sys.stderr)
-    if tok.vocab_size < recipe.tokenizer.vocab_size:
-        print(f"warning: asked for {recipe.tokenizer.vocab_size} pieces, the corpus supports {tok.vocab_size}",
-              file=sys.stderr)
+    short = shortfall(recipe.tokenizer.vocab_size, tok.vocab_size, TOKENIZER_KEYS["vocab_size"])
+    if short:
+        print(f"warning: {short}", file=sys.stderr)
     return tok
 
 
@@ -269,7 +271,7 @@ def tokenize(recipe: Recipe, clean: dict[str, Path], tok, out: Path, progress: b
 
 def prepare(recipe: Recipe, progress: bool | None = None, keep_work: bool = False) -> Manifest:
     progress = sys.stderr.isatty() if progress is None else progress
-    out = Path(recipe.output.dir)
+    out = check_destination(recipe.output.dir, "recipe: output.dir", directory=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a half-prepared directory must not look complete
     work = out / "work"

@@ -20,6 +20,7 @@ processing stages it goes through, and where the prepared data goes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from camelid.data.dedup import ExactDedupConfig, LineDedupConfig, NearDedupConfi
 from camelid.data.filters import CodeConfig, LangIdConfig, NormalizeConfig, QualityConfig
 from camelid.errors import CamelidError
 from camelid.schema import apply_overrides, build, load_toml
+from camelid.tokenizer.train import check_settings as check_tokenizer_settings
 
 # Stage name -> (kind, config field): "doc" stages look at one document, "global" stages look
 # at the whole source first (two passes).
@@ -34,8 +36,20 @@ STAGES = {
     "normalize": "doc", "quality": "doc", "code": "doc", "langid": "doc",
     "exact_dedup": "global", "line_dedup": "global", "near_dedup": "global",
 }
+FORMATS = ("auto", "text", "jsonl", "parquet")
+SPLITS = ("file", "paragraph", "line")
 BACKENDS = ("local", "ray")  # where the per-document work runs (pipeline.make_executor)
 CORPUS = Path(__file__).parent / "corpus"  # the corpus embedded in camelid (see its LICENSES.md)
+
+
+def check_weight(where: str, weight: object) -> float:
+    """A mixture weight must be a positive, finite number: zero or negative weights would drop a
+    source (or divide by zero), NaN would poison every probability. `where` names the setting."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise CamelidError(f"{where}: weight must be a number (got {weight!r})")
+    if not (math.isfinite(weight) and weight > 0):
+        raise CamelidError(f"{where}: weight must be positive (got {weight}); remove the source to leave it out")
+    return float(weight)
 
 
 @dataclass
@@ -97,13 +111,35 @@ class Recipe:
             unknown = [st for st in s.stages if st not in STAGES]
             if unknown:
                 raise CamelidError(f"recipe: source {s.name!r}: unknown stage(s) {unknown}; known: {list(STAGES)}")
-            if s.weight <= 0:
-                raise CamelidError(f"recipe: source {s.name!r}: weight must be positive (got {s.weight})")
+            check_weight(f"recipe: source {s.name!r}", s.weight)
             if s.on_error not in ("raise", "skip", "replace"):
                 raise CamelidError(f"recipe: source {s.name!r}: on_error must be raise, skip or replace")
+            if s.format not in FORMATS:
+                raise CamelidError(f"recipe: source {s.name!r}: format must be one of {list(FORMATS)} "
+                                   f"(got {s.format!r})")
+            if s.split not in SPLITS:
+                raise CamelidError(f"recipe: source {s.name!r}: split must be one of {list(SPLITS)} (got {s.split!r})")
+        out = self.output
+        if not 0 <= out.val_fraction < 1:
+            raise CamelidError(f"recipe: output.val_fraction must be at least 0 and below 1 (got {out.val_fraction})")
+        if out.shard_tokens < 1:
+            raise CamelidError(f"recipe: output.shard_tokens must be at least 1 (got {out.shard_tokens})")
+        if out.workers < 0:
+            raise CamelidError(f"recipe: output.workers must be 0 (one per CPU) or more (got {out.workers})")
+        if self.budget_tokens < 0:
+            raise CamelidError(f"recipe: budget_tokens must be 0 (unset) or more (got {self.budget_tokens})")
+        if not self.tokenizer.path:
+            check_tokenizer_settings(self.tokenizer.vocab_size, self.tokenizer.character_coverage,
+                                     {"vocab_size": "recipe: tokenizer.vocab_size",
+                                      "character_coverage": "recipe: tokenizer.character_coverage"})
+            if self.tokenizer.max_sentences < 1:
+                raise CamelidError(f"recipe: tokenizer.max_sentences must be at least 1 "
+                                   f"(got {self.tokenizer.max_sentences})")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    if Path(path).is_dir():
+        raise CamelidError(f"{path}: is a directory; give the recipe's .toml file")
     data = apply_overrides(load_toml(path), list(overrides))
     recipe = build(Recipe, data, str(path))
     for s in recipe.sources:  # "@corpus/..." names the corpus that ships with camelid

@@ -66,11 +66,17 @@ def _context_tokens(tok: Tokenizer, whole: list[int], context: str) -> int:
     return lo
 
 
-def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Encoded:
+def scored_split(context: str, continuation: str) -> tuple[str, str]:
+    """The context and continuation as scored: trailing spaces of the context move into the
+    continuation (lm-evaluation-harness does the same)."""
     spaces = len(context) - len(context.rstrip(" "))
     if spaces:
-        continuation = context[-spaces:] + continuation
-        context = context[:-spaces]
+        return context[:-spaces], context[-spaces:] + continuation
+    return context, continuation
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Encoded:
+    context, continuation = scored_split(context, continuation)
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     whole = tok.encode(context + continuation, special=False)
     n = _context_tokens(tok, whole, context) if context else 0

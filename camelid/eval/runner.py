@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from camelid.eval.scoring import Scorer
-from camelid.eval.tasks import Settings, get_task
+from camelid.eval.tasks import Settings, Task, get_task
 from camelid.generate import LLM
 
 
-def evaluate(llm: LLM, tasks: list[str], settings: Settings = Settings(), data_dir: str | Path | None = None,
+def evaluate(llm: LLM, tasks: list[str | Task], settings: Settings = Settings(), data_dir: str | Path | None = None,
              batch_size: int = 16, progress: bool = False, log_samples: bool = False) -> dict[str, Any]:
-    """results[task][metric], time per task, and with log_samples the per-document records."""
-    resolved = [get_task(name, data_dir) for name in tasks]  # fail on a bad name before any work
+    """results[task][metric], time per task, and with log_samples the per-document records.
+    A task is a name or file (see get_task), or a Task already made from one."""
+    # fail on a bad name before any work
+    resolved = [t if isinstance(t, Task) else get_task(t, data_dir) for t in tasks]
     scorer = Scorer(llm, batch_size=batch_size, progress=progress)
     out: dict[str, Any] = {"results": {}, "seconds": {}, "config": {
-        "model": llm.source, "tasks": tasks, **asdict(settings), "batch_size": batch_size,
+        "model": llm.source, "tasks": [_task_label(t) for t in tasks], **asdict(settings), "batch_size": batch_size,
         "dtype": str(llm.model.tok_embeddings.weight.dtype).replace("torch.", ""), "device": str(llm.device)}}
     if log_samples:
         out["samples"] = {}
@@ -33,6 +36,18 @@ def evaluate(llm: LLM, tasks: list[str], settings: Settings = Settings(), data_d
     return out
 
 
+def _task_label(task: str | Task) -> str:
+    if isinstance(task, str):
+        return task
+    path = getattr(task, "path", None)
+    return str(path) if isinstance(path, Path) else task.name
+
+
+def _number(value: float | None) -> str:
+    """A table cell: "–" where there is no number (one document has no standard error)."""
+    return f"{value:8.4f}" if value is not None and math.isfinite(value) else f"{'–':>8s}"
+
+
 def format_results(out: dict[str, Any]) -> str:
     lines = [f"{'task':24s} {'metric':16s} {'value':>8s} {'stderr':>8s} {'docs':>6s} {'seconds':>8s}"]
     for task, res in out["results"].items():
@@ -40,9 +55,8 @@ def format_results(out: dict[str, Any]) -> str:
         for metric, value in res.items():
             if metric.endswith("_stderr") or metric == "documents":
                 continue
-            err = res.get(f"{metric}_stderr")
-            lines.append(f"{task if first else '':24s} {metric:16s} {value:8.4f} "
-                         f"{'' if err is None else f'{err:8.4f}':>8s} "
+            err = _number(res[f"{metric}_stderr"]) if f"{metric}_stderr" in res else ""
+            lines.append(f"{task if first else '':24s} {metric:16s} {_number(value)} {err:>8s} "
                          f"{res['documents'] if first else '':>6} {out['seconds'][task] if first else '':>8}")
             first = False
     return "\n".join(lines)

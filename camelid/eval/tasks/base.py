@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from camelid.eval import metrics
-from camelid.eval.requests import Generate, Loglikelihood, Rolling
+from camelid.eval.requests import Generate, Loglikelihood, Rolling, scored_split
 from camelid.eval.sandbox import Limits, run_python
 from camelid.eval.scoring import Scorer
 
@@ -56,6 +56,17 @@ class Task:
 
     # ---- few-shot contexts --------------------------------------------------------------------
     target_delimiter: str = " "
+    # Task files may hold answers written with their leading space, as lm-evaluation-harness
+    # writes them (" Paris"); the built-in tasks keep lm-eval's plain delimiter + answer,
+    # which their published numbers assume.
+    keep_leading_whitespace: bool = False
+
+    def continuation(self, answer: str) -> str:
+        """What follows the prompt: target_delimiter + answer, or the answer alone when it
+        already starts with whitespace and the task keeps it."""
+        if self.keep_leading_whitespace and answer[:1].isspace():
+            return answer
+        return self.target_delimiter + answer
 
     def fewshot_prefix(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc]) -> str:
         """The description and k solved examples (joined by example_separator), drawn with a
@@ -68,7 +79,7 @@ class Task:
             else:
                 rng = random.Random(f"{seed}:{self.name}:{index}")
                 examples = rng.sample(candidates, min(k, len(candidates)))
-        shots = [self.prompt(e) + self.target_delimiter + self.target(e) for e in examples]
+        shots = [self.prompt(e) + self.continuation(self.target(e)) for e in examples]
         return self.description_for(doc) + "".join(s + self.example_separator for s in shots)
 
     def context(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc]) -> str:
@@ -82,19 +93,22 @@ class Task:
         raise NotImplementedError
 
 
-def summarize(records: list[dict], keys: list[str]) -> dict[str, float]:
-    out = {}
+def summarize(records: list[dict], keys: list[str]) -> dict[str, float | None]:
+    """The mean of each metric and its bootstrap standard error; None (null in JSON, "–" in the
+    table) where one document gives no spread to measure."""
+    out: dict[str, float | None] = {}
     for key in keys:
         values = [r[key] for r in records if key in r]
         if values:
             out[key] = float(np.mean(values))
-            out[f"{key}_stderr"] = metrics.bootstrap_stderr(values)
+            out[f"{key}_stderr"] = metrics.bootstrap_stderr(values) if len(values) > 1 else None
     return out
 
 
 class MultipleChoiceTask(Task):
-    """Each choice is scored as the continuation target_delimiter + choice after the prompt;
-    acc, acc_norm, and the paper's calibrated accuracy where `calibration` is set."""
+    """Each choice is scored as the continuation target_delimiter + choice after the prompt
+    (see `continuation`); acc, acc_norm, and the paper's calibrated accuracy where
+    `calibration` is set. Records carry the exact strings scored."""
 
     calibration: str | None = None     # e.g. "Answer:" (OpenBookQA, BoolQ)
 
@@ -116,9 +130,9 @@ class MultipleChoiceTask(Task):
             ctx = self.context(doc, i, k, settings.seed, pool)
             options = self.choices(doc)
             start = len(requests)
-            requests += [Loglikelihood(ctx, self.target_delimiter + c) for c in options]
+            requests += [Loglikelihood(ctx, self.continuation(c)) for c in options]
             if self.calibration is not None:
-                requests += [Loglikelihood(self.calibration, self.target_delimiter + c) for c in options]
+                requests += [Loglikelihood(self.calibration, self.continuation(c)) for c in options]
             spans.append((start, len(options)))
         scores = scorer.loglikelihood(requests)
         records = []
@@ -128,13 +142,28 @@ class MultipleChoiceTask(Task):
             rec = {"doc_id": i, "choices": options, "gold": gold, "loglikelihoods": ll,
                    "is_greedy": [scores[start + j][1] for j in range(n)],
                    "acc": metrics.acc(ll, gold), "acc_norm": metrics.acc_norm(ll, options, gold)}
+            rec.update(_scored(requests[start:start + n]))
             rec["prediction"] = int(np.argmax(ll))
             if self.calibration is not None:
                 unconditional = [scores[start + n + j][0] for j in range(n)]
                 rec["unconditional_loglikelihoods"] = unconditional
+                rec["unconditional_scored"] = _scored(requests[start + n:start + 2 * n])
                 rec["acc_calibrated"] = metrics.acc_calibrated(ll, unconditional, gold)
             records.append(rec)
         return summarize(records, ["acc", "acc_norm", "acc_calibrated"]), records
+
+
+def _scored(requests: list[Loglikelihood]) -> dict[str, object]:
+    """The exact strings scored for one document's choices (after the trailing spaces of the
+    context have moved into the continuation): one context and a continuation per choice, or,
+    for partial scoring, a context per choice and one shared continuation."""
+    pairs = [scored_split(r.context, r.continuation) for r in requests]
+    contexts, continuations = [c for c, _ in pairs], [c for _, c in pairs]
+    if len(set(contexts)) == 1:
+        return {"context": contexts[0], "continuations": continuations}
+    if len(set(continuations)) == 1:
+        return {"contexts": contexts, "continuation": continuations[0]}
+    return {"contexts": contexts, "continuations": continuations}
 
 
 class PartialScoringTask(MultipleChoiceTask):
@@ -161,6 +190,7 @@ class PartialScoringTask(MultipleChoiceTask):
             ll = [scores[start + j][0] for j in range(n)]
             gold = self.gold(doc)
             records.append({"doc_id": i, "choices": self.choices(doc), "gold": gold, "loglikelihoods": ll,
+                            **_scored(requests[start:start + n]),
                             "prediction": int(np.argmax(ll)), "acc": metrics.acc(ll, gold)})
         return summarize(records, ["acc"]), records
 

@@ -7,6 +7,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 
+from camelid.data.sources import json_problem
 from camelid.errors import CamelidError
 from camelid.eval.tasks.base import Doc, GenerationTask, MultipleChoiceTask, PerplexityTask
 
@@ -20,7 +21,7 @@ def _records(path: Path) -> list[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CamelidError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise CamelidError(f"{path}:{number}: not valid JSON ({json_problem(e)})") from None
             if not isinstance(record, dict):
                 raise CamelidError(f"{path}:{number}: expected a JSON object")
             out.append((number, record))
@@ -38,7 +39,10 @@ def _require(path: Path, number: int, record: dict, key: str, kind: type | tuple
 
 
 class JsonlMultipleChoice(MultipleChoiceTask):
-    """{"query": str, "choices": [str], "gold": int}: each choice is scored as " " + choice."""
+    """{"query": str, "choices": [str], "gold": int}: each choice is scored as " " + choice, or
+    as written when it already starts with whitespace (lm-evaluation-harness style " Paris")."""
+
+    keep_leading_whitespace = True
 
     def __init__(self, path: Path):
         self.path, self.name = path, path.stem
@@ -137,6 +141,8 @@ class BigBench:
 
 
 class _BigBenchChoice(MultipleChoiceTask):
+    keep_leading_whitespace = True
+
     def docs(self):
         return self._docs
 
