@@ -156,9 +156,10 @@ def test_a_cancelled_job_frees_its_row_and_hears_nothing_more(tiny_llm):
 
 def test_the_waiting_line_is_bounded(tiny_llm):
     batcher = Batcher(tiny_llm.engine, tiny_llm.tokenizer, max_batch=1, context=64, max_queue=1)
-    batcher.submit(Job([5], SamplingParams(0, max_new_tokens=3), Collector()))
+    batcher.submit(Job([5], SamplingParams(0, max_new_tokens=3), Collector()))  # for the row
+    batcher.submit(Job([6], SamplingParams(0, max_new_tokens=3), Collector()))  # and the line
     with pytest.raises(QueueFull, match="busy"):
-        batcher.submit(Job([6], SamplingParams(0, max_new_tokens=3), Collector()))
+        batcher.submit(Job([7], SamplingParams(0, max_new_tokens=3), Collector()))
 
 
 # ---- the command line -----------------------------------------------------------------------------
@@ -382,7 +383,8 @@ def test_a_full_queue_answers_503_and_a_disconnect_frees_the_slot(one_slot_serve
     with httpx.Client(base_url=f"{one_slot_server}/v1", timeout=60) as http, ExitStack() as streams:
         running = streams.enter_context(http.stream("POST", "completions", json=endless))
         assert running.status_code == 200
-        next(running.iter_lines())                 # it holds the only row now
+        lines = running.iter_lines()               # kept: a dropped iterator closes the stream
+        next(lines)                                # it holds the only row now
         waiting = streams.enter_context(http.stream("POST", "completions", json=endless))
         assert waiting.status_code == 200          # accepted, waiting for the row
         refused = http.post("completions", json={"prompt": "hi", "max_tokens": 2})

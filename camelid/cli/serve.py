@@ -3,9 +3,10 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`"stream": true` answers with server-sent events), and GET / for a chat page in the browser.
 Requests are batched continuously: up to --max-batch of them decode together, one token each
-per step, and a new request joins between two steps; up to --max-queue more wait for a free
-slot, and beyond that the server answers 503. The KV cache for --max-batch x --context tokens
-is allocated once at start-up.
+per step, and a new request joins between two steps. A request takes a free slot if there is
+one; when all are taken, up to --max-queue more wait for one, and beyond that the server
+answers 503. The KV cache for --max-batch x --context tokens is allocated once at start-up.
+A request's max_tokens must be below --context; text that is not valid UTF-8 is read as U+FFFD.
 
 examples:
   camelid serve --model smollm2-135m-instruct
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="requests decoded together (default 8); each holds a --context slice of the KV cache")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="requests that may wait for a free slot; more get HTTP 503 (default 64)")
+                   help="requests that may wait when every slot is taken; more get HTTP 503 (default 64)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help=f"tokens per request, prompt plus reply (default: the model's, at most {DEFAULT_CONTEXT})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

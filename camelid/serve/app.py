@@ -4,6 +4,11 @@ Every route only validates, encodes and waits; the Batcher's worker thread does 
 and hands text back through `Event`s, which cross into the event loop with
 `call_soon_threadsafe`. Every error, ours or FastAPI's, leaves as OpenAI's error body
 {"error": {"message", "type", "param", "code"}}, so that clients show the message.
+
+Bodies are read here rather than by FastAPI, whose parser answers "There was an error parsing
+the body" to bytes that are not UTF-8 and to deep nesting alike: invalid UTF-8 becomes U+FFFD
+(the project's rule for text; protocol.py does the same for lone surrogates), and each other
+fault gets its own message.
 """
 
 from __future__ import annotations
@@ -15,22 +20,24 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import AsyncIterator
+from typing import AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camelid.errors import CamelidError
 from camelid.generate import LLM, SamplingParams
 from camelid.serve.batcher import Batcher, Event, Job, QueueFull
-from camelid.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from camelid.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, valid_text
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DISCONNECT_POLL_S = 0.5         # how often a non-streaming request checks that its client is there
 
 log = logging.getLogger("camelid.serve")
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -42,7 +49,8 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None,
                    kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    # valid_text: a message that quotes the request must still encode as UTF-8
+    body = {"error": valid_text({"message": message, "type": kind, "param": param, "code": code})}
     return JSONResponse(body, status_code=status)
 
 
@@ -75,15 +83,20 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str) -> FastAPI:
              "max_model_len": batcher.context}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await _read_body(request, CompletionRequest)
         _check_model(body, model_name)
+        _check_max_tokens(body.max_tokens, "max_tokens", batcher.context)
         prompt = _completion_prompt(body, llm)
         return await _answer(request, body, prompt, body.max_tokens or DEFAULT_COMPLETION_TOKENS,
                              batcher, model_name, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await _read_body(request, ChatCompletionRequest)
         _check_model(body, model_name)
+        for name in ("max_completion_tokens", "max_tokens"):
+            _check_max_tokens(getattr(body, name), name, batcher.context)
         try:
             prompt = llm.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
         except CamelidError as e:
@@ -95,6 +108,66 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str) -> FastAPI:
 
 
 # ---- checks ---------------------------------------------------------------------------------------
+
+async def _read_body(request: Request, model: type[Body]) -> Body:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "replace")
+        log.warning("%s %s: the request body is not valid UTF-8; invalid bytes read as U+FFFD",
+                    request.method, request.url.path)
+    if not text.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        data = json.loads(text, parse_constant=_not_json)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # from _not_json
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply to be a request") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {_json_kind(data)}")
+    clean = valid_text(data)
+    if clean != data:
+        log.warning("%s %s: the request has text that is not valid Unicode (lone surrogates); read as U+FFFD",
+                    request.method, request.url.path)
+    try:
+        return model.model_validate(clean)
+    except ValidationError as e:
+        status, message, param = _validation_error(e.errors(include_url=False, include_input=False))
+        raise ApiError(status, message, param) from None
+
+
+def _not_json(constant: str):
+    # Python's json reads NaN and Infinity, which JSON does not have (and which no range check admits)
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _validation_error(errors: list[dict]) -> tuple[int, str, str | None]:
+    """pydantic's first complaint as (status, message naming the field, the field)."""
+    first = errors[0]
+    where = [part for part in first.get("loc", ()) if part != "body"]
+    param = str(where[0]) if where else None
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in where).lstrip(".")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return 400, f"{path or 'request body'}: {message}", param
+
+
+def _check_max_tokens(value: int | None, name: str, context: int) -> None:
+    """A reply that could never fit is refused; one that fits only in part ends at the context
+    with finish_reason "length", as any reply that reaches its limit does."""
+    if value is not None and value >= context:
+        raise ApiError(400, f"{name} is {value}, but this server's context is {context} tokens for the prompt "
+                            f"and the reply together (camelid serve --context); ask for at most {context - 1}",
+                       name, code="context_length_exceeded")
+
 
 def _check_model(body: SamplingFields, model_name: str) -> None:
     if body.model is not None and body.model != model_name:
@@ -283,15 +356,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422 in its own shape; OpenAI clients expect 400 with a message
-        first = e.errors()[0]
-        if first.get("type") == "json_invalid":
-            detail = (first.get("ctx") or {}).get("error", first.get("msg"))
-            return error_response(400, f"the request body is not valid JSON ({detail})")
-        where = [part for part in first.get("loc", ()) if part != "body"]
-        param = str(where[0]) if where else None
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in where).lstrip(".")
-        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        return error_response(400, f"{path or 'request body'}: {message}", param)
+        return error_response(*_validation_error(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

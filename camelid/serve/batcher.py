@@ -33,7 +33,7 @@ log = logging.getLogger("camelid.serve")
 
 
 class QueueFull(Exception):
-    """Every row is busy and the waiting line is at its limit (HTTP 503)."""
+    """Every row is taken and the waiting line is at its limit (HTTP 503)."""
 
 
 @dataclass
@@ -89,7 +89,11 @@ class Batcher:
         self.rows: list[Row | None] = [None] * max_batch
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
-        self._waiting_changed = threading.Condition()
+        # Every job accepted and not yet ended: waiting, being prefilled or in a row. Admission
+        # counts these, not the waiting line alone: the worker moves jobs into free rows one
+        # prefill at a time, so a burst would otherwise find the line full while rows are free.
+        self._held: list[Job] = []
+        self._waiting_changed = threading.Condition()  # guards waiting and _held
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -97,15 +101,20 @@ class Batcher:
     def submit(self, job: Job) -> None:
         if not 0 < len(job.prompt) < self.context:
             raise ValueError(f"a prompt needs 1 to {self.context - 1} tokens (got {len(job.prompt)})")
-        with self._waiting_changed:  # checked under the lock that the worker drains the line with
+        with self._waiting_changed:  # decided under the lock that the worker takes jobs with
             if self._stopping.is_set():
                 raise QueueFull("the server is shutting down")
-            # a client that gave up while waiting does not hold its place in the line
-            live = [j for j in self.waiting if not j.cancelled]
-            if len(live) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self.rows)} requests running and "
-                                f"{self.max_queue} waiting; retry later")
-            self.waiting = deque(live + [job])
+            # a client that gave up holds neither a row nor a place in the line
+            self._held = [j for j in self._held if not j.cancelled]
+            self.waiting = deque(j for j in self.waiting if not j.cancelled)
+            if len(self._held) >= len(self.rows) + self.max_queue:
+                waiting = len(self.waiting)
+                running = len(self._held) - waiting  # in a row, or being prefilled into one
+                raise QueueFull(f"the server is busy: {_count(running, 'request')} running and {waiting} waiting, "
+                                f"all it holds (at most {len(self.rows)} running and {self.max_queue} waiting); "
+                                "retry later")
+            self._held.append(job)
+            self.waiting.append(job)
             self._waiting_changed.notify()
 
     def start(self) -> None:
@@ -120,6 +129,12 @@ class Batcher:
     @property
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
+
+    @property
+    def admitted(self) -> int:
+        """Requests accepted and not yet answered: running, or waiting for a row."""
+        with self._waiting_changed:
+            return sum(not j.cancelled for j in self._held)
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -139,6 +154,7 @@ class Batcher:
         for i, row in enumerate(self.rows):
             if row is not None and row.job.cancelled:
                 self.rows[i] = None
+                self._release(row.job)
         while None in self.rows:
             job = self._next_job(wait if not self.active else 0.0)
             if job is None:
@@ -149,7 +165,7 @@ class Batcher:
             except Exception as e:  # this request alone fails; the others keep their rows
                 log.exception("prefill failed")
                 self.rows[index] = None
-                job.deliver(Event(error=f"internal error: {type(e).__name__}: {e}"))
+                self._end(job, Event(error=f"internal error: {type(e).__name__}: {e}"))
         if self.active:
             self._decode()
 
@@ -221,8 +237,8 @@ class Batcher:
         self.rows[index] = None
         self.engine.pause()  # a compiled step asked for meanwhile starts building
         rest = row.text.finish()
-        row.job.deliver(Event(text=rest, finish_reason=reason, prompt_tokens=len(row.job.prompt),
-                              completion_tokens=row.produced))
+        self._end(row.job, Event(text=rest, finish_reason=reason, prompt_tokens=len(row.job.prompt),
+                                 completion_tokens=row.produced))
 
     def _fail_all(self, message: str, status: int, waiting: bool) -> None:
         jobs = [r.job for r in self.rows if r is not None]
@@ -232,4 +248,18 @@ class Batcher:
                 jobs += self.waiting
                 self.waiting.clear()
         for job in jobs:
-            job.deliver(Event(error=message, status=status))
+            self._end(job, Event(error=message, status=status))
+
+    def _end(self, job: Job, last: Event) -> None:
+        """Deliver a job's last event, having given its place back first: a client that sends
+        its next request as soon as it has the answer finds the place free."""
+        self._release(job)
+        job.deliver(last)
+
+    def _release(self, job: Job) -> None:
+        with self._waiting_changed:
+            self._held = [j for j in self._held if j is not job]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

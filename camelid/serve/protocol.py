@@ -4,26 +4,56 @@ Ranges follow OpenAI's documentation, so a request that OpenAI would refuse is r
 with the field named. Fields we do not implement but that change nothing when left at their
 defaults (presence_penalty, user, ...) are ignored; the few that would silently change the
 meaning of the answer (n > 1, logprobs, echo, suffix) are refused instead.
+
+Text that is not valid Unicode is not an error (the project's rule for all text): JSON may
+carry lone surrogates ("\\ud800"), which no tokenizer or UTF-8 encoder takes, so every string
+in a request becomes valid text, each surrogate a U+FFFD, before the fields are read.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+TEXT_DEPTH = 6  # the deepest string a request holds: body.messages[i].content[j].text, and a margin
 
 
-class StreamOptions(BaseModel):
+def valid_text(value: Any, depth: int = TEXT_DEPTH) -> Any:
+    """`value` (parsed JSON) with each lone surrogate in its strings, keys too, replaced by
+    U+FFFD. Deeper than `depth` nothing is a string field, and the fields' own checks refuse
+    what is there, so the walk stops: a hostile nesting cannot exhaust the stack."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if depth <= 0:
+        return value
+    if isinstance(value, list):
+        return [valid_text(v, depth - 1) for v in value]
+    if isinstance(value, dict):
+        return {valid_text(k, 0): valid_text(v, depth - 1) for k, v in value.items()}
+    return value
+
+
+class _Request(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return valid_text(data)
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(_Request):
     """What completions and chat completions share."""
 
     model: str | None = None  # None: the one model this server has
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = 1
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -84,14 +114,31 @@ class CompletionRequest(SamplingFields):
         return value
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, content):
+        # checked up front: pydantic's own message names only the first alternative ("content.str")
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError("expected a string, null, or a list of text parts")
+        for i, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ValueError(f'part {i}: expected an object {{"type": "text", "text": "..."}}')
+            if part.get("type") != "text":
+                raise ValueError(f"part {i}: only text parts are supported (got type {part.get('type')!r})")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f'part {i}: "text" must be a string')
+        return content
 
     def as_template_input(self) -> dict[str, str]:
         """The {"role", "content"} form the chat templates take: text parts joined, and
