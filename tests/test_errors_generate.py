@@ -119,6 +119,18 @@ def test_chat_matrix(extra, words, before_load, model_dir, tmp_path, capsys, mon
     one_line_error(capsys, argv + _argv(extra, model_dir, tmp_path), words)
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["serve", "--port", "0", "--group-size", "64"], ["--group-size", "--quantize int4"]),
+    (["serve", "--port", "0", "--device", "foo"], ["--device", "foo"]),
+    (["eval", "--tasks", "boolq", "--output", "TMP/out.json", "--group-size", "64"], ["--group-size"]),
+    (["eval", "--tasks", "boolq", "--output", "TMP/out.json", "--quantize", "int4", "--group-size", "7"],
+     ["--group-size", "32, 64, 128"]),
+], ids=lambda v: " ".join(v)[:40])
+def test_other_commands_check_model_options_before_loading(argv, words, model_dir, tmp_path, capsys, monkeypatch):
+    no_loading(monkeypatch)
+    one_line_error(capsys, _argv(argv, model_dir, tmp_path) + ["--model", str(model_dir)], words)
+
+
 # ---- text that is not valid UTF-8 -----------------------------------------------------------------
 
 INVALID = b"\xff\xfeShall I\xe2\x82"   # undecodable bytes and a cut-off character

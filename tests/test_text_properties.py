@@ -5,7 +5,7 @@ under surrogateescape, JSON's "\\ud800") become U+FFFD, as bytes.decode("utf-8",
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from camelid.errors import CamelidError
@@ -51,6 +51,7 @@ def test_replace_invalid_gives_valid_text_and_keeps_valid_text(text):
 
 @FAST
 @given(texts)
+@example("\udcff\udcfeShall I\ud800")
 def test_byte_level_bpe_encodes_anything_and_is_lossless(bpe_tokenizer, text):
     tok = bpe_tokenizer
     for special in (True, False):
@@ -61,6 +62,7 @@ def test_byte_level_bpe_encodes_anything_and_is_lossless(bpe_tokenizer, text):
 
 @FAST
 @given(texts)
+@example("\udcff\udcfeShall I\ud800")
 def test_sentencepiece_encodes_anything_and_is_lossless_but_for_its_space_mark(spm_tokenizer, text):
     tok = spm_tokenizer
     ids = tok.encode(text)
@@ -72,14 +74,19 @@ def test_sentencepiece_encodes_anything_and_is_lossless_but_for_its_space_mark(s
     assert tok.decode(plain) == replace_invalid(text).replace("\u2581", " ")
 
 
-messages = st.lists(st.fixed_dictionaries({
+any_messages = st.lists(st.fixed_dictionaries({
     "role": st.one_of(st.sampled_from(ROLES), texts),
     "content": st.one_of(texts, st.none(), st.integers()),
 }), max_size=5)
+turns = st.lists(st.tuples(texts, texts), min_size=1, max_size=3).map(   # what a chat sends: user, reply, ...
+    lambda pairs: [m for u, a in pairs for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})][:-1])
+messages = st.one_of(any_messages, turns, st.tuples(texts, turns).map(
+    lambda t: [{"role": "system", "content": t[0]}] + t[1]))
 
 
 @FAST
 @given(messages, st.booleans())
+@example([{"role": "system", "content": "\udcff"}, {"role": "user", "content": "\ud800 hi"}], True)
 def test_chat_templates_render_any_messages_or_say_why_not(spm_tokenizer, bpe_tokenizer, msgs, add_generation_prompt):
     for tok in (bpe_tokenizer, spm_tokenizer):   # a Jinja template (ChatML), and Llama-2's built-in format
         try:
@@ -102,6 +109,8 @@ def tiny_llm(bpe_tokenizer):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(texts, st.one_of(st.just(0.0), st.floats(allow_nan=True, allow_infinity=True)),
        st.one_of(st.just(1.0), st.floats(allow_nan=True, allow_infinity=True)))
+@example("\udcff\udcfeShall I\ud800", 0.0, 1.0)
+@example("Shall I", 1e-80, 1.0)
 def test_generate_from_any_prompt_and_settings(tiny_llm, prompt, temperature, top_p):
     try:
         out = tiny_llm.generate(prompt, max_new_tokens=3, temperature=temperature, top_p=top_p, seed=0)
