@@ -98,7 +98,11 @@ def _argv(row, model_dir, tmp_path):
     return [str(model_dir) if a == "MODEL" else a.replace("TMP", str(tmp_path)) for a in row]
 
 
-@pytest.mark.parametrize("extra,words,before_load", GENERATE, ids=lambda v: " ".join(v)[:40] if isinstance(v, list) else None)
+def _id(value):
+    return " ".join(value)[:40] if isinstance(value, list) else None
+
+
+@pytest.mark.parametrize("extra,words,before_load", GENERATE, ids=_id)
 def test_generate_matrix(extra, words, before_load, model_dir, tmp_path, capsys, monkeypatch):
     if before_load:
         no_loading(monkeypatch)
@@ -110,7 +114,7 @@ def test_generate_matrix(extra, words, before_load, model_dir, tmp_path, capsys,
 
 @pytest.mark.parametrize("extra,words,before_load", SHARED + [
     (["--system", "thee " * 400], ["--system", "context of 256"], False),
-], ids=lambda v: " ".join(v)[:40] if isinstance(v, list) else None)
+], ids=_id)
 def test_chat_matrix(extra, words, before_load, model_dir, tmp_path, capsys, monkeypatch):
     if before_load:
         no_loading(monkeypatch)

@@ -18,9 +18,10 @@ from test_model import tiny
 # combining marks, emoji and other astral characters, right-to-left text and overrides,
 # SentencePiece's own space mark, the replacement character, whitespace, chat markup.
 TRICKY = ["\ud800", "\udbff", "\udc00", "\udc80", "\udcff", "\udfff", "\x00", "\x07", "\x1b", "\x7f", "\u0301",
-          "e\u0301", "\u200d", "\ufeff", "\U0001f999", "\U0001f469\u200d\U0001f4bb", "\u202e", "\u05e9\u05dc\u05d5\u05dd",
-          "\u0627\u0644\u0633\u0644\u0627\u0645", "\u2581", "\ufffd", "\n", "\r\n", "\t", " ", "  ", "<s>", "</s>",
-          "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[INST]", "{{", "}}", "{%", "\U0010ffff", "\uffff"]
+          "e\u0301", "\u200d", "\ufeff", "\U0001f999", "\U0001f469\u200d\U0001f4bb", "\u202e",
+          "\u05e9\u05dc\u05d5\u05dd", "\u0627\u0644\u0633\u0644\u0627\u0645", "\u2581", "\ufffd", "\n", "\r\n", "\t",
+          " ", "  ", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[INST]", "{{", "}}", "{%",
+          "\U0010ffff", "\uffff"]
 
 characters = st.one_of(st.characters(exclude_categories=()), st.sampled_from(TRICKY))
 texts = st.one_of(
@@ -78,8 +79,13 @@ any_messages = st.lists(st.fixed_dictionaries({
     "role": st.one_of(st.sampled_from(ROLES), texts),
     "content": st.one_of(texts, st.none(), st.integers()),
 }), max_size=5)
-turns = st.lists(st.tuples(texts, texts), min_size=1, max_size=3).map(   # what a chat sends: user, reply, ...
-    lambda pairs: [m for u, a in pairs for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})][:-1])
+
+
+def _alternating(pairs):   # what a chat sends: user, reply, user, ..., user
+    return [m for u, a in pairs for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})][:-1]
+
+
+turns = st.lists(st.tuples(texts, texts), min_size=1, max_size=3).map(_alternating)
 messages = st.one_of(any_messages, turns, st.tuples(texts, turns).map(
     lambda t: [{"role": "system", "content": t[0]}] + t[1]))
 

@@ -22,7 +22,8 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization: int8 per output channel, or int4 in groups (GGUF "
                         "Q8_0/Q4_0/Q4_1 weights are taken over as stored)")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128 (only with --quantize int4)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size: 32 (default), 64 or 128 (only with --quantize int4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with a compiled step (the default where torch.compile works): after the first long "
