@@ -117,7 +117,7 @@ def test_params_json_missing_field_and_bad_path(tmp_path, capsys):
 
 def test_cli_rejects_bad_sampling_values(tmp_path, gguf_file, capsys):
     err = cli_error(capsys, "generate", "--model", str(gguf_file), "--prompt", "hi", "--top-p", "1.5")
-    assert "top_p" in err
+    assert "--top-p" in err
 
 
 def test_convert_refuses_to_overwrite(tmp_path, gguf_file, capsys):

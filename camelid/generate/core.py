@@ -21,7 +21,9 @@ shape, and run eagerly until then.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +31,12 @@ import torch
 
 from camelid.generate.compiled import CompiledDecoder, bucket
 from camelid.model import KVCache, Transformer
+
+
+@dataclass
+class Warmup:
+    seconds: float = 0.0
+    steps: int = 0  # decode steps whose time went to `seconds` (a step's first compiled run)
 
 
 def activation_dtype(model: Transformer) -> torch.dtype:
@@ -50,6 +58,9 @@ class Engine:
         self._cache_lent = False
         self._lock = threading.Lock()
         self.decode_steps = {"compiled": 0, "eager": 0}  # how the decode steps ran, since the start
+        # Time spent making compiled steps ready (loaded from disk or compiled here, and each
+        # one's first run), since the start: it is no measure of decoding speed.
+        self.warmup = Warmup()
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +156,12 @@ class Engine:
         tokens = tokens.view(-1, 1)
         positions = torch.as_tensor(positions, device=self.device).view(-1, 1)
         if self.compiled is not None:
+            new_shape = not self.compiled.ready(tokens, cache)
+            t0 = time.perf_counter()
             logits = self.compiled.step(tokens, positions, cache, build=compile)
+            if new_shape:
+                self.warmup.seconds += time.perf_counter() - t0
+                self.warmup.steps += logits is not None
             if logits is not None:
                 self.decode_steps["compiled"] += 1
                 return logits

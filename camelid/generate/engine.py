@@ -25,6 +25,10 @@ class Stats:
     decode_s: float = 0.0
     rows: int = 0
     first_token_s: float = 0.0  # from the call to the first new token (the prefill and its sampling)
+    # Loading or compiling decode steps and their first runs (`Engine.warmup`): kept out of
+    # decode_s, with the tokens those steps made, so that decode_tps measures decoding alone.
+    warmup_s: float = 0.0
+    warmup_tokens: int = 0
 
     @property
     def prefill_tps(self) -> float:
@@ -33,7 +37,8 @@ class Stats:
     @property
     def decode_tps(self) -> float:
         # each row's first new token comes out of the prefill; each later one costs a decode step
-        return max(self.new_tokens - self.rows, 0) / self.decode_s if self.decode_s else 0.0
+        tokens = self.new_tokens - self.rows - self.warmup_tokens
+        return max(tokens, 0) / self.decode_s if self.decode_s > 0 else 0.0
 
 
 @dataclass
@@ -86,18 +91,23 @@ class TokenGenerator:
 
         positions = [len(p) for p in self.prompts]  # where each row's next token goes
         compile = self.max_new_tokens >= COMPILE_AFTER
-        t0 = time.perf_counter()
+        t0, warmup_s = time.perf_counter(), engine.warmup.seconds
         try:
             for step in range(self.max_new_tokens):
                 yield self._emit(ids, last=step == self.max_new_tokens - 1)
                 if all(self.done):
                     break
+                warmup_steps = engine.warmup.steps
                 logits = engine.decode(next_tokens, positions, cache, compile=compile)
+                if engine.warmup.steps != warmup_steps:  # this step's tokens came with the warm-up
+                    self.stats.warmup_tokens += self.done.count(False)
                 positions = [p + 1 for p in positions]
                 next_tokens = sample(logits, self.sampling, generator)
                 ids = next_tokens.tolist()
         finally:
-            self.stats.decode_s += time.perf_counter() - t0
+            warmup_s = engine.warmup.seconds - warmup_s
+            self.stats.warmup_s += warmup_s
+            self.stats.decode_s += time.perf_counter() - t0 - warmup_s
             engine.release(cache)
 
     def _emit(self, ids: list[int], last: bool) -> list[int | None]:

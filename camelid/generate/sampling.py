@@ -29,8 +29,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0):
-            raise CamelidError(f"temperature must be >= 0 (got {self.temperature})")
+        if not (0 <= self.temperature < float("inf")):
+            raise CamelidError(f"temperature must be a finite number >= 0 (got {self.temperature})")
         if not (0 < self.top_p <= 1):
             raise CamelidError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k is not None and self.top_k < 1:
@@ -74,7 +74,12 @@ def top_p_probs(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution that `sample` draws from, for logits [B, V]."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # Shifted so that the largest is 0 before scaling, and the temperature kept above what
+    # float32 rounds to 0: a tiny temperature then gives the others -inf (probability 0),
+    # tending to greedy as it should, instead of inf - inf = nan.
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
     probs = torch.softmax(logits, dim=-1)

@@ -11,9 +11,10 @@ from camelid.tokenizer.base import Tokenizer
 from camelid.tokenizer.huggingface import HFTokenizer
 from camelid.tokenizer.sentencepiece import SentencePieceTokenizer
 from camelid.tokenizer.stream import StreamDecoder
+from camelid.tokenizer.text import has_invalid, replace_invalid
 
-__all__ = ["HFTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "load_tokenizer",
-           "tokenizer_from_gguf"]
+__all__ = ["HFTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "has_invalid", "load_tokenizer",
+           "replace_invalid", "tokenizer_from_gguf"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from camelid.tokenizer import chat
+from camelid.tokenizer.text import encodable
 
 # Tokens that end a turn in the common chat formats. Every one the vocabulary has is a stop
 # token, not only EOS: Llama-3 ends turns with <|eot_id|> (vLLM #4180), ChatML with <|im_end|>.
@@ -68,7 +69,8 @@ class Tokenizer(ABC):
     # ---- shared ----------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
         """Token ids of `text`; special-token markup such as <|im_start|> becomes its single id
-        unless special=False."""
+        unless special=False. Lone surrogates (undecodable bytes) are encoded as U+FFFD."""
+        text = encodable(text)
         ids: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
         if special:
             for chunk, tok_id in self._split_special(text):

@@ -17,6 +17,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from camelid.errors import CamelidError
+from camelid.tokenizer.text import replace_invalid
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -36,13 +37,16 @@ def render(messages: list[dict[str, str]], add_generation_prompt: bool, template
     that the special tokens (`specials`, the vocabulary's markup) point to. `bos` and `eos` are
     the text of those tokens, None where the tokenizer has none."""
     check_messages(messages)
+    # the rendered text goes to tokenizers and to clients (the server's prompt echo): cleaned once here
     if template:
-        return render_jinja(template, messages, add_generation_prompt, bos_token=bos or "", eos_token=eos or "")
-    if "<|im_start|>" in specials:
-        return chatml(messages, add_generation_prompt)
-    if "<|start_header_id|>" in specials:
-        return llama3(messages, add_generation_prompt, bos or "")
-    return llama2(messages, bos or "<s>", eos or "</s>")
+        text = render_jinja(template, messages, add_generation_prompt, bos_token=bos or "", eos_token=eos or "")
+    elif "<|im_start|>" in specials:
+        text = chatml(messages, add_generation_prompt)
+    elif "<|start_header_id|>" in specials:
+        text = llama3(messages, add_generation_prompt, bos or "")
+    else:
+        text = llama2(messages, bos or "<s>", eos or "</s>")
+    return replace_invalid(text)
 
 
 # ---- Jinja templates, rendered as transformers does ---------------------------------------------

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFBackend
 
 from camelid.errors import CamelidError
 from camelid.tokenizer.base import CONTROL, NORMAL, USER_DEFINED, Tokenizer
+from camelid.tokenizer.text import encodable
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -101,6 +102,7 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
         # The backend matches added tokens itself, exactly as transformers does; with
         # special=False it reads their markup as plain text.
+        text = encodable(text)
         self.backend.encode_special_tokens = not special
         try:
             ids = self.backend.encode(text, add_special_tokens=False).ids
