@@ -7,17 +7,18 @@ meaning of the answer (n > 1, logprobs, echo, suffix) are refused instead.
 
 Text that is not valid Unicode is not an error (the project's rule for all text): JSON may
 carry lone surrogates ("\\ud800"), which no tokenizer or UTF-8 encoder takes, so every string
-in a request becomes valid text, each surrogate a U+FFFD, before the fields are read.
+in a request becomes valid text (camelid/tokenizer/text.py: lone surrogates become U+FFFD)
+before the fields are read.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+from camelid.tokenizer.text import replace_invalid
+
 TEXT_DEPTH = 6  # the deepest string a request holds: body.messages[i].content[j].text, and a margin
 
 
@@ -26,7 +27,7 @@ def valid_text(value: Any, depth: int = TEXT_DEPTH) -> Any:
     U+FFFD. Deeper than `depth` nothing is a string field, and the fields' own checks refuse
     what is there, so the walk stops: a hostile nesting cannot exhaust the stack."""
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return replace_invalid(value)
     if depth <= 0:
         return value
     if isinstance(value, list):
