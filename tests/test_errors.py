@@ -125,3 +125,24 @@ def test_convert_refuses_to_overwrite(tmp_path, gguf_file, capsys):
     (tmp_path / "out" / "keep.txt").write_text("x")
     err = cli_error(capsys, "convert", str(gguf_file), str(tmp_path / "out"), "--to", "hf")
     assert "already exists" in err and (tmp_path / "out" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["generate", "--model", "m", "--top-k", "x"], ["camelid generate: error:", "--top-k", "'x'", "camelid generate --help"]),
+    (["generate", "--model", "m", "--prompt", "p", "--frobnicate"], ["camelid generate: error:", "--frobnicate"]),
+    (["data", "prepare"], ["camelid data prepare: error:", "RECIPE.toml"]),
+    (["eval", "--model", "m", "--tasks", "x", "--limit", "many"], ["camelid eval: error:", "--limit"]),
+    (["no-such-command"], ["camelid: error:", "no-such-command"]),
+])
+def test_argparse_refusals_are_one_line(capsys, argv, words):
+    """argparse's own refusals (a bad number, an unknown option or command) follow the rule for
+    every user mistake: one line, exit 2, no usage block in front of it."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    for w in words:
+        assert w in err, (w, err)

@@ -270,7 +270,7 @@ TOKENIZER = [
 
 @pytest.mark.parametrize("argv,words", TOKENIZER)
 def test_tokenizer_train_matrix(tmp_path, capsys, argv, words):
-    if words is None:  # argparse's own one-line refusal of a bad choice (exit 2, usage + error line)
+    if words is None:  # argparse's own refusal of a bad choice (exit 2, one line)
         with pytest.raises(SystemExit) as stop:
             main([str(a) for a in argv(tmp_path)])
         assert stop.value.code == 2 and "--on-error" in capsys.readouterr().err

@@ -40,8 +40,18 @@ EPILOG = """examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals as one line, like every other user mistake: argparse prints the whole
+    usage block first, which buries the line that says what is wrong. Subparsers inherit this
+    class, so `camelid generate --top-k x` says `camelid generate: error: ...` and points at
+    that command's --help."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="camelid", description="LLaMA in PyTorch: train, evaluate and run LLaMA-family models.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"camelid {__version__}")
@@ -58,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command = f"camelid {args.command}" if getattr(args, "command", None) else "camelid"
+        print(f"{command}: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)", file=sys.stderr)
+        return 2
     args.overrides = extra
     if not getattr(args, "handler", None):
         parser.print_help()
