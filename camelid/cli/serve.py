@@ -57,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise CamelidError(f"{flag} must be >= 1 (got {value})")
+    if args.context is not None and args.context < 2:  # the model's own bound is checked once it is loaded
+        raise CamelidError(f"--context {args.context}: must be at least 2 tokens")
     _check_port_free(args.host, args.port)
     llm = load_llm(args)
     context = _context(args.context, llm.config.max_seq_len)
