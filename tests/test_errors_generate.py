@@ -83,7 +83,7 @@ SHARED = [
     (["--draft-tokens", "2"], ["--draft-tokens", "--draft"], True),
     (["--draft-quantize", "int8"], ["--draft-quantize", "--draft"], True),
     (["--draft", "MODEL", "--draft-tokens", "0"], ["--draft-tokens", ">= 1"], True),
-    (["--draft", "TMP/no-draft"], ["--draft", "no-draft", "no such file"], False),
+    (["--draft", "TMP/no-draft"], ["--draft", "no-draft", "no such file"], True),
 ]
 
 GENERATE = SHARED + [

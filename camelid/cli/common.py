@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from camelid.checkpoint.hub import resolve
 from camelid.errors import CamelidError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,12 +93,18 @@ def load_llm(args: argparse.Namespace):
 
     device = check_model_arguments(args)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    draft_path = None
+    if getattr(args, "draft", None):  # a missing draft is said before the model's minute of loading
+        try:
+            draft_path = resolve(args.draft)
+        except CamelidError as e:
+            raise CamelidError(f"--draft: {e}") from None
     llm = camelid.load(args.model, device=device, dtype=dtype, quantize=args.quantize,
                        group_size=getattr(args, "group_size", None), compile=args.compile,
                        progress=sys.stderr.isatty())
-    if getattr(args, "draft", None):
+    if draft_path is not None:
         try:
-            draft = camelid.load(args.draft, device=device, dtype=dtype, quantize=args.draft_quantize,
+            draft = camelid.load(draft_path, device=device, dtype=dtype, quantize=args.draft_quantize,
                                  compile=args.compile)
         except CamelidError as e:
             raise CamelidError(f"--draft: {e}") from None
