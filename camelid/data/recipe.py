@@ -20,6 +20,8 @@ processing stages it goes through, and where the prepared data goes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,14 +95,31 @@ class Recipe:
             raise CamelidError(f"recipe: output.backend must be one of {list(BACKENDS)} (got {self.output.backend!r})")
         if len(set(names)) != len(names):
             raise CamelidError(f"recipe: source names must be unique (got {names})")
+        check_mixture({s.name: s.weight for s in self.sources}, lambda name: f"recipe: source {name!r}: weight",
+                      "delete its [[sources]] entry")
         for s in self.sources:
             unknown = [st for st in s.stages if st not in STAGES]
             if unknown:
                 raise CamelidError(f"recipe: source {s.name!r}: unknown stage(s) {unknown}; known: {list(STAGES)}")
-            if s.weight <= 0:
-                raise CamelidError(f"recipe: source {s.name!r}: weight must be positive (got {s.weight})")
             if s.on_error not in ("raise", "skip", "replace"):
                 raise CamelidError(f"recipe: source {s.name!r}: on_error must be raise, skip or replace")
+
+
+def check_mixture(weights: Mapping[str, object], label: Callable[[str], str], leave_out: str,
+                  known: Collection[str] | None = None, known_in: str = "the data") -> None:
+    """The one check of mixture weights, for a recipe's sources and for `train`'s data.weights:
+    each a positive finite number (a share of 0 or less cannot be sampled, and 0 for every source
+    leaves nothing to draw), and, given `known`, each name one of those sources. `label(name)`
+    names the setting at fault; `leave_out` says how a source is dropped instead."""
+    if known is not None:
+        unknown = [name for name in weights if name not in known]
+        if unknown:
+            raise CamelidError(f"{label(unknown[0])}: {known_in} has no source {unknown[0]!r}; "
+                               f"its sources are {', '.join(known)}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+            raise CamelidError(f"{label(name)} must be a positive number (got {w!r}); to leave a source out, "
+                               f"{leave_out}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
