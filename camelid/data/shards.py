@@ -6,7 +6,6 @@ beside them lists every shard with its token and document counts.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,14 +117,19 @@ class ShardWriter:
 def table1(manifest: Manifest, budget_tokens: int) -> str:
     """Sources as in Table 1 of the paper: sampling proportion, epochs at the budget, size."""
     total_weight = sum(s.weight for s in manifest.sources.values())
+
+    def epochs(share: float, tokens: int) -> str:
+        """Passes over the source at the budget; "–" without a budget (budget_tokens unset) or tokens."""
+        return f"{share * budget_tokens / tokens:8.2f}" if tokens and budget_tokens else f"{'–':>8s}"
+
     lines = [f"{'Dataset':20s} {'Sampling prop.':>14s} {'Epochs':>8s} {'Tokens':>14s} {'Documents':>10s}"]
     for name, s in manifest.sources.items():
         share = s.weight / total_weight
         tokens = s.tokens("train")
-        epochs = share * budget_tokens / tokens if tokens and budget_tokens else math.nan
         docs = sum(x.documents for x in s.train)
-        lines.append(f"{name:20s} {share:14.1%} {epochs:8.2f} {tokens:14,d} {docs:10,d}")
+        lines.append(f"{name:20s} {share:14.1%} {epochs(share, tokens)} {tokens:14,d} {docs:10,d}")
     total = sum(s.tokens("train") for s in manifest.sources.values())
-    lines.append(f"{'total':20s} {1:14.1%} {budget_tokens / total if total and budget_tokens else math.nan:8.2f} "
-                 f"{total:14,d}")
+    lines.append(f"{'total':20s} {1:14.1%} {epochs(1.0, total)} {total:14,d}")
+    if not budget_tokens:
+        lines.append("Epochs: set budget_tokens (the training budget) in the recipe to see passes over each source")
     return "\n".join(lines)
