@@ -443,6 +443,7 @@ class Trainer:
         bar.close()
         if val_loss is None:  # resumed at train.max_steps: nothing trained, but the result still has a validation
             val_loss = self.evaluate()
+        self.metrics.plot()
         self.metrics.close()
         self.check_diverged()
         return {"step": self.step, "loss": last.get("loss"), "val_loss": val_loss, "nonfinite": self.nonfinite}
