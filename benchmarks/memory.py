@@ -35,7 +35,8 @@ import torch
 
 TRAIN_MODELS = {  # name -> (model section overrides, micro-batch, sequence length)
     "tiny": ({"size": "tiny"}, 4, 128),
-    "dim256": ({"size": "tiny", "dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 32000}, 8, 512),
+    "dim256": ({"size": "tiny", "dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 32000,
+               "max_seq_len": 512}, 8, 512),
 }
 CASES = {  # name -> (model, precision, activation dtype)
     "tiny": [("tiny", p, a) for p, a in [("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "float32"),

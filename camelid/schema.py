@@ -25,10 +25,22 @@ T = TypeVar("T")
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CamelidError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CamelidError(f"{path}: is a directory; give a TOML file") from None
+    except PermissionError:
+        raise CamelidError(f"{path}: cannot read it (permission denied)") from None
+    # Bytes that are not UTF-8 are read as U+FFFD (camelid's rule for all text), with a warning:
+    # a key or path holding one is then refused, or not found, by name.
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "replace")
+        print(f"camelid: warning: {path}: not valid UTF-8; undecodable bytes read as U+FFFD", file=sys.stderr)
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CamelidError(f"{path}: not valid TOML ({e})") from None
 

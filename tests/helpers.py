@@ -12,6 +12,18 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from camelid.tokenizer import HFTokenizer, SentencePieceTokenizer
 
+# A time limit on a subprocess guards against a hang, never against slowness: with both cores
+# busy the suite has run four times slower than on an idle machine (30 minutes instead of 8), and
+# one test six times slower, so a limit is set far beyond that, where only a hang reaches it.
+HANG_FACTOR = 20
+
+
+def hang_limit(idle_seconds: float) -> float:
+    """Seconds after which a subprocess that takes `idle_seconds` on an idle machine is taken to
+    hang: HANG_FACTOR times as long, and never under ten minutes."""
+    return max(600.0, HANG_FACTOR * idle_seconds)
+
+
 # A little public-domain text (Shakespeare, Sonnet 18, and a few lines of code and numbers).
 CORPUS = """Shall I compare thee to a summer's day?
 Thou art more lovely and more temperate:

@@ -20,6 +20,7 @@ import camelid
 from camelid.checkpoint import read_checkpoint
 from camelid.errors import CamelidError
 from camelid.train import Trainer, load_train_config
+from helpers import hang_limit
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -35,14 +36,15 @@ ARGS = ["--model.size=tiny", "--data.seq_len=32", "--train.micro_batch=4", "--tr
         "--checkpoint.interval=1000"]
 
 
-def train(run_dir: Path, prepared, nproc: int = 1, *extra: str, timeout: float = 150) -> dict[int, tuple]:
-    """Run `camelid train` (under torchrun when nproc > 1); per step of run_dir (loss, grad_norm)."""
+def train(run_dir: Path, prepared, nproc: int = 1, *extra: str, idle_seconds: float = 30) -> dict[int, tuple]:
+    """Run `camelid train` (under torchrun when nproc > 1), which takes about `idle_seconds` on an
+    idle machine; per step of run_dir (loss, grad_norm)."""
     cli = ["-m", "camelid.cli.main", "train", str(EMPTY)]
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                                  if nproc > 1 else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(launch + cli + [f"--run.dir={run_dir}", f"--data.path={prepared.directory}", *ARGS, *extra],
-                         capture_output=True, text=True, env=env, timeout=timeout)
+                         capture_output=True, text=True, env=env, timeout=hang_limit(idle_seconds))
     assert out.returncode == 0, out.stderr[-4000:]
     return losses(run_dir)
 
@@ -123,7 +125,7 @@ def test_compiled_blocks_under_tensor_parallelism(tmp_path, prepared, single, ca
     whatever the size of its gradient), so step 1 is compared tightly and the rest loosely; a
     wrong gradient, even of the small norm weights, moves the loss by 1e-2 and more."""
     curve = train(tmp_path / "run", prepared, 2, "--parallel.tp=2", "--train.compile=true",
-                  "--train.activation_checkpointing=selective", "--train.max_steps=5", timeout=400)
+                  "--train.activation_checkpointing=selective", "--train.max_steps=5", idle_seconds=120)
     ref = single[1]
     (loss, grad), (ref_loss, ref_grad) = curve[1], ref[1]
     later = max(abs(curve[s][0] - ref[s][0]) for s in range(2, 6))

@@ -214,12 +214,13 @@ def test_json_errors_say_at_once():
 
 
 def test_the_weight_check_is_shared():
-    from camelid.data.recipe import check_weight
+    """`data prepare` and `train` refuse mixture weights with one function."""
+    from camelid.data.recipe import check_mixture
 
-    assert check_weight("x", 2) == 2.0
+    check_mixture({"a": 2, "b": 0.5}, lambda n: f"x.{n}", "drop it")
     for bad in (0, -0.5, float("nan"), float("inf"), True, "1"):
-        with pytest.raises(CamelidError, match="^x: weight must be"):
-            check_weight("x", bad)
+        with pytest.raises(CamelidError, match="^x.a must be a positive number"):
+            check_mixture({"a": bad}, lambda n: f"x.{n}", "drop it")
 
 
 def test_table1_has_no_nan_without_a_budget(prepared):

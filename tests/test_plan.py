@@ -250,7 +250,7 @@ EMULATED_BF16 = pytest.mark.skipif(not native_bf16("cpu"), reason="bfloat16 is e
 def test_training_plan_matches_measured_peak_dim256(tmp_path, one_thread, ac, dtype):
     # the paper's vocabulary, 8 x 512 tokens: four chunks of logits; 20 to 30 s a case (the other
     # four combinations agree as closely: benchmarks/memory.py --cases train)
-    model = ModelSection(size="tiny", dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=32000)
+    model = ModelSection(size="tiny", dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=32000, max_seq_len=512)
     assert_training_plan_matches(trainer_for(tmp_path, model, 8, 512, ac, dtype), 8, 512, ac, dtype)
 
 

@@ -2,7 +2,8 @@
 named size (7B, 13B, 33B, 65B, llama2-7B, llama3-8B, smollm2-135M, tiny, ...) or a checkpoint (a
 GGUF file, a Hugging Face, Meta or camelid directory), of which only the config is read; with
 --train it may also be a training recipe (CONFIG.toml), whose model, data.seq_len, train and
-parallel sections give the defaults.
+parallel sections give the defaults; one whose train.device is cpu (or auto, on a machine
+without CUDA) is planned without the CUDA overhead.
 
 generation (camelid plan MODEL): at each precision (float32, bfloat16, int8, int4) the weights,
 the KV cache for --context tokens (prompt plus generated ones) of --batch rows, the peak
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory of the card: 24GB (10^9 bytes), 24GiB (2^30 bytes), 80G, 512MB")
     p.add_argument("--overhead", default=None, metavar="SIZE",
                    help="fixed allowance for the CUDA context, cuBLAS workspaces and allocator slack "
-                        "(default 1GiB, 2GiB with --train for NCCL's buffers too; 0 for the tensors alone)")
+                        "(default 1GiB, 2GiB with --train for NCCL's buffers too, none for a recipe that trains "
+                        "on a CPU; 0 for the tensors alone)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     # Every option of one mode defaults to None, so that one given in the other mode is seen.
@@ -152,8 +154,15 @@ def print_generation(r: GenerationReport) -> None:
                             for row in r.rows])
     for note in r.notes:
         print(note)
-    print(f"float16 needs what bfloat16 does; tight: fits with less than {HEADROOM:.0%} of {r.memory_text} spare.")
+    print("float16 needs what bfloat16 does.")
+    print_tight_legend(r.rows, r.memory, r.memory_text)
     print(f"verdict: {r.verdict}.")
+
+
+def print_tight_legend(rows: list[Budget], memory: int, memory_text: str) -> None:
+    """What "tight" means, when a row says it."""
+    if any(row.fits(memory) and not row.comfortable(memory) for row in rows):
+        print(f"tight: fits with less than {HEADROOM:.0%} of {memory_text} spare.")
 
 
 def train_labels(rows: list[TrainRow], layout: Layout) -> list[tuple[str, str]]:
@@ -177,10 +186,12 @@ def print_training(r: TrainingReport) -> None:
     compute = "bfloat16 autocast over fp32 master weights" if r.dtype == "bfloat16" else "float32"
     print(f"{r.model}: {r.config.num_params():,} parameters ({r.source}); micro-batch {r.micro_batch} x "
           f"{r.seq_len} tokens in {compute}")
-    print(f"layout: {r.layout.describe()}; memory per device {r.memory_text} = {gib(r.memory)}")
+    where = "" if r.device == "cuda" else " (CPU: no CUDA overhead)"
+    print(f"layout: {r.layout.describe()}{where}; memory per device {r.memory_text} = {gib(r.memory)}")
     table = [("per device", *(f"ac {row.ac}" for row in r.rows))]
     table += [(label, *(gib(getattr(row, attr)) for row in r.rows)) for label, attr in train_labels(r.rows, r.layout)]
     print_table(table + [(f"fits {r.memory_text}", *(fit_note(row, r.memory) for row in r.rows))])
     print("(*) only during optimizer.step, when the activations are gone: the total counts the larger of it\n"
           "    and the gathered weights + activations + working set.")
+    print_tight_legend(r.rows, r.memory, r.memory_text)
     print(f"verdict: {r.verdict}.")

@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import camelid
+from camelid.atomic import check_destination
 from camelid.data import Manifest, load_recipe, prepare
 from camelid.errors import CamelidError
 from camelid.train import Trainer, load_train_config
+from camelid.train.samples import format_samples, write_samples
 
 RECIPES = Path(camelid.__file__).resolve().parent.parent / "recipes"
 
@@ -27,6 +29,7 @@ RECIPES = Path(camelid.__file__).resolve().parent.parent / "recipes"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="runs/quickstart", help="where everything goes (default runs/quickstart)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the recipe's 350)")
+    # any other key of recipes/quickstart-train.toml as --section.key=value, e.g. --train.dtype=float32
     p.set_defaults(accepts_overrides=True)
 
 
@@ -35,18 +38,20 @@ def main(args: argparse.Namespace) -> int:
         raise CamelidError(f"{RECIPES}: the quickstart recipes are not here; run it from a camelid clone "
                            "installed with `pip install -e .`")
     t0 = time.perf_counter()
-    out = Path(args.dir)
+    out = check_destination(args.dir, "--dir", directory=True)
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-
-    say("== 1/3 data: clean, deduplicate, filter, train a tokenizer, tokenize ==")
-    recipe = load_recipe(RECIPES / "quickstart-data.toml", [f"--output.dir={out / 'data'}"])
-    manifest = prepare(recipe)
-
-    say("\n== 2/3 train ==")
+    # every setting is checked before the data is prepared, which takes minutes
     overrides = [f"--run.dir={out / 'train'}", f"--data.path={out / 'data'}"] + args.overrides
     if args.max_steps is not None:
         overrides.append(f"--train.max_steps={args.max_steps}")
-    trainer = Trainer(load_train_config(RECIPES / "quickstart-train.toml", overrides))
+    train_config = load_train_config(RECIPES / "quickstart-train.toml", overrides)
+
+    say("== 1/3 data: clean, deduplicate, filter, train a tokenizer, tokenize ==")
+    recipe = load_recipe(RECIPES / "quickstart-data.toml", [f"--output.dir={out / 'data'}"])
+    prepare(recipe)
+
+    say("\n== 2/3 train ==")
+    trainer = Trainer(train_config)
     result = trainer.fit()
     model_dir = trainer.export()
 
@@ -56,14 +61,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"validation loss {val:.3f} nats/token (perplexity {math.exp(val):.1f}); the corpus's unigram entropy is "
           f"{entropy:.3f} nats/token (perplexity {math.exp(entropy):.1f}): the model knows "
           f"{'more' if val < entropy else 'less'} than how often each token occurs")
-    llm = camelid.load(model_dir, compile=False)  # a few short samples: not worth compiling
-    s = trainer.cfg.sample
-    for prompt in s.prompts:
-        text = llm.generate(prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=0)
-        print(f"\n--- {prompt}{text}")
+    cfg = trainer.cfg
+    print(format_samples(write_samples(model_dir, cfg.sample, trainer.run_dir, cfg.train.seed, str(trainer.device))),
+          end="")
     print(f"\nfinished in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:\n"
           f"  data/       cleaned text, tokenizer, token shards, report.json (per stage and source)\n"
-          f"  train/      metrics.jsonl, loss.png (the loss curve), tensorboard/, checkpoints/\n"
+          f"  train/      metrics.jsonl, loss.png (the loss curve), tensorboard/, checkpoints/, samples.json\n"
           f"  train/model the trained model. Try:\n"
           f"    camelid generate --model {model_dir} --prompt \"HAMLET.\" --temperature 0.8\n"
           f"    camelid chat --model {model_dir}\n"

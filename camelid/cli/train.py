@@ -15,6 +15,12 @@ writes into run.dir:
                     every rank's shards in dcp/ plus trainer state)
   model/            the final model: camelid generate --model RUN_DIR/model
                     (also model-hf/, model.gguf, model-meta/ with checkpoint.export = ["hf", ...])
+  samples.json      text the final model generated from the [sample] prompts (also printed)
+
+Settings are checked before anything is loaded; a run directory whose checkpoints hold another
+model shape, or a step past train.max_steps, is refused rather than resumed. Steps with a
+non-finite loss or gradient are skipped (stability.skip_nonfinite) and counted; a run most of
+whose steps were skipped has diverged and ends with an error (exit code 2) instead of "done".
 
 examples:
   camelid train recipes/bench-stories15m.toml --train.max_steps=20
@@ -30,6 +36,7 @@ import sys
 
 from camelid.distributed.runtime import shutdown
 from camelid.train import Trainer, load_train_config
+from camelid.train.samples import format_samples, write_samples
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,11 +51,17 @@ def main(args: argparse.Namespace) -> int:
         result = trainer.fit()
         model_dir = trainer.export()
         if trainer.main:
+            samples = write_samples(model_dir, cfg.sample, trainer.run_dir, cfg.train.seed, str(trainer.device))
+            print(format_samples(samples), end="", flush=True)
             loss = f", loss {result['loss']:.4f}" if result["loss"] is not None else ""
+            skipped = f", {result['nonfinite']} skipped as non-finite" if result["nonfinite"] else ""
             print(f"done: step {result['step']}{loss}"
                   + (f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
+                  + skipped
                   + f"\n  metrics    {trainer.metrics.path}\n  loss curve {trainer.run_dir / 'loss.png'}"
-                  + f"\n  model      {model_dir}", file=sys.stderr)
+                  + f"\n  model      {model_dir}"
+                  + (f"\n  samples    {trainer.run_dir / 'samples.json'}" if samples else ""), file=sys.stderr)
+        trainer.runtime.barrier()  # the other ranks wait while rank 0 samples
     finally:
         shutdown()  # leave torchrun's process group, also after an error
     return 0

@@ -21,6 +21,7 @@ processing stages it goes through, and where the prepared data goes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,16 +41,6 @@ FORMATS = ("auto", "text", "jsonl", "parquet")
 SPLITS = ("file", "paragraph", "line")
 BACKENDS = ("local", "ray")  # where the per-document work runs (pipeline.make_executor)
 CORPUS = Path(__file__).parent / "corpus"  # the corpus embedded in camelid (see its LICENSES.md)
-
-
-def check_weight(where: str, weight: object) -> float:
-    """A mixture weight must be a positive, finite number: zero or negative weights would drop a
-    source (or divide by zero), NaN would poison every probability. `where` names the setting."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise CamelidError(f"{where}: weight must be a number (got {weight!r})")
-    if not (math.isfinite(weight) and weight > 0):
-        raise CamelidError(f"{where}: weight must be positive (got {weight}); remove the source to leave it out")
-    return float(weight)
 
 
 @dataclass
@@ -107,11 +98,12 @@ class Recipe:
             raise CamelidError(f"recipe: output.backend must be one of {list(BACKENDS)} (got {self.output.backend!r})")
         if len(set(names)) != len(names):
             raise CamelidError(f"recipe: source names must be unique (got {names})")
+        check_mixture({s.name: s.weight for s in self.sources}, lambda name: f"recipe: source {name!r}: weight",
+                      "delete its [[sources]] entry")
         for s in self.sources:
             unknown = [st for st in s.stages if st not in STAGES]
             if unknown:
                 raise CamelidError(f"recipe: source {s.name!r}: unknown stage(s) {unknown}; known: {list(STAGES)}")
-            check_weight(f"recipe: source {s.name!r}", s.weight)
             if s.on_error not in ("raise", "skip", "replace"):
                 raise CamelidError(f"recipe: source {s.name!r}: on_error must be raise, skip or replace")
             if s.format not in FORMATS:
@@ -135,6 +127,23 @@ class Recipe:
             if self.tokenizer.max_sentences < 1:
                 raise CamelidError(f"recipe: tokenizer.max_sentences must be at least 1 "
                                    f"(got {self.tokenizer.max_sentences})")
+
+
+def check_mixture(weights: Mapping[str, object], label: Callable[[str], str], leave_out: str,
+                  known: Collection[str] | None = None, known_in: str = "the data") -> None:
+    """The one check of mixture weights, for a recipe's sources and for `train`'s data.weights:
+    each a positive finite number (a share of 0 or less cannot be sampled, and 0 for every source
+    leaves nothing to draw), and, given `known`, each name one of those sources. `label(name)`
+    names the setting at fault; `leave_out` says how a source is dropped instead."""
+    if known is not None:
+        unknown = [name for name in weights if name not in known]
+        if unknown:
+            raise CamelidError(f"{label(unknown[0])}: {known_in} has no source {unknown[0]!r}; "
+                               f"its sources are {', '.join(known)}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+            raise CamelidError(f"{label(name)} must be a positive number (got {w!r}); to leave a source out, "
+                               f"{leave_out}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -129,4 +129,6 @@ def table1(manifest: Manifest, budget_tokens: int) -> str:
         lines.append(f"{name:20s} {share:14.1%} {epochs(share, tokens)} {tokens:14,d} {docs:10,d}")
     total = sum(s.tokens("train") for s in manifest.sources.values())
     lines.append(f"{'total':20s} {1:14.1%} {epochs(1.0, total)} {total:14,d}")
+    if not budget_tokens:
+        lines.append("Epochs: set budget_tokens (the training budget) in the recipe to see passes over each source")
     return "\n".join(lines)

@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from camelid.config import SIZES, ModelConfig, get_size
 from camelid.errors import CamelidError
 from camelid.plan.budget import HEADROOM, gib, parse_memory, parse_size
 from camelid.plan.inference import DEFAULT_OVERHEAD, Row, best, int4_problem, plan
 from camelid.plan.training import AC_MODES, TRAIN_OVERHEAD, Layout, TrainRow, plan_training
+from camelid.platform import native_bf16
 from camelid.train.config import load_train_config
 
 DEFAULT_CONTEXT = 2048
@@ -37,19 +40,32 @@ def read_config(name: str) -> tuple[ModelConfig, str]:
     return ckpt.config, f"{ckpt.format} checkpoint"
 
 
+def recipe_device(name: str) -> str:
+    """"cuda" or "cpu": where a recipe's train.device trains, "auto" deciding as `camelid train`
+    would on this machine."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if name.startswith("cuda") else "cpu"
+
+
 def read_training(name: str) -> tuple[ModelConfig, str, dict]:
     """The model, where it came from, and the training settings to default to: a recipe's (its
-    model section, data.seq_len, train and parallel sections) or the plain ones."""
+    model section, data.seq_len, train and parallel sections, the device train.device gives)
+    or the plain ones, on a GPU."""
     if name.endswith(".toml"):
         cfg = load_train_config(name)
         p = cfg.parallel
+        device, dtype = recipe_device(cfg.train.device), cfg.train.dtype
+        if dtype == "auto":  # as the trainer settles it: a GPU's is taken to multiply bfloat16
+            dtype = "bfloat16" if device == "cuda" or native_bf16("cpu") else "float32"
         return cfg.model.build(None), "recipe", {
-            "micro_batch": cfg.train.micro_batch, "seq_len": cfg.data.seq_len, "dtype": cfg.train.dtype,
+            "micro_batch": cfg.train.micro_batch, "seq_len": cfg.data.seq_len, "dtype": dtype,
             "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp,
-            "ac": cfg.train.activation_checkpointing}
+            "ac": cfg.train.activation_checkpointing, "device": device}
     config, source = read_config(name)
     return config, source, {"micro_batch": 1, "seq_len": min(DEFAULT_CONTEXT, config.max_seq_len),
-                            "dtype": "bfloat16", "dp_replicate": 1, "dp_shard": 1, "tp": 1, "ac": None}
+                            "dtype": "bfloat16", "dp_replicate": 1, "dp_shard": 1, "tp": 1, "ac": None,
+                            "device": "cuda"}
 
 
 def _join(items: list[str]) -> str:
@@ -143,6 +159,7 @@ class TrainingReport:
     micro_batch: int
     seq_len: int
     dtype: str
+    device: str
     rows: list[TrainRow]
     recipe_ac: str | None
     verdict: str
@@ -151,7 +168,7 @@ class TrainingReport:
         return {
             "mode": "train", "model": self.model, "source": self.source, "params": self.config.num_params(),
             "config": self.config.to_dict(), "layout": {**asdict(self.layout), "devices": self.layout.devices},
-            "micro_batch": self.micro_batch, "seq_len": self.seq_len, "dtype": self.dtype,
+            "micro_batch": self.micro_batch, "seq_len": self.seq_len, "dtype": self.dtype, "device": self.device,
             "memory_bytes": self.memory, "headroom": HEADROOM, "rows": [r.to_dict(self.memory) for r in self.rows],
             "verdict": {"fits": [r.ac for r in self.rows if r.fits(self.memory)],
                         "comfortable": [r.ac for r in self.rows if r.comfortable(self.memory)],
@@ -164,18 +181,22 @@ def training_report(model: str, memory: str, overhead: str | None = None, micro_
     """Plan a training step of `model` (a named size, a checkpoint or a recipe) per device of
     `memory`; `ac` plans one checkpointing mode instead of all three."""
     memory_bytes = parse_memory(memory)
-    overhead_bytes = TRAIN_OVERHEAD if overhead is None else parse_size(overhead, "--overhead")
     config, source, settings = read_training(model)
+    # a CPU has no CUDA context, cuBLAS workspaces or NCCL buffers to allow for
+    default_overhead = TRAIN_OVERHEAD if settings["device"] == "cuda" else 0
+    overhead_bytes = default_overhead if overhead is None else parse_size(overhead, "--overhead")
     given = {"micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "dp_replicate": dp_replicate,
              "dp_shard": dp_shard, "tp": tp, "ac": ac}
     settings.update({k: v for k, v in given.items() if v is not None})
+    if settings["seq_len"] > config.max_seq_len:
+        raise CamelidError(f"--seq-len {settings['seq_len']}: {model} has a context of {config.max_seq_len} tokens")
     layout = Layout(settings["dp_replicate"], settings["dp_shard"], settings["tp"])
     rows = plan_training(config, layout, settings["micro_batch"], settings["seq_len"], settings["dtype"],
                          overhead_bytes, (ac,) if ac else AC_MODES)
     recipe_ac = settings["ac"] if source == "recipe" else None
     text = training_verdict(_short_name(model, source), rows, memory_bytes, memory, layout, recipe_ac)
     return TrainingReport(model, source, config, memory_bytes, memory, layout, settings["micro_batch"],
-                        settings["seq_len"], settings["dtype"], rows, recipe_ac, text)
+                        settings["seq_len"], settings["dtype"], settings["device"], rows, recipe_ac, text)
 
 
 def training_verdict(name: str, rows: list[TrainRow], memory: int, memory_text: str, layout: Layout,

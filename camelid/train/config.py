@@ -3,10 +3,13 @@ overrides. Every recipe accepts every key below; defaults follow the paper where
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from camelid.config import ModelConfig, get_size
+from camelid.data.recipe import check_mixture
+from camelid.distributed.activation_checkpoint import MODES as AC_MODES
 from camelid.errors import CamelidError
 from camelid.schema import apply_overrides, build, load_toml
 
@@ -129,32 +132,106 @@ class TrainConfig:
     sample: SampleSection = field(default_factory=SampleSection)
 
     def __post_init__(self) -> None:
-        t = self.train
+        t, d, s, p = self.train, self.data, self.stability, self.parallel
+        bad_float = next(((key, v) for key, v in _floats(self) if not math.isfinite(v)), None)
+        if bad_float:
+            raise InvalidSetting(f"{bad_float[0]} must be a finite number (got {bad_float[1]})")
+        # The model's shape is checked here too, so that nothing is loaded for a recipe whose
+        # sequences the model could not hold.
+        context = self.model.build(None).max_seq_len
         checks = [
             (t.dtype in (*DTYPES, "auto"), f"train.dtype must be {', '.join(DTYPES)} or auto (got {t.dtype!r})"),
             (t.optimizer in ("adamw", "adamax"), f"train.optimizer must be adamw or adamax (got {t.optimizer!r})"),
-            (t.max_steps > 0, "train.max_steps must be positive"),
-            (t.micro_batch > 0, "train.micro_batch must be positive"),
-            (self.data.seq_len > 0, "data.seq_len must be positive"),
-            (t.lr > 0, "train.lr must be positive"),
-            (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
-            (self.checkpoint.interval > 0, "checkpoint.interval must be positive"),
+            (t.activation_checkpointing in AC_MODES, f"train.activation_checkpointing must be {', '.join(AC_MODES)} "
+                                                     f"(got {t.activation_checkpointing!r})"),
+            (t.max_steps > 0, f"train.max_steps must be positive (got {t.max_steps})"),
+            (t.micro_batch > 0, f"train.micro_batch must be positive (got {t.micro_batch})"),
+            (t.batch_tokens >= 0, f"train.batch_tokens must be 0 (one micro-batch) or positive (got {t.batch_tokens})"),
+            (d.seq_len > 0, f"data.seq_len must be positive (got {d.seq_len})"),
+            (d.seq_len <= context, f"data.seq_len {d.seq_len} is longer than the model's context (model.max_seq_len "
+                                   f"{context}); lower data.seq_len or raise model.max_seq_len"),
+            (t.lr > 0, f"train.lr must be positive (got {t.lr})"),
+            (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})"),
+            (t.warmup_steps >= 0, f"train.warmup_steps must be 0 (no warmup) or positive (got {t.warmup_steps})"),
+            (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1 and train.beta2 must be in [0, 1) "
+                                                    f"(got {t.beta1}, {t.beta2})"),
+            (t.eps > 0, f"train.eps must be positive (got {t.eps})"),
+            (t.weight_decay >= 0, f"train.weight_decay must be 0 or positive (got {t.weight_decay})"),
+            (t.grad_clip > 0, f"train.grad_clip must be positive (got {t.grad_clip}); a large value clips nothing"),
+            (t.log_interval > 0, f"train.log_interval must be positive (got {t.log_interval}): steps between "
+                                 "metrics lines"),
+            (t.eval_interval > 0, f"train.eval_interval must be positive (got {t.eval_interval}): steps between "
+                                  "validations (one more at the end); a value above train.max_steps validates "
+                                  "at the end only"),
+            (t.eval_batches > 0, f"train.eval_batches must be positive (got {t.eval_batches})"),
+            (t.threads >= 0, f"train.threads must be 0 (PyTorch's default) or a number of CPU threads "
+                             f"(got {t.threads})"),
+            (t.peak_flops >= 0, f"train.peak_flops must be 0 (known GPUs only) or positive (got {t.peak_flops})"),
+            (self.checkpoint.interval > 0, f"checkpoint.interval must be positive (got {self.checkpoint.interval})"),
+            (self.checkpoint.keep > 0, f"checkpoint.keep must be at least 1, as resuming needs the newest "
+                                       f"(got {self.checkpoint.keep})"),
             (set(self.checkpoint.export) <= set(EXPORTS), f"checkpoint.export: choose among {list(EXPORTS)} "
                                                            f"(got {self.checkpoint.export})"),
-            (not (self.data.synthetic and "gguf" in self.checkpoint.export),
+            (not (d.synthetic and "gguf" in self.checkpoint.export),
              "checkpoint.export: a GGUF file carries its tokenizer and synthetic data has none; drop gguf"),
-            (min(self.parallel.dp_replicate, self.parallel.dp_shard, self.parallel.tp) >= 1,
+            (min(p.dp_replicate, p.dp_shard, p.tp) >= 1,
              "parallel.dp_replicate, parallel.dp_shard and parallel.tp must be at least 1"),
-            (0 < self.stability.spike_warmup <= self.stability.spike_window,
+            (0 < s.spike_warmup <= s.spike_window,
              "stability.spike_warmup must be positive and at most stability.spike_window (the history kept)"),
-            (self.data.synthetic or bool(self.data.path), "data.path is empty: point it at `camelid data prepare` "
-                                                           "output, or set data.synthetic = true"),
+            (s.spike_factor > 1, f"stability.spike_factor must be above 1 (got {s.spike_factor}): a loss that many "
+                                 "times the recent median is a spike"),
+            (s.spike_patience >= 1, f"stability.spike_patience must be at least 1 (got {s.spike_patience})"),
+            (s.max_rollbacks >= 0, f"stability.max_rollbacks must be 0 or more (got {s.max_rollbacks})"),
+            (self.sample.max_new_tokens > 0, f"sample.max_new_tokens must be positive "
+                                             f"(got {self.sample.max_new_tokens})"),
+            (self.sample.temperature >= 0, f"sample.temperature must be 0 (greedy) or positive "
+                                           f"(got {self.sample.temperature})"),
+            (d.synthetic or bool(d.path), "data.path is empty: point it at `camelid data prepare` "
+                                          "output, or set data.synthetic = true"),
+            (not (d.synthetic and d.weights), "data.weights: synthetic data has no sources to weigh; drop "
+                                              "data.weights or set data.path"),
+            (not (d.synthetic and self.sample.prompts), "sample.prompts: synthetic data has no tokenizer to write "
+                                                        "prompts with; drop the [sample] prompts"),
         ]
         for ok, message in checks:
             if not ok:
-                raise CamelidError(f"train config: {message}")
+                raise InvalidSetting(message)
+        # the names are checked against the data's sources when it is loaded
+        try:
+            check_mixture(d.weights, lambda name: f"data.weights.{name}", LEAVE_OUT)
+        except CamelidError as e:
+            raise InvalidSetting(str(e)) from None
+
+
+class InvalidSetting(CamelidError):
+    """A setting TrainConfig refuses; load_train_config names the recipe it was read with."""
+
+    def __init__(self, problem: str, where: str = "train config"):
+        super().__init__(f"{where}: {problem}")
+        self.problem = problem
+
+
+# How train's data.weights drops a source: it cannot, the data has to be prepared without it.
+LEAVE_OUT = "prepare the data without it (camelid data prepare)"
+
+
+def _floats(obj: object, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float setting, nested sections included."""
+    found = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            found += _floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            found.append((f"{prefix}{f.name}", value))
+    return found
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     data = load_toml(path) if path else {}
-    return build(TrainConfig, apply_overrides(data, list(overrides)), str(path or "train config"))
+    try:
+        return build(TrainConfig, apply_overrides(data, list(overrides)), str(path or "train config"))
+    except InvalidSetting as e:
+        if not path:
+            raise
+        raise InvalidSetting(e.problem, str(path)) from None

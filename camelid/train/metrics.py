@@ -31,6 +31,13 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, PPL_MAX_LOSS))
 
 
+def strict_json(record: dict[str, Any]) -> str:
+    """One line of strict JSON: a non-finite number (a diverged step's NaN or Inf loss) becomes
+    null, since bare NaN and Infinity are not JSON and strict parsers reject the whole file."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """6N + 6 L H D T (torchtitan's count, causal attention): N excludes the embedding table,
     whose lookup costs no FLOPs (the output head is counted)."""
@@ -73,12 +80,12 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self.writer is not None and "step" in record:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, record["step"])
 
     def read(self) -> list[dict[str, Any]]:
@@ -94,8 +101,8 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         rows = self.read()
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         if not train:
             return None
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)

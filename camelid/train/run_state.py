@@ -31,7 +31,6 @@ from camelid.tokenizer import Tokenizer
 PATTERN = re.compile(r"^step_(\d{8})$")
 
 
-
 def model_state(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
     """A single process's weights under camelid's names (wrappers such as activation
     checkpointing or compile add prefixes that the state dict hooks remove or that we strip here)."""
@@ -74,7 +73,21 @@ def complete(directory: Path) -> list[Path]:
     if not directory.exists():
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and PATTERN.match(p.name) and (p / TRAINER).exists()]
-    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint directory holds, from its name."""
+    return int(PATTERN.match(path.name).group(1))
+
+
+def saved_config(path: Path) -> ModelConfig | None:
+    """The model config a checkpoint was saved with, read without its weights: camelid.json for
+    one process's, the trainer state for a sharded one (None for one saved before it held it)."""
+    if not sharded_state.is_sharded(path):
+        return read_native(path).config
+    state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+    return ModelConfig.from_dict(state["model_config"], where=str(path / TRAINER)) if "model_config" in state else None
 
 
 def restore(runtime: Runtime, path: Path, model: torch.nn.Module,

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from camelid.atomic import atomic_dir
+from camelid.atomic import atomic_dir, check_destination
 from camelid.checkpoint import Checkpoint, write_checkpoint
 from camelid.checkpoint.native import write_native
 from camelid.config import ModelConfig
 from camelid.data import Manifest, PackedLoader, SyntheticLoader
+from camelid.data.recipe import check_mixture
 from camelid.distributed import ParallelConfig, apply_activation_checkpointing, init_weights, parallelize
 from camelid.distributed.parallelize import gather
 from camelid.distributed.runtime import Runtime, setup
@@ -38,7 +39,7 @@ from camelid.model.inductor import use_inductor_layers
 from camelid.platform import keep_freed_memory, native_bf16
 from camelid.tokenizer import Tokenizer, load_tokenizer
 from camelid.train import run_state
-from camelid.train.config import TrainConfig
+from camelid.train.config import LEAVE_OUT, TrainConfig
 from camelid.train.loss import linear_cross_entropy
 from camelid.train.metrics import MetricsLog, NullMetrics, flops_per_token, peak_flops, perplexity
 from camelid.train.optim import build_optimizer, lr_at
@@ -47,9 +48,36 @@ from camelid.train.optim import build_optimizer, lr_at
 EXPORT_NAMES = {"hf": "model-hf", "gguf": "model.gguf", "meta": "model-meta"}
 
 
+def check_device(name: str) -> None:
+    """train.device names a device this machine has ("auto" always does), so that a run meant
+    for a GPU stops here, with a line, rather than deep inside the model's placement."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CamelidError(f"train.device {name!r}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    fix = "set --train.device=cpu (or auto)"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise CamelidError(f"train.device {name!r}: CUDA is not available on this machine; {fix}")
+        if device.index is not None and device.index >= count:
+            raise CamelidError(f"train.device {name!r}: this machine has {count} CUDA device(s), "
+                               f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CamelidError(f"train.device {name!r}: MPS is not available on this machine; {fix}")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        try:
+            torch.empty(0, device=device)
+        except RuntimeError as e:
+            raise CamelidError(f"train.device {name!r}: cannot use it here ({str(e).splitlines()[0]}); {fix}") from None
+
+
 def start_runtime(cfg: TrainConfig) -> Runtime:
     """This process's runtime (one process, or torchrun's), with the CPU threads and allocator
     set, and train.dtype "auto" settled for its device."""
+    check_device(cfg.train.device)
     keep_freed_memory()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -65,6 +93,8 @@ def load_data_source(cfg: TrainConfig) -> tuple[Manifest | None, Tokenizer | Non
     if cfg.data.synthetic:
         return None, None
     manifest = Manifest.load(cfg.data.path)
+    check_mixture(cfg.data.weights, lambda name: f"data.weights.{name}", LEAVE_OUT, known=list(manifest.sources),
+                  known_in=f"the data in {cfg.data.path}")
     return manifest, load_tokenizer(manifest.directory / manifest.tokenizer)
 
 
@@ -115,12 +145,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: bool = True):
         self.cfg = cfg
         self.log = log
+        self.run_dir = check_destination(cfg.run.dir, "run.dir", directory=True)
         self.runtime = start_runtime(cfg)
-        self.run_dir = Path(cfg.run.dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.train.seed)
         self._build_data()
+        self._check_resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the settings have passed
         self.model = build_model(cfg, self.config, self.runtime)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self._build_metrics()
@@ -163,10 +194,32 @@ class Trainer:
         self.peak = peak_flops(self.device, self.cfg.train.peak_flops)
         self.metrics = MetricsLog(self.run_dir) if self.main else NullMetrics(self.run_dir)
 
+    def _check_resume(self) -> None:
+        """A run directory with checkpoints is resumed: refuse, before the model is built, to
+        resume one whose model has another shape (its weights would not fit) or that is already
+        past train.max_steps (nothing would happen)."""
+        found = self._checkpoints()
+        if not found:
+            return
+        newest = found[-1]
+        saved = run_state.saved_config(newest)
+        if saved is not None and saved != self.config:
+            changed = [f"model.{k} {saved.to_dict()[k]} -> {v}" for k, v in self.config.to_dict().items()
+                       if saved.to_dict()[k] != v]
+            raise CamelidError(f"run.dir {self.run_dir}: its checkpoint {newest.name} holds another model "
+                               f"({', '.join(changed)}); to train this one, choose another run.dir, or drop the "
+                               "changes to resume")
+        step = run_state.step_of(newest)
+        if step > self.cfg.train.max_steps:
+            raise CamelidError(f"run.dir {self.run_dir}: its newest checkpoint is at step {step}, past "
+                               f"train.max_steps {self.cfg.train.max_steps}; raise train.max_steps to train on, "
+                               "or choose another run.dir to start afresh")
+
     def _start_progress(self) -> None:
         """Step 0: nothing seen yet, the stability guard without history."""
         self.step = 0
         self.tokens_seen = 0
+        self.nonfinite = 0      # steps skipped for a non-finite loss or gradient, over the whole run
         self.recent: deque[float] = deque(maxlen=self.cfg.stability.spike_window)
         self.spikes_in_a_row = 0
         self.rollbacks = 0
@@ -238,6 +291,7 @@ class Trainer:
             self.recent.append(loss_total)
         else:
             record["skipped"] = event
+            self.nonfinite += event == "nonfinite"
             self.optimizer.zero_grad(set_to_none=True)
         self.step = step
         self.tokens_seen += self.step_tokens
@@ -281,8 +335,9 @@ class Trainer:
         checkpoint's kind wants); equal on every rank, so rank 0's is saved."""
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "loader": self.train_loader.state_dict(), "recent": list(self.recent),
-                "spikes_in_a_row": self.spikes_in_a_row, "rollbacks": self.rollbacks,
-                "metrics_offset": self.metrics.offset(), **run_state.rng_state()}
+                "spikes_in_a_row": self.spikes_in_a_row, "rollbacks": self.rollbacks, "nonfinite": self.nonfinite,
+                "model_config": self.config.to_dict(), "metrics_offset": self.metrics.offset(),
+                **run_state.rng_state()}
 
     def save(self) -> Path:
         return run_state.save(self.runtime, self.checkpoints, self.step, self.model, self.optimizer, self.config,
@@ -297,6 +352,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.recent = deque(state["recent"], maxlen=self.cfg.stability.spike_window)
         self.spikes_in_a_row = state["spikes_in_a_row"]
+        self.nonfinite = state.get("nonfinite", 0)  # checkpoints from before the count had none
         if with_loader:
             self.train_loader.load_state_dict(state["loader"])
             self.rollbacks = state["rollbacks"]
@@ -348,7 +404,7 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         c, t = self.cfg, self.cfg.train
-        say = (lambda *a: print(*a, file=sys.stderr)) if self.log and self.main else (lambda *a: None)
+        say = (lambda *a: tqdm.write(" ".join(a), file=sys.stderr)) if self.log and self.main else (lambda *a: None)
         if self.resumed_from:
             say(f"resuming from {self.resumed_from} (step {self.step})")
         layout = self.runtime.describe()
@@ -366,6 +422,9 @@ class Trainer:
             if record.get("skipped"):
                 self.metrics.write({"step": record["step"], "event": f"skip_{record['skipped']}",
                                     "loss": record["loss"], "grad_norm": record["grad_norm"]})
+                if record["skipped"] == "nonfinite" and self.nonfinite == 1:
+                    say(f"step {self.step}: the loss or a gradient is not finite; the step is skipped "
+                        "(each skip is in metrics.jsonl)")
                 if record["skipped"] == "spike" and self.spikes_in_a_row >= c.stability.spike_patience:
                     if self.rollback():
                         bar.n = self.step
@@ -382,6 +441,18 @@ class Trainer:
             if self.step % c.checkpoint.interval == 0 or self.step == t.max_steps:
                 self.save()
         bar.close()
+        if val_loss is None:  # resumed at train.max_steps: nothing trained, but the result still has a validation
+            val_loss = self.evaluate()
         self.metrics.plot()
         self.metrics.close()
-        return {"step": self.step, "loss": last.get("loss"), "val_loss": val_loss}
+        self.check_diverged()
+        return {"step": self.step, "loss": last.get("loss"), "val_loss": val_loss, "nonfinite": self.nonfinite}
+
+    def check_diverged(self) -> None:
+        """A run most of whose steps were skipped as non-finite has not trained: it ends in a
+        failure, not in "done" (its checkpoints and metrics stay, to look at)."""
+        if self.nonfinite * 2 > self.step:
+            t = self.cfg.train
+            raise CamelidError(f"run.dir {self.run_dir}: the run diverged: {self.nonfinite} of {self.step} steps were "
+                               f"skipped for a non-finite loss or gradient (see metrics.jsonl); lower train.lr "
+                               f"({t.lr:g}) or raise train.warmup_steps ({t.warmup_steps}), in a new run.dir")
