@@ -18,6 +18,19 @@ from camelid.tokenizer import HFTokenizer, SentencePieceTokenizer
 HANG_FACTOR = 20
 
 
+def cli_error(capsys, *argv) -> str:
+    """Run `camelid ARGV` in this process and assert how every user mistake ends: exit code 2 and
+    exactly one line on stderr, no traceback. Returns the line."""
+    from camelid.cli.main import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    return err
+
+
 def hang_limit(idle_seconds: float) -> float:
     """Seconds after which a subprocess that takes `idle_seconds` on an idle machine is taken to
     hang: HANG_FACTOR times as long, and never under ten minutes."""

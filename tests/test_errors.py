@@ -11,7 +11,7 @@ import camelid
 from camelid.checkpoint import convert
 from camelid.cli.main import main
 from camelid.errors import CamelidError
-from helpers import random_hf_llama
+from helpers import cli_error, random_hf_llama
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,6 @@ def gguf_file(tmp_path_factory, bpe_tokenizer):
     random_hf_llama(d / "hf", bpe_tokenizer, kv_heads=2)
     convert(d / "hf", d / "m.gguf", to="gguf")
     return d / "m.gguf"
-
-
-def cli_error(capsys, *argv):
-    capsys.readouterr()
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def test_truncated_gguf(tmp_path, gguf_file, capsys):

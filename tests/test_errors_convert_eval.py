@@ -23,19 +23,8 @@ from camelid.errors import CamelidError
 from camelid.eval import Scorer, Settings, evaluate
 from camelid.eval.requests import encode_pair
 from camelid.generate import LLM
-from helpers import random_hf_llama
+from helpers import cli_error, random_hf_llama
 from test_model import tiny
-
-
-def run_error(capsys, argv: list) -> str:
-    """Run the CLI; assert exit 2, exactly one line on stderr, no traceback; return the line."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert "Traceback" not in err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +101,7 @@ CONVERT = [  # (argv from tmp_path and the model directory, words the message mu
 @pytest.mark.parametrize("argv,words", CONVERT)
 def test_convert_matrix(tmp_path, capsys, model_dir, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)
-    err = run_error(capsys, argv(Path("."), model_dir) if "conv" in str(words) else argv(tmp_path, model_dir))
+    err = cli_error(capsys, *(argv(Path("."), model_dir) if "conv" in str(words) else argv(tmp_path, model_dir)))
     assert err.startswith("camelid convert: error: ")
     for w in words:
         assert w in err, (w, err)
@@ -124,7 +113,7 @@ def test_convert_to_a_place_that_cannot_be_written(tmp_path, capsys, monkeypatch
     real_access = os.access
     # chmod does not stop root: say "no" for this directory the way the kernel would
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
-    err = run_error(capsys, ["convert", MISSING, locked / "o.gguf", "--to", "gguf"])
+    err = cli_error(capsys, "convert", MISSING, locked / "o.gguf", "--to", "gguf")
     assert "DST" in err and "permission denied" in err
 
 
@@ -175,7 +164,7 @@ def _write(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("argv,words", EVAL)
 def test_eval_matrix(tmp_path, capsys, model_dir, argv, words):
-    err = run_error(capsys, argv(tmp_path, model_dir))
+    err = cli_error(capsys, *argv(tmp_path, model_dir))
     assert err.startswith("camelid eval: error: ")
     for w in words:
         assert w in err, (w, err)
@@ -201,7 +190,7 @@ def test_info_matrix(tmp_path, capsys, name, words):
     target = name(tmp_path)
     if isinstance(target, Path) and target.name == "params.json":
         target = target.parent
-    err = run_error(capsys, ["info", target])
+    err = cli_error(capsys, "info", target)
     assert err.startswith("camelid info: error: ")
     for w in words:
         assert w in err, (w, err)

@@ -20,23 +20,12 @@ from camelid.cli.main import main
 from camelid.data.shards import table1
 from camelid.data.sources import json_problem
 from camelid.errors import CamelidError
-from helpers import CORPUS
+from helpers import CORPUS, cli_error
 
 # JSONL with enough varied text that compression leaves no long runs to corrupt harmlessly
 _RNG = random.Random(0)
 JSONL = "".join(json.dumps({"text": f"{line} {_RNG.random()}"}) + "\n"
                 for line in CORPUS.splitlines() * 40).encode()
-
-
-def run_error(capsys, argv: list[str]) -> str:
-    """Run the CLI; assert exit 2, exactly one line on stderr, no traceback; return the line."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert "Traceback" not in err
-    return err
 
 
 def corrupt(data: bytes, at: int) -> bytes:
@@ -178,7 +167,7 @@ PREPARE = [
 
 @pytest.mark.parametrize("argv,words", PREPARE)
 def test_data_prepare_matrix(tmp_path, capsys, argv, words):
-    err = run_error(capsys, argv(tmp_path))
+    err = cli_error(capsys, *argv(tmp_path))
     assert err.startswith("camelid data: error: ")
     for w in words:
         assert w in err, (w, err)
@@ -187,10 +176,10 @@ def test_data_prepare_matrix(tmp_path, capsys, argv, words):
 
 def test_a_truncated_zst_is_not_taken_for_an_empty_file(tmp_path, capsys):
     """It used to be read as far as it went and then reported as "no documents (empty file?)"."""
-    err = run_error(capsys, ["data", "prepare", recipe(tmp_path, zst_header_only(tmp_path))])
+    err = cli_error(capsys, "data", "prepare", recipe(tmp_path, zst_header_only(tmp_path)))
     assert "truncated zstd" in err and "empty" not in err
     # a file cut after some whole documents must not pass for a shorter, complete one either
-    err = run_error(capsys, ["data", "prepare", recipe(tmp_path, zst_truncated(tmp_path))])
+    err = cli_error(capsys, "data", "prepare", recipe(tmp_path, zst_truncated(tmp_path)))
     assert "cut.jsonl.zst: truncated zstd file" in err
     # while an empty file, or several frames back to back, are read as they are
     (tmp_path / "two.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n')
@@ -276,7 +265,7 @@ def test_tokenizer_train_matrix(tmp_path, capsys, argv, words):
             main([str(a) for a in argv(tmp_path)])
         assert stop.value.code == 2 and "--on-error" in capsys.readouterr().err
         return
-    err = run_error(capsys, argv(tmp_path))
+    err = cli_error(capsys, *argv(tmp_path))
     assert err.startswith("camelid tokenizer: error: ")
     for w in words:
         assert w in err, (w, err)
@@ -309,5 +298,5 @@ def test_tokenizer_output_that_cannot_be_written(tmp_path, capsys, monkeypatch):
     real_access = os.access
     # chmod does not stop root: say "no" for this directory the way the kernel would
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
-    err = run_error(capsys, ["tokenizer", "train", "--input", good_source(tmp_path), "--output", locked / "tok"])
+    err = cli_error(capsys, "tokenizer", "train", "--input", good_source(tmp_path), "--output", locked / "tok")
     assert "--output" in err and "permission denied" in err

@@ -16,6 +16,8 @@ from camelid.cli.main import main
 from camelid.data.shards import table1
 from camelid.train.metrics import MetricsLog
 
+from helpers import cli_error
+
 EMPTY = str(Path(__file__).parent / "data" / "empty.toml")
 RECIPES = Path(__file__).parent.parent / "recipes"
 
@@ -23,16 +25,6 @@ RECIPES = Path(__file__).parent.parent / "recipes"
 SYNTHETIC = ["--data.synthetic=true", "--model.size=tiny", "--data.seq_len=16", "--train.micro_batch=2",
              "--train.dtype=float32", "--train.max_steps=2", "--train.warmup_steps=1", "--train.eval_batches=1",
              "--checkpoint.interval=1"]
-
-
-def cli_error(capsys, *argv: str) -> str:
-    """Run `camelid ARGV` in this process: exit code 2 and exactly one line on stderr, no traceback."""
-    capsys.readouterr()
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
