@@ -163,6 +163,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """The boolean attention mask [B, 1, T, T] of packed rows: causal, and within the document
+    (documents [B, T], an id per token) only. The diagonal is always allowed, so no query row
+    is fully masked (which would make SDPA's softmax NaN)."""
+    T = documents.size(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    same = documents.unsqueeze(-1) == documents.unsqueeze(-2)            # [B, T, T]
+    return (same & causal).unsqueeze(1)
+
+
 # ---- the whole model ----------------------------------------------------------------------------
 
 class Transformer(nn.Module):
@@ -178,9 +188,9 @@ class Transformer(nn.Module):
         self.rope = RotaryTable(config)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T]; the arguments are those of `hidden`."""
-        return self.head(self.hidden(tokens, positions, cache))
+        return self.head(self.hidden(tokens, positions, cache, documents))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The output projection of hidden states [..., dim] to logits [..., vocab]."""
@@ -192,7 +202,7 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-               cache: KVCache | None = None) -> torch.Tensor:
+               cache: KVCache | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states [B, T, dim] for tokens [B, T] (the input of the
         output head; training computes its loss from these without materialising logits).
 
@@ -203,12 +213,22 @@ class Transformer(nn.Module):
         a prefill into slots 0..T-1. Rows of a batch may sit at different positions (prompts of
         different lengths decoding together); whatever a row holds in slots beyond its position
         is never seen, so stale slots need no clearing.
+
+        `documents` [B, T] (training only, no cache) packs several examples into a row: token i
+        sees token j <= i only where documents[b, i] == documents[b, j], a block-diagonal causal
+        mask, so packed examples never attend to one another; `positions` then restart at 0 for
+        every example.
         """
         B, T = tokens.shape
         mask = None
         if positions is not None and (positions.dim() != 2 or positions.size(-1) != T):
             raise ValueError(f"positions must be [B, {T}] or [1, {T}] for tokens {list(tokens.shape)} "
                              f"(got {list(positions.shape)})")
+        if documents is not None:
+            if cache is not None or documents.shape != tokens.shape:
+                raise ValueError(f"documents must be [B, T] like tokens {list(tokens.shape)}, without a cache "
+                                 f"(got {list(documents.shape)})")
+            mask = document_mask(documents)
         if positions is None:
             rotation = self.rope.table(tokens.device, T)[:T].unsqueeze(-3)
         else:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE = -100    # a target with no loss (a prompt token, padding, the end of a packed example), as in
+                 # torch.nn.functional.cross_entropy's default ignore_index
 SLAB = 1 << 25  # logits per slab (128 MB in fp32): 1024 rows for a 32k vocabulary, measured
                 # fastest on a 2-core CPU; smaller slabs make the matrix products less efficient
 
@@ -55,11 +57,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int | None = None) -> torch.Tensor:
     """sum over rows of cross_entropy(hidden @ weight.T, targets), for hidden [N, d], weight [V, d].
+    Rows whose target is IGNORE add nothing and get a zero gradient.
 
     Under autocast the product runs in the autocast dtype, as F.linear would; the softmax and
     the loss are always fp32."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    keep = targets != IGNORE
+    if not bool(keep.all()):
+        # only the kept rows go through the head: instruction data ignores most tokens (the
+        # prompts), and autograd scatters their gradient back with zeros for the others
+        hidden, targets = hidden[keep], targets[keep]
     chunk = chunk or max(1, SLAB // weight.shape[0])
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk)
