@@ -40,13 +40,20 @@ def render(messages: list[dict[str, str]], add_generation_prompt: bool, template
     # the rendered text goes to tokenizers and to clients (the server's prompt echo): cleaned once here
     if template:
         text = render_jinja(template, messages, add_generation_prompt, bos_token=bos or "", eos_token=eos or "")
-    elif "<|im_start|>" in specials:
+    elif builtin_format(specials) == "ChatML":
         text = chatml(messages, add_generation_prompt)
-    elif "<|start_header_id|>" in specials:
+    elif builtin_format(specials) == "Llama-3":
         text = llama3(messages, add_generation_prompt, bos or "")
     else:
-        text = llama2(messages, bos or "<s>", eos or "</s>")
+        text = llama2(messages, bos or "<s>", eos or "</s>", add_generation_prompt)
     return replace_invalid(text)
+
+
+def builtin_format(specials: Collection[str]) -> str:
+    """The built-in format for a vocabulary without a template: "ChatML", "Llama-3" or "Llama-2"."""
+    if "<|im_start|>" in specials:
+        return "ChatML"
+    return "Llama-3" if "<|start_header_id|>" in specials else "Llama-2"
 
 
 # ---- Jinja templates, rendered as transformers does ---------------------------------------------
@@ -94,9 +101,11 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
-def llama2(messages: list[dict[str, str]], bos: str, eos: str) -> str:
+def llama2(messages: list[dict[str, str]], bos: str, eos: str, add_generation_prompt: bool = True) -> str:
     """Meta's Llama-2 chat format: every exchange `BOS[INST] user [/INST] answer EOS`, the system
-    prompt folded into the first user turn, contents stripped; ends with an open [INST] turn."""
+    prompt folded into the first user turn, contents stripped; ends with an open [INST] turn for
+    the answer to come. Without a generation prompt a conversation may also end with the
+    assistant's answer: the whole exchanges, as Meta's finetuning data has them."""
     msgs = list(messages)
     if msgs[0]["role"] == "system":
         if len(msgs) < 2:
@@ -105,9 +114,11 @@ def llama2(messages: list[dict[str, str]], bos: str, eos: str) -> str:
     if [m["role"] for m in msgs[::2]] != ["user"] * len(msgs[::2]) or \
             [m["role"] for m in msgs[1::2]] != ["assistant"] * len(msgs[1::2]):
         raise CamelidError("chat messages: Llama-2 format needs user/assistant turns alternating, user first")
-    if msgs[-1]["role"] != "user":
+    if msgs[-1]["role"] != "user" and add_generation_prompt:
         raise CamelidError("chat messages: the last message must come from the user")
     text = ""
     for user, answer in zip(msgs[::2], msgs[1::2]):
         text += f"{bos}{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} {eos}"
+    if msgs[-1]["role"] == "assistant":
+        return text
     return text + f"{bos}{B_INST} {msgs[-1]['content'].strip()} {E_INST}"
