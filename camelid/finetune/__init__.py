@@ -1,0 +1,1 @@
+"""Adapting a trained model: instruction finetuning (issue 13)."""
