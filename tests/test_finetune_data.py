@@ -231,3 +231,147 @@ def test_loss_equals_a_hand_computation_over_assistant_tokens(bpe_tokenizer):
     hand = -sum(logp[i - 1, ex.ids[i]] for i in range(1, len(ex.ids)) if ex.trainable[i])
     assert batch.target_tokens() == sum(ex.trainable) == len(bpe_tokenizer.encode("Hello!<|im_end|>Four.<|im_end|>"))
     assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
+
+
+# ---- lengths, the held-out split and the loader -------------------------------------------------
+
+def random_examples(n: int, seed: int = 0, vocab: int = 64, low: int = 3, high: int = 40) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(low, high, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        start = int(torch.randint(1, length, (1,), generator=g))     # a prompt, then the answer
+        out.append(Example(ids, [False] * start + [True] * (length - start)))
+    return out
+
+
+def test_fit_length_truncates_or_drops_and_counts():
+    short = Example([1, 2, 3], [False, True, True])
+    long = Example(list(range(10)), [False] * 3 + [True] * 7)
+    late = Example(list(range(10)), [False] * 8 + [True] * 2)        # its answer is past the cut
+    nothing = Example([1, 2], [True, False])                          # only the first token: never predicted
+    kept, counts = fit_length([short, long, late, nothing], seq_len=6)
+    assert counts == {"kept": 2, "truncated": 1, "dropped": 2}
+    assert kept == [short, Example(list(range(6)), [False] * 3 + [True] * 3)]
+    kept, counts = fit_length([short, long, late, nothing], seq_len=6, overflow="drop")
+    assert kept == [short] and counts == {"kept": 1, "truncated": 0, "dropped": 3}
+    with pytest.raises(CamelidError, match="overflow 'cut'"):
+        fit_length([short], 6, overflow="cut")
+
+
+def test_split_heldout_is_deterministic():
+    items = list(range(100))
+    train, held = split_heldout(items, 0.1, seed=3)
+    assert len(held) == 10 and sorted(train + held) == items and held == sorted(held)
+    assert split_heldout(items, 0.1, seed=3) == (train, held) and split_heldout(items, 0.1, seed=4)[1] != held
+    assert split_heldout(items, 0.0, seed=3) == (items, [])
+    with pytest.raises(CamelidError, match="val_fraction"):
+        split_heldout(items, 1.0, seed=0)
+
+
+def test_packed_rows_restart_positions_and_ignore_across_examples():
+    examples = random_examples(30)
+    loader = InstructionLoader(examples, seq_len=64, batch_size=4)
+    seen = []
+    for row in loader.plan(0):
+        assert sum(len(examples[i].ids) for i in row) <= 64
+        seen += row
+    assert sorted(seen) == list(range(30))                    # every example once per epoch
+    b = loader.next_batch()
+    assert b.inputs.shape == b.targets.shape == b.positions.shape == b.documents.shape == (4, 64)
+    for r, row in enumerate(loader.plan(0)[:4]):
+        at = 0
+        for d, i in enumerate(row):
+            ex, n = examples[i], len(examples[i].ids)
+            assert b.inputs[r, at:at + n].tolist() == ex.ids and b.positions[r, at:at + n].tolist() == list(range(n))
+            assert (b.documents[r, at:at + n] == d).all()
+            want = [ex.ids[k + 1] if ex.trainable[k + 1] else DATA_IGNORE for k in range(n - 1)] + [DATA_IGNORE]
+            assert b.targets[r, at:at + n].tolist() == want
+            at += n
+        assert (b.targets[r, at:] == DATA_IGNORE).all() and (b.documents[r, at:] == len(row)).all()
+    assert b.target_tokens() == sum(sum(examples[i].trainable[1:]) for row in loader.plan(0)[:4] for i in row)
+
+
+def test_unpacked_batches_are_padded_to_a_multiple_of_8_with_similar_lengths():
+    examples = random_examples(200, high=60)
+    loader = InstructionLoader(examples, seq_len=64, batch_size=8, packing=False)
+    spread = []
+    for k in range(25):
+        b = loader.next_batch()
+        lengths = [len(examples[i].ids) for row in loader.plan(0)[8 * k:8 * k + 8] for i in row]
+        assert b.positions is None and b.documents is None
+        assert b.inputs.shape == (8, min(64, -(-max(lengths) // 8) * 8))
+        assert b.target_tokens() == sum(sum(examples[i].trainable[1:]) for row in loader.plan(0)[8 * k:8 * k + 8]
+                                        for i in row)
+        spread.append(max(lengths) - min(lengths))
+    assert loader.epochs() == 1.0
+    # sorted within groups of global batches: far less spread than random batches of 8 (about 45)
+    assert sum(spread) / len(spread) < 15
+
+
+def drain(loader, n, rows=None):
+    return [loader.next_batch(rows) for _ in range(n)]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_loader_resumes_exactly_and_shares_global_batches_between_ranks(packing):
+    examples = random_examples(50)
+    a = InstructionLoader(examples, seq_len=64, batch_size=4, seed=5, packing=packing)
+    drain(a, 7)                                                   # into the second epoch when packed
+    state = a.state_dict()
+    after = drain(a, 9)
+    b = InstructionLoader(examples, seq_len=64, batch_size=4, seed=5, packing=packing)
+    b.load_state_dict(state)
+    for x, y in zip(after, drain(b, 9)):
+        assert torch.equal(x.inputs, y.inputs) and torch.equal(x.targets, y.targets)
+        if packing:
+            assert torch.equal(x.positions, y.positions) and torch.equal(x.documents, y.documents)
+    assert a.state_dict() == b.state_dict() and a.epochs() > 1
+    # two ranks of 2 rows take the rows one process of 4 takes, the same global batches
+    one = InstructionLoader(examples, seq_len=64, batch_size=4, seed=5, packing=packing)
+    ranks = [InstructionLoader(examples, seq_len=64, batch_size=2, seed=5, rank=r, world_size=2, packing=packing)
+             for r in range(2)]
+    for _ in range(5):
+        whole = one.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        for k in range(4):
+            part = parts[k % 2]
+            real = part.targets[k // 2] != DATA_IGNORE
+            assert torch.equal(whole.targets[k][:real.numel()][real], part.targets[k // 2][real])
+            assert whole.target_tokens() == sum(p.target_tokens() for p in parts)
+    wrong = InstructionLoader(examples[:-1], seq_len=64, batch_size=4)
+    with pytest.raises(CamelidError, match="loader state is for 50 examples"):
+        wrong.load_state_dict(state)
+
+
+def test_one_pass_covers_the_data_once_with_as_many_batches_on_every_rank():
+    examples = random_examples(11)
+    ranks = [InstructionLoader(examples, seq_len=64, batch_size=2, rank=r, world_size=2, shuffle=False, packing=False)
+             for r in range(2)]
+    passes = [list(r.one_pass()) for r in ranks]
+    assert len(passes[0]) == len(passes[1]) == 3
+    assert sum(b.target_tokens() for p in passes for b in p) == sum(sum(e.trainable[1:]) for e in examples)
+
+
+def test_packed_batches_give_the_loss_and_gradients_of_the_examples_one_by_one():
+    torch.manual_seed(0)
+    examples = random_examples(12, seed=1, high=30)
+    model = tiny_model(seed=1)
+    batch = next(InstructionLoader(examples, seq_len=64, batch_size=64, shuffle=False).one_pass())
+    assert batch.documents.max() > 1                              # several examples share a row
+
+    def loss_of(inputs, targets, positions=None, documents=None):
+        h = model.hidden(inputs, positions, documents=documents)
+        return linear_cross_entropy(h.flatten(0, 1), model.head_weight, targets.flatten())
+
+    packed = loss_of(batch.inputs, batch.targets, batch.positions, batch.documents)
+    packed.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    single = InstructionLoader(examples, seq_len=64, batch_size=1, shuffle=False, packing=False)
+    one_by_one = sum(loss_of(b.inputs, b.targets) for b in single.one_pass())
+    one_by_one.backward()
+    assert packed.item() == pytest.approx(one_by_one.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)
