@@ -72,7 +72,8 @@ def main() -> None:
     # PyTorch 2.13 has no flex_attention backward on CPU: there it is timed forward only
     flex_backward = args.device != "cpu"
     print(f"ms per call, {args.device}, batch {BATCH}, {HEADS} heads of {HEAD_DIM}, fp32, {args.threads} threads")
-    print(f"{'seq':>6} {'pass':>9} {'sdpa causal':>12} {'sdpa mask':>10} {'flex':>8} {'mask/causal':>12} {'flex/mask':>10}")
+    print(f"{'seq':>6} {'pass':>9} {'sdpa causal':>12} {'sdpa mask':>10} {'flex':>8} "
+          f"{'mask/causal':>12} {'flex/mask':>10}")
     for seq in (int(s) for s in args.seqs.split(",")):
         gen = torch.Generator().manual_seed(seq)
         q, k, v = (torch.randn(BATCH, HEADS, seq, HEAD_DIM, generator=gen).to(args.device).requires_grad_()

@@ -87,7 +87,8 @@ def _boundary(tokenizer: Tokenizer, messages: list[dict[str, str]], generation_p
 
 # ---- lengths and the held-out split -------------------------------------------------------------
 
-def fit_length(examples: list[Example], seq_len: int, overflow: str = "truncate") -> tuple[list[Example], dict[str, int]]:
+def fit_length(examples: list[Example], seq_len: int,
+               overflow: str = "truncate") -> tuple[list[Example], dict[str, int]]:
     """Examples of at most seq_len tokens: longer ones cut to seq_len ("truncate") or left out
     ("drop"). An example left with nothing to learn (no trainable token after its first) is
     dropped too. Counts: kept (returned), truncated (of those kept), dropped."""

@@ -104,9 +104,11 @@ def to_messages(record: dict, fmt: str, where: str) -> Messages:
                     {"role": "assistant", "content": _text(record, "output", where)}]
     else:
         prompt, completion = record["prompt"], record["completion"]
-        messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": _text(record, "prompt", where)}]) + \
-            (completion if isinstance(completion, list) else
-             [{"role": "assistant", "content": _text(record, "completion", where)}])
+        if not isinstance(prompt, list):
+            prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
+        if not isinstance(completion, list):
+            completion = [{"role": "assistant", "content": _text(record, "completion", where)}]
+        messages = prompt + completion
     return check_conversation(messages, where)
 
 
