@@ -1,0 +1,222 @@
+"""LoRA and QLoRA (camelid.lora): the module swap, what trains and what stays frozen, merging,
+QLoRA's backward through the dequantized weight, and PEFT's file layout in both directions."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camelid.errors import CamelidError
+from camelid.lora import (TARGETS, DequantizedProduct, LoraSettings, LoRALinear, adapter_state, apply_lora,
+                          load_adapter_state, lora_layers, merge_lora)
+from camelid.lora import layers as lora_module
+from camelid.quant import QuantizedLinear, quantize_model
+from camelid.quant.blocks import quantize
+from camelid.quant.layers import layer_for
+from test_model import tiny
+
+ALL = TARGETS
+
+
+def batch(seed=0, rows=2, length=24, vocab=512):
+    tokens = torch.randint(0, vocab, (rows, length + 1), generator=torch.Generator().manual_seed(seed))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_of(model, inputs, targets):
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def train(model, steps=6, lr=1e-2, seed=0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    inputs, targets = batch(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = loss_of(model, inputs, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def randomize_b(model, std=0.05, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * std)
+
+
+def frozen_state(model):
+    """Every tensor that is not an adapter weight (parameters and buffers: quantized codes too)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+# ---- the swap ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied"])
+def test_fresh_adapters_leave_the_model_unchanged_and_only_they_train(name):
+    model = tiny(name)
+    inputs, targets = batch()
+    with torch.no_grad():
+        before = model(inputs)
+    apply_lora(model, LoraSettings(rank=4, targets=ALL), seed=0)
+    with torch.no_grad():
+        assert torch.equal(model(inputs), before)  # B = 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if ".lora_" in n}
+    assert len(lora_layers(model)) == 7 * 2 + 1 and isinstance(model.output, LoRALinear)
+    base = frozen_state(model)
+    adapters = {k: v.clone() for k, v in adapter_state(model).items()}
+    losses = train(model)
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (".lora_" in n), n
+    after = frozen_state(model)
+    assert all(torch.equal(base[k], after[k]) for k in base)  # bit for bit
+    assert all(not torch.equal(adapters[k], v) for k, v in adapter_state(model).items())
+
+
+def test_scaling_rslora_and_forward_formula():
+    s = LoraSettings(rank=16, alpha=32)
+    assert s.scaling == 2.0 and LoraSettings(rank=16, alpha=32, rslora=True).scaling == 8.0
+    base = nn.Linear(32, 48, bias=False)
+    layer = LoRALinear(base, rank=4, alpha=8, rslora=True)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 32)
+    want = base(x) + 8 / 2 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(layer(x), want)
+    torch.testing.assert_close(x @ layer.weight.T, want)  # the effective weight, for weight-based heads
+
+
+def test_seeded_init_is_reproducible_and_like_peft():
+    a, b = tiny("tiny"), tiny("tiny")
+    apply_lora(a, LoraSettings(rank=4), seed=3)
+    apply_lora(b, LoraSettings(rank=4), seed=3)
+    sa, sb = adapter_state(a), adapter_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    A = sa["layers.0.attention.wq.lora_A.weight"]
+    assert A.shape == (4, 64) and A.abs().max() <= 1 / 64 ** 0.5 + 1e-6  # kaiming-uniform a=sqrt(5): 1/sqrt(in)
+    assert not sa["layers.0.attention.wq.lora_B.weight"].any()
+
+
+def test_mistakes_name_the_layer_or_field():
+    with pytest.raises(CamelidError, match=r"rank 65: larger than layer layers\.0\.attention\.wk"):
+        apply_lora(tiny("tiny"), LoraSettings(rank=65, targets=("wk",)))
+    with pytest.raises(CamelidError, match=r"targets \['wx'\]: unknown"):
+        apply_lora(tiny("tiny"), LoraSettings(targets=("wx",)))
+    model = apply_lora(tiny("tiny"), LoraSettings(rank=2, targets=("wq",)))
+    with pytest.raises(CamelidError, match="already has an adapter"):
+        apply_lora(model, LoraSettings(rank=2, targets=("wq",)))
+    state = adapter_state(model)
+    bad = dict(state, **{"layers.0.attention.wq.lora_A.weight": torch.zeros(3, 64)})
+    with pytest.raises(CamelidError, match=r"^here: tensor layers\.0\.attention\.wq\.lora_A\.weight has shape \[3, 64\]"):
+        load_adapter_state(model, bad, "here")
+    with pytest.raises(CamelidError, match=r"^here: .*no adapter on \[layers\.0\.attention\.wv"):
+        load_adapter_state(model, dict(state, **{"layers.0.attention.wv.lora_A.weight": torch.zeros(2, 64)}), "here")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied"])
+def test_merged_model_equals_unmerged(name):
+    model = apply_lora(tiny(name), LoraSettings(rank=4, alpha=8, targets=ALL), seed=0)
+    randomize_b(model)
+    inputs, _ = batch()
+    with torch.no_grad():
+        unmerged = model(inputs)
+        merge_lora(model)
+        merged = model(inputs)
+    assert not lora_layers(model) and type(model.output) is nn.Linear
+    assert not model.config.tie_embeddings  # a merged LoRA head is a head of its own
+    assert (unmerged - tiny(name)(inputs)).abs().max() > 1e-2  # the adapter does something
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_merge_refuses_a_quantized_base():
+    model = apply_lora(quantize_model(tiny("tiny"), "int8"), LoraSettings(rank=2, targets=("wq",)))
+    with pytest.raises(CamelidError, match=r"layer layers\.0\.attention\.wq has a quantized base"):
+        merge_lora(model)
+
+
+# ---- QLoRA ---------------------------------------------------------------------------------------
+
+def quantized_layer(scheme="int4", out=96, columns=64, seed=0):
+    w = torch.randn(out, columns, generator=torch.Generator().manual_seed(seed)) * 0.1
+    return layer_for(quantize(w, scheme, 32 if scheme == "int4" else None))
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("chunk", [None, 64 * 7])  # one block, and blocks of 7 rows (uneven)
+def test_qlora_input_gradient_equals_the_float_reference(scheme, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(lora_module, "CHUNK_ELEMENTS", chunk)
+    q = quantized_layer(scheme)
+    float_base = nn.Linear(64, 96, bias=False)
+    with torch.no_grad():
+        float_base.weight.copy_(q.stored().dequantize(torch.float32))
+    ours, ref = LoRALinear(q, 4, 8.0), LoRALinear(float_base, 4, 8.0)
+    with torch.no_grad():
+        ours.lora_B.weight.normal_()
+        ref.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(2))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), ref(x2)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    # the forward may run the product in bf16 (CPUs that multiply it natively): the float
+    # reference agrees to bf16's precision there; the backward is computed in fp32
+    torch.testing.assert_close(y1, y2, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.lora_A.weight.grad, ref.lora_A.weight.grad, atol=1e-4, rtol=1e-4)
+    assert all(b.grad is None for b in q.buffers())
+
+
+def test_qlora_keeps_no_float_weight_in_the_graph():
+    model = apply_lora(quantize_model(tiny("tiny"), "int4"), LoraSettings(rank=4, targets=ALL), seed=0)
+    weights = set()
+    for m in lora_layers(model).values():
+        weights |= {(m.out_features, m.in_features), (m.in_features, m.out_features)}
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    inputs, targets = batch(rows=1, length=8)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(model, inputs, targets)
+    loss.backward()
+    assert saved
+    # no float tensor with a weight's shape (or its transpose) is kept for backward
+    assert not [s for s in saved if s[0] in weights and s[1].is_floating_point], saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_trains_and_leaves_the_codes_bit_for_bit(dtype):
+    model = quantize_model(tiny("tiny-tied", dtype=dtype), "int4")
+    apply_lora(model, LoraSettings(rank=4, targets=ALL), dtype=dtype, seed=0)
+    assert all(isinstance(m.base, QuantizedLinear) for m in lora_layers(model).values())
+    codes = frozen_state(model)
+    assert any(k.endswith(".mins") for k in codes) and any(k.endswith(".scales") for k in codes)
+    adapters = {k: v.clone() for k, v in adapter_state(model).items()}
+    losses = train(model, steps=8, lr=2e-2)
+    assert losses[-1] < losses[0] - 0.05, losses
+    after = frozen_state(model)
+    assert all(torch.equal(codes[k], after[k]) for k in codes)
+    state = adapter_state(model)
+    assert all(v.dtype == dtype for v in state.values())
+    assert all(not torch.equal(adapters[k], v) for k, v in state.items())
+
+
+def test_dequantized_product_is_the_layer_forward():
+    q = quantized_layer("int4")
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.no_grad():
+        want = q(x)
+    assert torch.equal(DequantizedProduct.apply(x, q), want)
