@@ -220,3 +220,141 @@ def test_dequantized_product_is_the_layer_forward():
     with torch.no_grad():
         want = q(x)
     assert torch.equal(DequantizedProduct.apply(x, q), want)
+
+
+# ---- PEFT's layout -----------------------------------------------------------------------------
+
+HF_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def camelid_base(tmp_path, spm_tokenizer):
+    """A tiny camelid checkpoint (per config name) and its Hugging Face export by camelid's convert."""
+    from camelid.checkpoint import convert
+    from camelid.checkpoint.native import write_native
+
+    def make(name, seed=0):
+        model = tiny(name, seed=seed)
+        with torch.no_grad():  # norms away from one, so that a wrong layout would show
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
+        path = tmp_path / f"{name}-camelid"
+        path.mkdir()
+        write_native(path, model.config, spm_tokenizer, model.state_dict().items())
+        convert(path, tmp_path / f"{name}-hf", to="hf")
+        return path, tmp_path / f"{name}-hf"
+    return make
+
+
+def peft_logits(hf_dir, adapter_dir, tokens):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+TOKENS = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("tiny", LoraSettings(rank=4, alpha=8, targets=ALL[:-1])),                  # GQA: k with 2 of 4 heads
+    ("tiny-mha", LoraSettings(rank=3, alpha=5, targets=("wq", "wk", "w2"), rslora=True)),
+    ("tiny-tied", LoraSettings(rank=4, alpha=16, targets=("wq", "wv", "output"))),  # lm_head on a tied model
+])
+def test_camelid_adapter_loads_in_peft_with_the_same_logits(camelid_base, tmp_path, name, settings):
+    import camelid
+    from camelid.lora import save_adapter
+
+    path, hf_dir = camelid_base(name)
+    llm = camelid.load(path, compile=False)
+    apply_lora(llm.model, settings, seed=0)
+    randomize_b(llm.model)
+    save_adapter(tmp_path / "adapter", settings, adapter_state(llm.model), llm.config, base_model=str(hf_dir))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == settings.rank
+    assert cfg["use_rslora"] == settings.rslora and cfg["base_model_name_or_path"] == str(hf_dir)
+    with torch.no_grad():
+        ours = llm.model(TOKENS)
+    assert (ours - tiny(name)(TOKENS)).abs().max() > 1e-2
+    torch.testing.assert_close(peft_logits(hf_dir, tmp_path / "adapter", TOKENS), ours, atol=1e-4, rtol=1e-4)
+    # and back: camelid reads its own file to the same adapter
+    again = camelid.load(path, adapter=tmp_path / "adapter", compile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(TOKENS), ours, atol=1e-6, rtol=0)
+
+
+def make_peft_adapter(hf_dir, out, seed=0, **lora_kwargs):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(str(out))
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("tiny", dict(r=4, lora_alpha=8, target_modules=HF_ALL)),
+    ("tiny", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"], use_rslora=True,
+                  layers_to_transform=[1], rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 3})),
+    ("tiny-tied", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "lm_head"])),
+    ("tiny", dict(r=4, lora_alpha=8, target_modules=r".*\.1\.self_attn\.(q|k)_proj")),
+])
+def test_peft_adapter_loads_in_camelid_with_the_same_logits(camelid_base, tmp_path, name, kwargs):
+    import camelid
+
+    path, hf_dir = camelid_base(name, seed=2)
+    want = make_peft_adapter(hf_dir, tmp_path / "peft", **kwargs)
+    llm = camelid.load(path, adapter=tmp_path / "peft", compile=False)
+    with torch.no_grad():
+        got = llm.model(TOKENS)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not any(p.requires_grad for p in llm.model.parameters())
+
+
+def test_peft_keys_with_the_adapter_name_are_read(camelid_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from camelid.lora import read_adapter
+
+    path, hf_dir = camelid_base("tiny")
+    make_peft_adapter(hf_dir, tmp_path / "peft", r=2, lora_alpha=4, target_modules=["v_proj"])
+    plain = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in plain.items()},
+              tmp_path / "peft" / "adapter_model.safetensors")
+    from camelid.checkpoint import read_checkpoint
+
+    settings, state = read_adapter(tmp_path / "peft", read_checkpoint(path).config)
+    assert settings.targets == ("wv",) and sorted(state) == [
+        f"layers.{i}.attention.wv.lora_{ab}.weight" for i in (0, 1) for ab in "AB"]
+
+
+def test_merged_checkpoint_equals_the_unmerged_model(camelid_base, tmp_path):
+    import camelid
+    from camelid.checkpoint import read_checkpoint, write_checkpoint
+    from camelid.lora import merged_checkpoint, save_adapter
+
+    path, hf_dir = camelid_base("tiny-tied")
+    llm = camelid.load(path, compile=False)
+    settings = LoraSettings(rank=4, alpha=8, targets=ALL)
+    apply_lora(llm.model, settings, seed=0)
+    randomize_b(llm.model)
+    save_adapter(tmp_path / "adapter", settings, adapter_state(llm.model), llm.config)
+    merged = merged_checkpoint(read_checkpoint(path), tmp_path / "adapter")
+    assert not merged.config.tie_embeddings and "output.weight" in merged.names
+    write_checkpoint(merged, tmp_path / "merged", to="hf")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = llm.model(TOKENS)
+        torch.testing.assert_close(hf(TOKENS).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(camelid.load(tmp_path / "merged", compile=False).model(TOKENS), want,
+                                   atol=1e-5, rtol=0)

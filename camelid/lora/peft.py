@@ -175,6 +175,8 @@ def read_adapter(directory, config: ModelConfig) -> tuple[AdapterSettings, dict[
     raw, wpath = _load_tensors(directory)
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in raw.items():
+        if _embedding_copy(key, t, config, wpath):
+            continue
         module = _module_of(key, config, wpath)
         m = _KEY.match(key)
         found.setdefault(module, {})[m["ab"]] = (key, t)
@@ -222,6 +224,21 @@ def read_adapter(directory, config: ModelConfig) -> tuple[AdapterSettings, dict[
     return settings, state
 
 
+_EMBEDDINGS = re.compile(r"^base_model\.model\.(model\.embed_tokens|lm_head)(\.base_layer)?\.weight$")
+
+
+def _embedding_copy(key: str, t: torch.Tensor, config: ModelConfig, wpath: Path) -> bool:
+    """Whether `key` is the full embedding or head matrix that PEFT saves beside the adapter when
+    lm_head or embed_tokens is a target (`save_embedding_layers`). LoRA leaves them frozen, so they
+    are the base's own, skipped here; one of another shape means a resized vocabulary."""
+    if not _EMBEDDINGS.match(key):
+        return False
+    if tuple(t.shape) != (config.vocab_size, config.dim):
+        raise CamelidError(f"{wpath}: tensor {key} has shape {list(t.shape)} but the base's vocabulary and width "
+                           f"are [{config.vocab_size}, {config.dim}]; was the vocabulary resized for the adapter?")
+    return True
+
+
 def _module_of(key: str, config: ModelConfig, wpath: Path) -> str:
     """The camelid module a PEFT tensor key adapts ("base_model.model.model.layers.0.self_attn.
     q_proj.lora_A.weight" -> "layers.0.attention.wq"), or the error that names the tensor."""
@@ -251,8 +268,12 @@ def load_adapter(model, directory, config: ModelConfig | None = None):
     """read_adapter + apply_lora + load_adapter_state: the adapter applied unmerged, in the dtype
     it was saved in (float32 where that is not a float type)."""
     settings, state = read_adapter(directory, config or model.config)
-    dtypes = {t.dtype for t in state.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    apply_lora(model, settings, dtype=dtype)
+    apply_lora(model, settings, dtype=adapter_dtype(state))
     load_adapter_state(model, state, str(Path(directory) / WEIGHTS))
     return model
+
+
+def adapter_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the adapter was saved in, float32 when its tensors differ."""
+    dtypes = {t.dtype for t in state.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
