@@ -358,3 +358,63 @@ def test_merged_checkpoint_equals_the_unmerged_model(camelid_base, tmp_path):
         torch.testing.assert_close(hf(TOKENS).logits, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(camelid.load(tmp_path / "merged", compile=False).model(TOKENS), want,
                                    atol=1e-5, rtol=0)
+
+
+# ---- at inference: compiled decoding, the command line ---------------------------------------------
+
+@pytest.fixture
+def adapted(camelid_base, tmp_path):
+    """A tiny tied camelid checkpoint and an adapter on every target of it (head included)."""
+    import camelid
+    from camelid.lora import save_adapter
+
+    path, _ = camelid_base("tiny-tied")
+    llm = camelid.load(path, compile=False)
+    settings = LoraSettings(rank=4, alpha=8, targets=ALL)
+    apply_lora(llm.model, settings, seed=0)
+    randomize_b(llm.model, std=0.2)
+    save_adapter(tmp_path / "adapter", settings, adapter_state(llm.model), llm.config)
+    return path, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_compiled_decoding_with_an_adapter_equals_eager(adapted, tmp_path, quantize):
+    import camelid
+
+    path, adapter = adapted
+    prompt = "Shall I compare thee"
+    eager = camelid.load(path, adapter=adapter, quantize=quantize, compile=False)
+    compiled = camelid.load(path, adapter=adapter, quantize=quantize, compile=False).compile(
+        background=False, cache_dir=tmp_path / "compiled")
+    text = eager.generate(prompt, max_new_tokens=8, temperature=0)
+    assert compiled.generate(prompt, max_new_tokens=8, temperature=0) == text
+    assert not compiled.decoder.failed and compiled.decoder.counts["compiled"] >= 1
+    assert text != camelid.load(path, quantize=quantize, compile=False).generate(prompt, max_new_tokens=8,
+                                                                                 temperature=0)
+
+
+def test_cli_generate_and_convert_with_an_adapter(adapted, tmp_path, capsys):
+    import camelid
+    from camelid.cli.main import main as cli
+
+    path, adapter = adapted
+    args = ["generate", "--model", str(path), "--adapter", str(adapter), "--prompt", "Shall I",
+            "--max-new-tokens", "6", "--temperature", "0"]
+    capsys.readouterr()
+    assert cli(args) == 0
+    compiled = capsys.readouterr().out
+    assert cli(args + ["--no-compile"]) == 0
+    assert capsys.readouterr().out == compiled
+    expected = camelid.load(path, adapter=adapter, compile=False).generate("Shall I", max_new_tokens=6, temperature=0)
+    assert compiled.rstrip("\n") == expected
+    for to in ("hf", "gguf", "meta", "camelid"):
+        dst = tmp_path / ("merged.gguf" if to == "gguf" else f"merged-{to}")
+        assert cli(["convert", str(path), str(dst), "--adapter", str(adapter), "--to", to]) == 0
+        assert camelid.load(dst, compile=False).generate("Shall I", max_new_tokens=6, temperature=0) == expected, to
+    # merge, then quantize
+    assert cli(["convert", str(path), str(tmp_path / "q"), "--adapter", str(adapter), "--to", "camelid",
+                "--quantize", "int8"]) == 0
+    with torch.no_grad():
+        a = camelid.load(tmp_path / "q", compile=False).model(TOKENS)
+        b = camelid.load(path, adapter=adapter, compile=False).model(TOKENS)
+    assert (a - b).norm() / b.norm() < 0.02
