@@ -418,3 +418,39 @@ def test_cli_generate_and_convert_with_an_adapter(adapted, tmp_path, capsys):
         a = camelid.load(tmp_path / "q", compile=False).model(TOKENS)
         b = camelid.load(path, adapter=adapter, compile=False).model(TOKENS)
     assert (a - b).norm() / b.norm() < 0.02
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_adapter_agrees_with_peft(smollm2, smollm2_gguf, smollm2_hf, tmp_path):
+    """SmolLM2-135M (GQA 9/3 heads, tied head): an adapter on q, k, v, o, gate, up and down,
+    saved by camelid, changes camelid's logits and PEFT's over transformers' model alike."""
+    import camelid
+    from camelid.checkpoint.names import expected_shapes
+    from camelid.lora import save_adapter
+
+    config = smollm2.config
+    settings = LoraSettings(rank=8, alpha=16, targets=ALL[:-1])
+    gen = torch.Generator().manual_seed(0)
+    shapes = expected_shapes(config)
+    state = {}
+    for module in settings.modules(smollm2.model):
+        out, inp = shapes[module + ".weight"]
+        state[f"{module}.lora_A.weight"] = torch.randn(8, inp, generator=gen) / inp ** 0.5
+        state[f"{module}.lora_B.weight"] = torch.randn(out, 8, generator=gen) * 0.02
+    save_adapter(tmp_path / "adapter", settings, state, config)
+    ids = torch.tensor([smollm2.tokenizer.encode("Shall I compare thee to a summer's day?")])
+    adapted = camelid.load(smollm2_gguf, adapter=tmp_path / "adapter", compile=False)
+    peft = pytest.importorskip("peft")
+    hf_model, _ = smollm2_hf
+    with torch.no_grad():
+        base, ours = smollm2.model(ids), adapted.model(ids)
+        ref_base = hf_model(ids).logits
+        wrapped = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "adapter")).eval()
+        try:
+            ref = wrapped(ids).logits
+        finally:
+            wrapped.unload()  # the session's transformers model, as it was
+    assert (ours - base).abs().max() > 0.1
+    assert (ours - ref).abs().max() < 2e-3
+    torch.testing.assert_close(ours - base, ref - ref_base, atol=1e-3, rtol=0)
