@@ -454,3 +454,24 @@ def test_smollm2_adapter_agrees_with_peft(smollm2, smollm2_gguf, smollm2_hf, tmp
     assert (ours - base).abs().max() > 0.1
     assert (ours - ref).abs().max() < 2e-3
     torch.testing.assert_close(ours - base, ref - ref_base, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_qlora_under_activation_checkpointing_gives_the_same_gradients(mode):
+    from camelid.distributed.activation_checkpoint import apply_activation_checkpointing
+
+    def grads(checkpointing):
+        model = quantize_model(tiny("tiny"), "int4")
+        apply_lora(model, LoraSettings(rank=4, targets=ALL), seed=0)
+        randomize_b(model)
+        if checkpointing:
+            apply_activation_checkpointing(model, mode)
+        model.train()
+        loss_of(model, *batch()).backward()
+        return {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()
+                if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert sorted(plain) == sorted(checkpointed) and len(plain) == 2 * (7 * 2 + 1)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-5, rtol=1e-4)
