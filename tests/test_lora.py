@@ -318,6 +318,12 @@ def test_peft_adapter_loads_in_camelid_with_the_same_logits(camelid_base, tmp_pa
         got = llm.model(TOKENS)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not any(p.requires_grad for p in llm.model.parameters())
+    # and written back by camelid (some layers only, per-module ranks and alphas), PEFT reads the same adapter
+    from camelid.lora import read_adapter, save_adapter
+
+    settings, _ = read_adapter(tmp_path / "peft", llm.config)
+    save_adapter(tmp_path / "again", settings, adapter_state(llm.model), llm.config)
+    torch.testing.assert_close(peft_logits(hf_dir, tmp_path / "again", TOKENS), want, atol=1e-4, rtol=1e-4)
 
 
 def test_peft_keys_with_the_adapter_name_are_read(camelid_base, tmp_path):
@@ -434,7 +440,7 @@ def test_smollm2_adapter_agrees_with_peft(smollm2, smollm2_gguf, smollm2_hf, tmp
     gen = torch.Generator().manual_seed(0)
     shapes = expected_shapes(config)
     state = {}
-    for module in settings.modules(smollm2.model):
+    for module in settings.modules(config.n_layers):
         out, inp = shapes[module + ".weight"]
         state[f"{module}.lora_A.weight"] = torch.randn(8, inp, generator=gen) / inp ** 0.5
         state[f"{module}.lora_B.weight"] = torch.randn(out, 8, generator=gen) * 0.02

@@ -64,9 +64,10 @@ class LoraSettings:
                                f"choose among {', '.join(TARGETS)}")
 
     # what one module gets: the same for all here; adapters read from PEFT files may differ per module
-    def modules(self, model: nn.Module) -> list[str]:
+    def modules(self, n_layers: int) -> list[str]:
+        """The camelid names of the layers these settings adapt in a model of `n_layers` blocks."""
         names = []
-        for i in range(len(model.layers)):
+        for i in range(n_layers):
             names += [f"layers.{i}.{_PARENT[t]}.{t}" for t in self.targets if t != "output"]
         return names + (["output"] if "output" in self.targets else [])
 
@@ -87,8 +88,8 @@ class AdapterSettings(LoraSettings):
     ranks: dict[str, int] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
 
-    def modules(self, model: nn.Module) -> list[str]:
-        return list(self.only) if self.only else super().modules(model)
+    def modules(self, n_layers: int) -> list[str]:
+        return list(self.only) if self.only else super().modules(n_layers)
 
     def rank_of(self, module: str) -> int:
         return self.ranks.get(module, self.rank)
@@ -211,7 +212,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, dtype: torch.dtype | No
     settings.check()
     model.requires_grad_(False)
     generator = None
-    for name in settings.modules(model):
+    for name in settings.modules(len(model.layers)):
         layer = _target_layer(model, name)
         rank = settings.rank_of(name)
         if rank > min(layer.in_features, layer.out_features):

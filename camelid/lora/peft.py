@@ -86,7 +86,7 @@ def save_adapter(directory, settings: LoraSettings, state: dict[str, torch.Tenso
 
 def _peft_config(settings: LoraSettings, modules: list[str], config: ModelConfig, base_model: str) -> dict:
     kinds = [t for t in TARGETS if any(m.rpartition(".")[2] == t for m in modules)]
-    every = LoraSettings(targets=tuple(kinds)).modules(_Layers(config.n_layers)) if kinds else []
+    every = LoraSettings(targets=tuple(kinds)).modules(config.n_layers) if kinds else []
     target_modules: list[str] | str = sorted(HF_TARGETS[k] for k in kinds)
     if sorted(modules) != sorted(every):  # some layers only: PEFT full-matches a string as a regex
         target_modules = "(" + "|".join(re.escape(hf_module(m)) for m in modules) + ")"
@@ -101,11 +101,6 @@ def _peft_config(settings: LoraSettings, modules: list[str], config: ModelConfig
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": ranks, "alpha_pattern": alphas,
         "use_dora": False, "inference_mode": True, "revision": None,
     }
-
-
-class _Layers:
-    def __init__(self, n: int):
-        self.layers = range(n)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -139,6 +134,9 @@ def check_adapter_dir(directory) -> dict:
     alpha = cfg.get("lora_alpha", 8)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise CamelidError(f"{path}: lora_alpha {alpha!r} must be a number > 0")
+    dropout = cfg.get("lora_dropout") or 0.0
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise CamelidError(f"{path}: lora_dropout {dropout!r} must be a number in [0, 1)")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(cfg.get(key) or {}, dict):
             raise CamelidError(f"{path}: {key} must be an object of module pattern -> value")
@@ -213,14 +211,9 @@ def read_adapter(directory, config: ModelConfig) -> tuple[AdapterSettings, dict[
     targets = tuple(t for t in TARGETS if any(m.rpartition(".")[2] == t for m in found))
     settings = AdapterSettings(rank=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), targets=targets,
                                rslora=bool(cfg.get("use_rslora", False)), ranks=ranks, alphas=alphas)
-    every = settings.modules(_Layers(config.n_layers))
+    every = settings.modules(config.n_layers)
     if sorted(every) != sorted(found):  # some layers only (layers_to_transform, a regex)
         settings.only = tuple(m for m in every if m in found)
-    try:
-        settings.check(str(cfg_path))
-    except CamelidError as e:
-        raise CamelidError(str(e).replace(".rank", ": r").replace(".alpha", ": lora_alpha")
-                           .replace(".dropout", ": lora_dropout")) from None
     return settings, state
 
 
