@@ -69,6 +69,8 @@ BEFORE_LOAD = [  # (adapter from tmp_path and a good adapter, words the message 
     pytest.param(lambda d, a: edit_config(a, r=0), ["adapter_config.json: r 0"], id="rank-zero"),
     pytest.param(lambda d, a: edit_config(a, lora_dropout=1.5), ["adapter_config.json: lora_dropout 1.5"],
                  id="dropout"),
+    pytest.param(lambda d, a: edit_config(a, rank_pattern={"q_proj": "big"}),
+                 ["adapter_config.json: rank_pattern must map module patterns to ranks"], id="rank-pattern"),
     pytest.param(lambda d, a: (a / "adapter_model.safetensors").unlink() or a, ["no adapter_model.safetensors"],
                  id="no-weights"),
 ]

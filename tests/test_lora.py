@@ -116,7 +116,8 @@ def test_mistakes_name_the_layer_or_field():
         apply_lora(model, LoraSettings(rank=2, targets=("wq",)))
     state = adapter_state(model)
     bad = dict(state, **{"layers.0.attention.wq.lora_A.weight": torch.zeros(3, 64)})
-    with pytest.raises(CamelidError, match=r"^here: tensor layers\.0\.attention\.wq\.lora_A\.weight has shape \[3, 64\]"):
+    with pytest.raises(CamelidError,
+                       match=r"^here: tensor layers\.0\.attention\.wq\.lora_A\.weight has shape \[3, 64\]"):
         load_adapter_state(model, bad, "here")
     with pytest.raises(CamelidError, match=r"^here: .*no adapter on \[layers\.0\.attention\.wv"):
         load_adapter_state(model, dict(state, **{"layers.0.attention.wv.lora_A.weight": torch.zeros(2, 64)}), "here")

@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from camelid.checkpoint.names import rename

@@ -138,8 +138,13 @@ def check_adapter_dir(directory) -> dict:
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise CamelidError(f"{path}: lora_dropout {dropout!r} must be a number in [0, 1)")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            raise CamelidError(f"{path}: {key} must be an object of module pattern -> value")
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and (key != "rank_pattern" or
+                                                                                     float(v).is_integer())
+                for v in pattern.values()):
+            raise CamelidError(f"{path}: {key} must map module patterns to "
+                               f"{'ranks (integers >= 1)' if key == 'rank_pattern' else 'alphas (numbers > 0)'}")
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         unknown = [t for t in targets if str(t).rpartition(".")[2] not in CAMELID_TARGETS]
