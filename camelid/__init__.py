@@ -19,14 +19,18 @@ __all__ = ["CamelidError", "LLM", "load", "__version__"]
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          quantize: str | None = None, compile: bool = True, progress: bool = False,
-         group_size: int | None = None) -> "LLM":
+         group_size: int | None = None, adapter: str | os.PathLike[str] | None = None) -> "LLM":
     """Load a checkpoint as an LLM: a GGUF file, a Hugging Face model directory, a Meta directory
     (params.json + consolidated.*.pth), a camelid checkpoint directory, or a known model name.
 
     quantize: None, "int8" or "int4" (weight-only; int4 in groups of `group_size`, 32 by default;
     a quantized camelid checkpoint loads quantized as saved). compile: decode with compiled steps where
     that works (the default; False decodes eagerly): a long generation compiles its step in the
-    background while it decodes, and later runs load it from ~/.cache/camelid/compiled."""
+    background while it decodes, and later runs load it from ~/.cache/camelid/compiled.
+
+    adapter: a LoRA adapter directory in Hugging Face PEFT's layout (adapter_config.json +
+    adapter_model.safetensors, from `camelid finetune` or PEFT), applied unmerged; with
+    `quantize` it runs over the quantized layers."""
     from camelid.checkpoint import build_model, read_checkpoint
     from camelid.generate import LLM
 
@@ -35,6 +39,11 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     ckpt = read_checkpoint(path)
     if ckpt.tokenizer is None:
         raise CamelidError(f"{ckpt.path}: no tokenizer found beside the weights (tokenizer.model or tokenizer.json)")
+    if adapter is not None:  # read and checked against the config before the weights load
+        from camelid.lora import read_adapter
+
+        settings, state = read_adapter(adapter, ckpt.config)
+        state = {k: v.to(device) for k, v in state.items()}
     if quantize is None and "quantization" in ckpt.details:  # a quantized checkpoint loads as saved
         quantize = ckpt.details["quantization"]["scheme"]
     if quantize is None:
@@ -42,6 +51,12 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     else:
         from camelid.checkpoint import build_quantized_model
         model = build_quantized_model(ckpt, quantize, group_size, dtype=dtype, device=device, progress=progress)
+    if adapter is not None:
+        from camelid.lora import adapter_dtype, apply_lora, load_adapter_state
+
+        apply_lora(model, settings, dtype=adapter_dtype(state))
+        load_adapter_state(model, state, str(adapter))
+        model.requires_grad_(False)
     return LLM(model, ckpt.tokenizer, source=str(ckpt.path), compile=compile)
 
 

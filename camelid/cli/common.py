@@ -26,6 +26,10 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size: 32 (default), 64 or 128 (only with --quantize int4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter directory in Hugging Face PEFT's layout (adapter_config.json + "
+                        "adapter_model.safetensors, from camelid finetune or PEFT), applied unmerged; works "
+                        "with --quantize (camelid convert --adapter writes the merged model)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with a compiled step (the default where torch.compile works): after the first long "
                         "generation of a model a background process compiles its step, and later runs load it "
@@ -85,6 +89,13 @@ def check_model_arguments(args: argparse.Namespace) -> torch.device:
                 raise CamelidError(f"{flag}: only with --draft (a draft model for speculative decoding)")
     elif args.draft_tokens is not None and args.draft_tokens < 1:
         raise CamelidError(f"--draft-tokens must be >= 1 (got {args.draft_tokens})")
+    if getattr(args, "adapter", None) is not None:  # its config is read now; its shapes once the base's config is
+        from camelid.lora import check_adapter_dir
+
+        try:
+            check_adapter_dir(args.adapter)
+        except CamelidError as e:
+            raise CamelidError(f"--adapter: {e}") from None
     return device
 
 
@@ -101,7 +112,7 @@ def load_llm(args: argparse.Namespace):
             raise CamelidError(f"--draft: {e}") from None
     llm = camelid.load(args.model, device=device, dtype=dtype, quantize=args.quantize,
                        group_size=getattr(args, "group_size", None), compile=args.compile,
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty(), adapter=getattr(args, "adapter", None))
     if draft_path is not None:
         try:
             draft = camelid.load(draft_path, device=device, dtype=dtype, quantize=args.draft_quantize,

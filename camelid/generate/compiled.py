@@ -489,8 +489,12 @@ def _structure_key(model: nn.Module, mode: str | None) -> str:
     parts += [f"{name}:{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules()]
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}:{t.device}" for n, t in tensors]
-    for module in (transformer, kv_cache, inductor, fuse, layers, kernels):  # camelid's code in the step
-        parts.append(hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest())
+    files = {Path(module.__file__) for module in (transformer, kv_cache, inductor, fuse, layers, kernels)}
+    # and the code of any other camelid module swapped into the model (camelid.lora's LoRALinear)
+    files |= {Path(sys.modules[type(m).__module__].__file__) for m in model.modules()
+              if type(m).__module__.startswith("camelid.")}
+    for path in sorted(files):  # camelid's code in the step
+        parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
     parts.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
