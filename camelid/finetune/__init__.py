@@ -1,0 +1,1 @@
+"""Adapting a model to instructions: finetuning and its data."""
