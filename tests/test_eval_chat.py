@@ -125,6 +125,7 @@ def test_cli_eval_scores_a_chat_file(tmp_path, capsys):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_smollm2_chat_multiple_choice_matches_transformers(smollm2, smollm2_hf, tmp_path):
     """SmolLM2's own template (ChatML, with a default system prompt) tokenized by transformers:
     the same log-likelihoods as the model scored by hand on those ids."""
