@@ -10,7 +10,7 @@ import torch
 from camelid.cli.main import main
 from camelid.errors import CamelidError
 from camelid.eval import Settings, evaluate
-from camelid.eval.requests import encode_chat_pair
+from camelid.eval.requests import chat_requests, encode_chat_pair
 from camelid.generate import LLM
 from test_model import tiny
 
@@ -94,6 +94,20 @@ def test_a_token_across_the_boundary_joins_the_continuation(plain_llm):
     e = encode_chat_pair(tok, "user: Shall I com", "pare thee")
     assert tok.decode(e.context + e.continuation) == "user: Shall I compare thee"
     assert tok.decode(e.continuation).endswith("pare thee")
+
+
+def test_llama2_format_one_bos_and_the_choice_as_written(spm_tokenizer):
+    """No template and no ChatML tokens: Meta's [INST] format, which writes BOS itself (no second
+    one) and cannot end on an answer, so the choice is scored as written."""
+    tok = copy.copy(spm_tokenizer)
+    tok.chat_template = None
+    messages = QUESTIONS[0][0]
+    for r in chat_requests(tok, messages, ["Hamlet", "The Tempest"]):
+        assert r.context == tok.apply_chat_template(messages) and r.context.endswith("[/INST]")
+        e = encode_chat_pair(tok, r.context, r.continuation)
+        assert e.context[0] == tok.bos_id and tok.bos_id not in e.context[1:]
+        assert e.context == tok.encode_chat(messages)[:len(e.context)]
+        assert tok.decode(e.continuation).strip() == r.continuation
 
 
 @pytest.mark.parametrize("record,message", [

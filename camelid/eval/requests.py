@@ -113,12 +113,16 @@ def chat_requests(tok: Tokenizer, messages: list[dict[str, str]], choices: list[
     conversation rendered with the model's chat template and its generation prompt; the
     continuation is the choice as written, preceded by whatever whitespace the template puts
     between the generation prompt and an assistant's answer (Llama-2's "[/INST] answer"; none in
-    ChatML), so that the choice is scored as the model sees answers in training."""
+    ChatML), so that the choice is scored as the model sees answers in training. A format that
+    cannot end on an answer (the built-in Llama-2 one) gets the choice as written."""
     context = tok.apply_chat_template(messages, add_generation_prompt=True)
     requests = []
     for choice in choices:
-        full = tok.apply_chat_template(messages + [{"role": "assistant", "content": choice}],
-                                       add_generation_prompt=False)
+        try:
+            full = tok.apply_chat_template(messages + [{"role": "assistant", "content": choice}],
+                                           add_generation_prompt=False)
+        except CamelidError:
+            full = ""
         rest = full[len(context):] if full.startswith(context) else ""
         at = rest.find(choice) if choice else -1
         lead = rest[:at] if at > 0 and not rest[:at].strip() else ""
