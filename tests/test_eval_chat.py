@@ -112,11 +112,13 @@ def test_llama2_format_one_bos_and_the_choice_as_written(spm_tokenizer):
 
 @pytest.mark.parametrize("record,message", [
     ({"messages": [], "choices": ["a"], "gold": 0}, r"bad\.jsonl:2: chat messages: expected a non-empty list"),
-    ({"messages": [{"role": "narrator", "content": "q"}], "choices": ["a"], "gold": 0}, r"bad\.jsonl:2: chat messages\[0\]"),
-    ({"messages": [{"role": "user", "content": "q"}], "choices": ["a", "b"], "gold": 2}, r"bad\.jsonl:2: gold 2 is out of range"),
+    ({"messages": [{"role": "narrator", "content": "q"}], "choices": ["a"], "gold": 0},
+     r"bad\.jsonl:2: chat messages\[0\]"),
+    ({"messages": [{"role": "user", "content": "q"}], "choices": ["a", "b"], "gold": 2},
+     r"bad\.jsonl:2: gold 2 is out of range"),
     ({"messages": [{"role": "user", "content": "q"}], "gold": 0}, r"bad\.jsonl:2: missing field 'choices'"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "choices": ["a"], "gold": 0},
-     r"bad\.jsonl:2: the last message is the assistant's"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "choices": ["a"], "gold": 0}, r"bad\.jsonl:2: the last message is the assistant's"),
     ({"query": "q", "choices": ["a"], "gold": 0}, r"bad\.jsonl:2: missing field 'messages'"),
 ])
 def test_broken_chat_task_files(tmp_path, record, message, chatml_llm):

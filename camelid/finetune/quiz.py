@@ -95,7 +95,6 @@ class Item:
     question: str
     answer: str
     kind: str        # "work" or "module": distractors come from the same kind
-    key: str         # what must not repeat across splits: the passage, or module.function
 
 
 def _passages(key: str) -> list[str]:
@@ -154,15 +153,15 @@ def collect(seed: int = 0, passages_per_work: int = 60, functions_per_module: in
     training (a cap, so that no label dominates)."""
     splits: dict[str, list[Item]] = {"train": [], "val": [], "heldout": []}
     for key, title in WORKS.items():
-        items = [Item(PASSAGE_QUESTION.format(p), title, "work", p) for p in dict.fromkeys(_passages(key))]
+        items = [Item(PASSAGE_QUESTION.format(p), title, "work") for p in dict.fromkeys(_passages(key))]
         for name, part in zip(splits, _split(items, random.Random(f"{seed}:{key}"), heldout_per_label,
                                              val_per_label, passages_per_work)):
             splits[name] += part
     for module, functions in sorted(_functions().items()):
         if len(functions) < heldout_per_label + val_per_label + MIN_TRAIN:
             continue
-        items = [Item(FUNCTION_QUESTION.format(snippet), module, "module", f"{module}.{name}")
-                 for name, snippet in sorted(functions.items())]
+        items = [Item(FUNCTION_QUESTION.format(snippet), module, "module")
+                 for _, snippet in sorted(functions.items())]
         for name, part in zip(splits, _split(items, random.Random(f"{seed}:{module}"), heldout_per_label,
                                              val_per_label, functions_per_module)):
             splits[name] += part
