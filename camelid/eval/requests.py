@@ -4,6 +4,8 @@ Log-likelihood requests follow lm-evaluation-harness, whose conventions publishe
 assume: trailing spaces of the context move into the continuation; context and continuation are
 tokenized together and split at the character boundary, so a token that merges across it
 belongs to the continuation; an empty context is scored from BOS (or EOS when there is none).
+Chat requests (a conversation as context) are tokenized as chat and generation tokenize them:
+the template's markup as special tokens, BOS as `Tokenizer.encode_rendered` adds it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from camelid.tokenizer import Tokenizer
 class Loglikelihood:
     context: str
     continuation: str
+    chat: bool = False    # the context is a conversation rendered with the chat template (chat_requests)
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,42 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Encoded:
     if not ctx:
         ctx = [prefix_token(tok)]
     return Encoded(ctx, cont)
+
+
+def encode_chat_pair(tok: Tokenizer, context: str, continuation: str) -> Encoded:
+    """A chat request's ids: `context` is a rendered conversation ending in the generation
+    prompt. The template's markup is special tokens here, so the split is where the ids of the
+    context alone stop agreeing with those of the whole: a token merging across the boundary
+    belongs to the continuation, as in encode_pair."""
+    context, continuation = scored_split(context, continuation)
+    whole = tok.encode_rendered(context + continuation)
+    alone = tok.encode_rendered(context)
+    n = 0
+    while n < min(len(whole), len(alone)) and whole[n] == alone[n]:
+        n += 1
+    ctx, cont = whole[:n], whole[n:]
+    if not cont:
+        raise CamelidError(f"log-likelihood request: the continuation {continuation!r} has no tokens of its own")
+    return Encoded(ctx or [prefix_token(tok)], cont)
+
+
+def chat_requests(tok: Tokenizer, messages: list[dict[str, str]], choices: list[str]) -> list[Loglikelihood]:
+    """One request per choice for a conversation answered by the assistant: the context is the
+    conversation rendered with the model's chat template and its generation prompt; the
+    continuation is the choice as written, preceded by whatever whitespace the template puts
+    between the generation prompt and an assistant's answer (Llama-2's "[/INST] answer"; none in
+    ChatML), so that the choice is scored as the model sees answers in training. A format that
+    cannot end on an answer (the built-in Llama-2 one) gets the choice as written."""
+    context = tok.apply_chat_template(messages, add_generation_prompt=True)
+    requests = []
+    for choice in choices:
+        try:
+            full = tok.apply_chat_template(messages + [{"role": "assistant", "content": choice}],
+                                           add_generation_prompt=False)
+        except CamelidError:
+            full = ""
+        rest = full[len(context):] if full.startswith(context) else ""
+        at = rest.find(choice) if choice else -1
+        lead = rest[:at] if at > 0 and not rest[:at].strip() else ""
+        requests.append(Loglikelihood(context, lead + choice, chat=True))
+    return requests

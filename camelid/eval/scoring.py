@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from camelid.eval.requests import Encoded, Generate, Loglikelihood, Rolling, encode_pair, prefix_token
+from camelid.eval.requests import Encoded, Generate, Loglikelihood, Rolling, encode_chat_pair, encode_pair, prefix_token
 from camelid.generate import LLM, SamplingParams
 
 
@@ -36,7 +36,7 @@ class Scorer:
     # ---- log-likelihood --------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[Loglikelihood]) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of the continuation's tokens, whether it is the greedy one)."""
-        encoded = [encode_pair(self.tok, r.context, r.continuation) for r in requests]
+        encoded = [(encode_chat_pair if r.chat else encode_pair)(self.tok, r.context, r.continuation) for r in requests]
         return self.loglikelihood_tokens(encoded)
 
     def loglikelihood_tokens(self, encoded: Sequence[Encoded]) -> list[tuple[float, bool]]:

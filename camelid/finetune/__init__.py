@@ -1,1 +1,1 @@
-"""Adapting a trained model: instruction finetuning (issue 13)."""
+"""Adapting a model to instructions: finetuning, its data and its demo."""

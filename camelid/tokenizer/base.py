@@ -116,8 +116,12 @@ class Tokenizer(ABC):
                            eos=self.token(self.eos_id), specials=self.special_tokens())
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        text = self.apply_chat_template(messages, add_generation_prompt)
-        # A template that writes the BOS text itself must not get a second BOS (llama.cpp #7107).
+        return self.encode_rendered(self.apply_chat_template(messages, add_generation_prompt))
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of a conversation that a chat template rendered: its markup as special tokens, and
+        BOS as the tokenizer adds it, unless the template wrote it itself: a second BOS is a
+        classic bug (llama.cpp #7107)."""
         bos_text = self.token(self.bos_id)
         starts_with_bos = bos_text is not None and text.startswith(bos_text)
         return self.encode(text, bos=self.add_bos and not starts_with_bos)

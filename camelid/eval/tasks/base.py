@@ -68,17 +68,19 @@ class Task:
             return answer
         return self.target_delimiter + answer
 
+    def fewshot_examples(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc]) -> list[Doc]:
+        """k solved examples, drawn with a seed that depends on the document, never the document itself."""
+        if not k:
+            return []
+        candidates = [d for d in pool if d is not doc and d != doc]
+        if self.fewshot_first_n:
+            return candidates[:k]
+        rng = random.Random(f"{seed}:{self.name}:{index}")
+        return rng.sample(candidates, min(k, len(candidates)))
+
     def fewshot_prefix(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc]) -> str:
-        """The description and k solved examples (joined by example_separator), drawn with a
-        seed that depends on the document, never the document itself."""
-        examples: list[Doc] = []
-        if k:
-            candidates = [d for d in pool if d is not doc and d != doc]
-            if self.fewshot_first_n:
-                examples = candidates[:k]
-            else:
-                rng = random.Random(f"{seed}:{self.name}:{index}")
-                examples = rng.sample(candidates, min(k, len(candidates)))
+        """The description and k solved examples (joined by example_separator)."""
+        examples = self.fewshot_examples(doc, index, k, seed, pool)
         shots = [self.prompt(e) + self.continuation(self.target(e)) for e in examples]
         return self.description_for(doc) + "".join(s + self.example_separator for s in shots)
 
@@ -121,16 +123,22 @@ class MultipleChoiceTask(Task):
     def target(self, doc: Doc) -> str:
         return self.choices(doc)[self.gold(doc)]
 
+    def choice_requests(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc],
+                        scorer: Scorer) -> list[Loglikelihood]:
+        """One request per choice: the context (few-shot examples and the prompt) followed by
+        each choice's continuation."""
+        ctx = self.context(doc, index, k, settings.seed, pool)
+        return [Loglikelihood(ctx, self.continuation(c)) for c in self.choices(doc)]
+
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
         docs = self.selected(settings)
         k = self.default_fewshot if settings.num_fewshot is None else settings.num_fewshot
         pool = self.fewshot_docs() if k else []
         requests, spans = [], []
         for i, doc in enumerate(docs):
-            ctx = self.context(doc, i, k, settings.seed, pool)
             options = self.choices(doc)
             start = len(requests)
-            requests += [Loglikelihood(ctx, self.continuation(c)) for c in options]
+            requests += self.choice_requests(doc, i, k, settings, pool, scorer)
             if self.calibration is not None:
                 requests += [Loglikelihood(self.calibration, self.continuation(c)) for c in options]
             spans.append((start, len(options)))

@@ -1,5 +1,6 @@
-"""Tasks from files: multiple-choice JSONL, generation JSONL, BIG-bench task.json, and plain
-text for perplexity. Every malformed record is reported with its file and line."""
+"""Tasks from files: multiple-choice JSONL (plain, or chat: a conversation rendered with the
+model's chat template), generation JSONL, BIG-bench task.json, and plain text for perplexity.
+Every malformed record is reported with its file and line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 from camelid.data.sources import json_problem
 from camelid.errors import CamelidError
-from camelid.eval.tasks.base import Doc, GenerationTask, MultipleChoiceTask, PerplexityTask
+from camelid.eval.requests import Loglikelihood, chat_requests
+from camelid.eval.scoring import Scorer
+from camelid.eval.tasks.base import Doc, GenerationTask, MultipleChoiceTask, PerplexityTask, Settings
+from camelid.tokenizer.chat import check_messages
 
 
 def _records(path: Path) -> list[tuple[int, dict]]:
@@ -38,6 +42,15 @@ def _require(path: Path, number: int, record: dict, key: str, kind: type | tuple
     return record[key]
 
 
+def _choices_and_gold(path: Path, number: int, r: dict) -> None:
+    choices = _require(path, number, r, "choices", list)
+    gold = _require(path, number, r, "gold", int)
+    if not choices or not all(isinstance(c, str) for c in choices):
+        raise CamelidError(f"{path}:{number}: 'choices' must be a non-empty list of strings")
+    if not 0 <= gold < len(choices):
+        raise CamelidError(f"{path}:{number}: gold {gold} is out of range for {len(choices)} choices")
+
+
 class JsonlMultipleChoice(MultipleChoiceTask):
     """{"query": str, "choices": [str], "gold": int}: each choice is scored as " " + choice, or
     as written when it already starts with whitespace (lm-evaluation-harness style " Paris")."""
@@ -52,12 +65,7 @@ class JsonlMultipleChoice(MultipleChoiceTask):
         docs = []
         for number, r in _records(self.path):
             _require(self.path, number, r, "query", str)
-            choices = _require(self.path, number, r, "choices", list)
-            gold = _require(self.path, number, r, "gold", int)
-            if not choices or not all(isinstance(c, str) for c in choices):
-                raise CamelidError(f"{self.path}:{number}: 'choices' must be a non-empty list of strings")
-            if not 0 <= gold < len(choices):
-                raise CamelidError(f"{self.path}:{number}: gold {gold} is out of range for {len(choices)} choices")
+            _choices_and_gold(self.path, number, r)
             docs.append(r)
         return docs
 
@@ -72,6 +80,50 @@ class JsonlMultipleChoice(MultipleChoiceTask):
 
     def gold(self, doc):
         return doc["gold"]
+
+
+class JsonlChatMultipleChoice(MultipleChoiceTask):
+    """{"messages": [{"role", "content"}, ...], "choices": [str], "gold": int}: the context is
+    the conversation rendered with the model's chat template and its generation prompt, and
+    each choice is the assistant's answer, scored as the template writes one (see
+    `chat_requests`). Few-shot examples become earlier user/assistant turns."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, path.stem
+
+    @cached_property
+    def _docs(self) -> list[Doc]:
+        docs = []
+        for number, r in _records(self.path):
+            messages = _require(self.path, number, r, "messages", list)
+            try:
+                check_messages(messages)
+            except CamelidError as e:
+                raise CamelidError(f"{self.path}:{number}: {e}") from None
+            if messages[-1]["role"] == "assistant":
+                raise CamelidError(f"{self.path}:{number}: the last message is the assistant's; leave the answer "
+                                   "out (the choices are the answers)")
+            _choices_and_gold(self.path, number, r)
+            docs.append(r)
+        return docs
+
+    def docs(self):
+        return self._docs
+
+    def prompt(self, doc):
+        return doc["messages"][-1]["content"]
+
+    def choices(self, doc):
+        return doc["choices"]
+
+    def gold(self, doc):
+        return doc["gold"]
+
+    def choice_requests(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc],
+                        scorer: Scorer) -> list[Loglikelihood]:
+        shots = [m for e in self.fewshot_examples(doc, index, k, settings.seed, pool)
+                 for m in (*e["messages"], {"role": "assistant", "content": self.target(e)})]
+        return chat_requests(scorer.tok, shots + doc["messages"], self.choices(doc))
 
 
 class JsonlGeneration(GenerationTask):
@@ -184,6 +236,8 @@ def task_from_file(path: Path):
     name = path.name.lower()
     if name.endswith(".jsonl"):
         first = _records(path)[0][1]
+        if "messages" in first:
+            return JsonlChatMultipleChoice(path)
         multiple_choice = bool({"query", "choices", "gold"} & set(first))
         return JsonlMultipleChoice(path) if multiple_choice else JsonlGeneration(path)
     if name.endswith(".json"):
