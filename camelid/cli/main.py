@@ -10,7 +10,20 @@ import argparse
 import sys
 
 from camelid import __version__
-from camelid.cli import chat, convert, data, evaluation, generate, info, plan, quickstart, serve, tokenizer, train
+from camelid.cli import (
+    chat,
+    convert,
+    data,
+    evaluation,
+    finetune,
+    generate,
+    info,
+    plan,
+    quickstart,
+    serve,
+    tokenizer,
+    train,
+)
 from camelid.errors import CamelidError
 from camelid.platform import keep_freed_memory
 
@@ -24,6 +37,7 @@ COMMANDS = {
     "data": (data, "prepare training data: clean, deduplicate, filter, tokenize (camelid data prepare)"),
     "tokenizer": (tokenizer, "train a SentencePiece tokenizer with LLaMA's settings"),
     "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
+    "finetune": (finetune, "adapt a model to instructions: full, LoRA or QLoRA, from a TOML recipe; rerun to resume"),
     "eval": (evaluation, "evaluate zero- and few-shot with the paper's protocol (multiple choice, exact match, pass@k)"),
     "serve": (serve, "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
     "plan": (plan, "memory needed to run or train a model, and whether it fits a card"),
@@ -37,6 +51,7 @@ EPILOG = """examples:
   camelid convert path/to/hf-model out.gguf --to gguf --gguf-type Q8_0
   camelid data prepare recipes/quickstart-data.toml
   camelid train recipes/quickstart-train.toml --train.max_steps=100
+  camelid finetune recipes/quickstart-sft.toml
 """
 
 

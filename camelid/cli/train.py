@@ -51,17 +51,23 @@ def main(args: argparse.Namespace) -> int:
         result = trainer.fit()
         model_dir = trainer.export()
         if trainer.main:
-            samples = write_samples(model_dir, cfg.sample, trainer.run_dir, cfg.train.seed, str(trainer.device))
-            print(format_samples(samples), end="", flush=True)
-            loss = f", loss {result['loss']:.4f}" if result["loss"] is not None else ""
-            skipped = f", {result['nonfinite']} skipped as non-finite" if result["nonfinite"] else ""
-            print(f"done: step {result['step']}{loss}"
-                  + (f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
-                  + skipped
-                  + f"\n  metrics    {trainer.metrics.path}\n  loss curve {trainer.run_dir / 'loss.png'}"
-                  + f"\n  model      {model_dir}"
-                  + (f"\n  samples    {trainer.run_dir / 'samples.json'}" if samples else ""), file=sys.stderr)
+            report_done(trainer, result, model_dir)
         trainer.runtime.barrier()  # the other ranks wait while rank 0 samples
     finally:
         shutdown()  # leave torchrun's process group, also after an error
     return 0
+
+
+def report_done(trainer, result: dict, model_dir, extra: str = "") -> None:
+    """Rank 0, at the end of a run: the [sample] texts, then where everything went."""
+    cfg = trainer.cfg
+    samples = write_samples(model_dir, cfg.sample, trainer.run_dir, cfg.train.seed, str(trainer.device))
+    print(format_samples(samples, cfg.sample.chat), end="", flush=True)
+    loss = f", loss {result['loss']:.4f}" if result["loss"] is not None else ""
+    skipped = f", {result['nonfinite']} skipped as non-finite" if result["nonfinite"] else ""
+    print(f"done: step {result['step']}{loss}"
+          + (f", validation loss {result['val_loss']:.4f}" if result["val_loss"] is not None else "")
+          + skipped
+          + f"\n  metrics    {trainer.metrics.path}\n  loss curve {trainer.run_dir / 'loss.png'}"
+          + f"\n  model      {model_dir}" + extra
+          + (f"\n  samples    {trainer.run_dir / 'samples.json'}" if samples else ""), file=sys.stderr)

@@ -102,7 +102,7 @@ def measure_training_step(trainer: Trainer) -> tuple[int, int, int]:
     trainer.train_step()
     with LiveTensorBytes(*resident()) as step:
         trainer.train_step()
-    inputs, targets = (x.to(trainer.device) for x in trainer.train_loader.next_batch())
+    batch = trainer.train_loader.next_batch()
     with LiveTensorBytes(*resident()) as compute:
-        trainer.loss_sum(inputs, targets).backward()
+        trainer.loss_sum(batch).backward()
     return step.baseline, step.peak, compute.peak

@@ -6,12 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from camelid.config import ModelConfig, get_size
 from camelid.data.recipe import check_mixture
 from camelid.distributed.activation_checkpoint import MODES as AC_MODES
 from camelid.errors import CamelidError
 from camelid.schema import apply_overrides, build, load_toml
+
+T = TypeVar("T")
 
 EXPORTS = ("hf", "gguf", "meta")    # formats the final model can also be written in
 DTYPES = ("float32", "bfloat16")    # train.dtype: fp32, or bf16 autocast over fp32 weights
@@ -118,6 +121,7 @@ class SampleSection:
     prompts: list[str] = field(default_factory=list)   # generated from at the end of training
     max_new_tokens: int = 64
     temperature: float = 0.8
+    chat: bool = False               # each prompt as a user's chat message, answered with the chat template
 
 
 @dataclass
@@ -132,60 +136,18 @@ class TrainConfig:
     sample: SampleSection = field(default_factory=SampleSection)
 
     def __post_init__(self) -> None:
-        t, d, s, p = self.train, self.data, self.stability, self.parallel
-        bad_float = next(((key, v) for key, v in _floats(self) if not math.isfinite(v)), None)
-        if bad_float:
-            raise InvalidSetting(f"{bad_float[0]} must be a finite number (got {bad_float[1]})")
+        d = self.data
         # The model's shape is checked here too, so that nothing is loaded for a recipe whose
         # sequences the model could not hold.
         context = self.model.build(None).max_seq_len
-        checks = [
-            (t.dtype in (*DTYPES, "auto"), f"train.dtype must be {', '.join(DTYPES)} or auto (got {t.dtype!r})"),
-            (t.optimizer in ("adamw", "adamax"), f"train.optimizer must be adamw or adamax (got {t.optimizer!r})"),
-            (t.activation_checkpointing in AC_MODES, f"train.activation_checkpointing must be {', '.join(AC_MODES)} "
-                                                     f"(got {t.activation_checkpointing!r})"),
-            (t.max_steps > 0, f"train.max_steps must be positive (got {t.max_steps})"),
-            (t.micro_batch > 0, f"train.micro_batch must be positive (got {t.micro_batch})"),
-            (t.batch_tokens >= 0, f"train.batch_tokens must be 0 (one micro-batch) or positive (got {t.batch_tokens})"),
+        checks = shared_checks(self) + [
             (d.seq_len > 0, f"data.seq_len must be positive (got {d.seq_len})"),
             (d.seq_len <= context, f"data.seq_len {d.seq_len} is longer than the model's context (model.max_seq_len "
                                    f"{context}); lower data.seq_len or raise model.max_seq_len"),
-            (t.lr > 0, f"train.lr must be positive (got {t.lr})"),
-            (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})"),
-            (t.warmup_steps >= 0, f"train.warmup_steps must be 0 (no warmup) or positive (got {t.warmup_steps})"),
-            (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1 and train.beta2 must be in [0, 1) "
-                                                    f"(got {t.beta1}, {t.beta2})"),
-            (t.eps > 0, f"train.eps must be positive (got {t.eps})"),
-            (t.weight_decay >= 0, f"train.weight_decay must be 0 or positive (got {t.weight_decay})"),
-            (t.grad_clip > 0, f"train.grad_clip must be positive (got {t.grad_clip}); a large value clips nothing"),
-            (t.log_interval > 0, f"train.log_interval must be positive (got {t.log_interval}): steps between "
-                                 "metrics lines"),
-            (t.eval_interval > 0, f"train.eval_interval must be positive (got {t.eval_interval}): steps between "
-                                  "validations (one more at the end); a value above train.max_steps validates "
-                                  "at the end only"),
-            (t.eval_batches > 0, f"train.eval_batches must be positive (got {t.eval_batches})"),
-            (t.threads >= 0, f"train.threads must be 0 (PyTorch's default) or a number of CPU threads "
-                             f"(got {t.threads})"),
-            (t.peak_flops >= 0, f"train.peak_flops must be 0 (known GPUs only) or positive (got {t.peak_flops})"),
-            (self.checkpoint.interval > 0, f"checkpoint.interval must be positive (got {self.checkpoint.interval})"),
-            (self.checkpoint.keep > 0, f"checkpoint.keep must be at least 1, as resuming needs the newest "
-                                       f"(got {self.checkpoint.keep})"),
             (set(self.checkpoint.export) <= set(EXPORTS), f"checkpoint.export: choose among {list(EXPORTS)} "
                                                            f"(got {self.checkpoint.export})"),
             (not (d.synthetic and "gguf" in self.checkpoint.export),
              "checkpoint.export: a GGUF file carries its tokenizer and synthetic data has none; drop gguf"),
-            (min(p.dp_replicate, p.dp_shard, p.tp) >= 1,
-             "parallel.dp_replicate, parallel.dp_shard and parallel.tp must be at least 1"),
-            (0 < s.spike_warmup <= s.spike_window,
-             "stability.spike_warmup must be positive and at most stability.spike_window (the history kept)"),
-            (s.spike_factor > 1, f"stability.spike_factor must be above 1 (got {s.spike_factor}): a loss that many "
-                                 "times the recent median is a spike"),
-            (s.spike_patience >= 1, f"stability.spike_patience must be at least 1 (got {s.spike_patience})"),
-            (s.max_rollbacks >= 0, f"stability.max_rollbacks must be 0 or more (got {s.max_rollbacks})"),
-            (self.sample.max_new_tokens > 0, f"sample.max_new_tokens must be positive "
-                                             f"(got {self.sample.max_new_tokens})"),
-            (self.sample.temperature >= 0, f"sample.temperature must be 0 (greedy) or positive "
-                                           f"(got {self.sample.temperature})"),
             (d.synthetic or bool(d.path), "data.path is empty: point it at `camelid data prepare` "
                                           "output, or set data.synthetic = true"),
             (not (d.synthetic and d.weights), "data.weights: synthetic data has no sources to weigh; drop "
@@ -193,14 +155,67 @@ class TrainConfig:
             (not (d.synthetic and self.sample.prompts), "sample.prompts: synthetic data has no tokenizer to write "
                                                         "prompts with; drop the [sample] prompts"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidSetting(message)
+        raise_first(checks)
         # the names are checked against the data's sources when it is loaded
         try:
             check_mixture(d.weights, lambda name: f"data.weights.{name}", LEAVE_OUT)
         except CamelidError as e:
             raise InvalidSetting(str(e)) from None
+
+
+def raise_first(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise InvalidSetting(message)
+
+
+def shared_checks(cfg) -> list[tuple[bool, str]]:
+    """(ok, message) for the sections every trainer recipe shares (train, checkpoint, parallel,
+    stability, sample), pretraining's and finetuning's alike."""
+    t, s, p = cfg.train, cfg.stability, cfg.parallel
+    bad_float = next(((key, v) for key, v in _floats(cfg) if not math.isfinite(v)), None)
+    return [
+        (bad_float is None, f"{bad_float[0]} must be a finite number (got {bad_float[1]})" if bad_float else ""),
+        (t.dtype in (*DTYPES, "auto"), f"train.dtype must be {', '.join(DTYPES)} or auto (got {t.dtype!r})"),
+        (t.optimizer in ("adamw", "adamax"), f"train.optimizer must be adamw or adamax (got {t.optimizer!r})"),
+        (t.activation_checkpointing in AC_MODES, f"train.activation_checkpointing must be {', '.join(AC_MODES)} "
+                                                 f"(got {t.activation_checkpointing!r})"),
+        (t.max_steps > 0, f"train.max_steps must be positive (got {t.max_steps})"),
+        (t.micro_batch > 0, f"train.micro_batch must be positive (got {t.micro_batch})"),
+        (t.batch_tokens >= 0, f"train.batch_tokens must be 0 (one micro-batch) or positive (got {t.batch_tokens})"),
+        (t.lr > 0, f"train.lr must be positive (got {t.lr})"),
+        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be 0 (no warmup) or positive (got {t.warmup_steps})"),
+        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1 and train.beta2 must be in [0, 1) "
+                                                f"(got {t.beta1}, {t.beta2})"),
+        (t.eps > 0, f"train.eps must be positive (got {t.eps})"),
+        (t.weight_decay >= 0, f"train.weight_decay must be 0 or positive (got {t.weight_decay})"),
+        (t.grad_clip > 0, f"train.grad_clip must be positive (got {t.grad_clip}); a large value clips nothing"),
+        (t.log_interval > 0, f"train.log_interval must be positive (got {t.log_interval}): steps between "
+                             "metrics lines"),
+        (t.eval_interval > 0, f"train.eval_interval must be positive (got {t.eval_interval}): steps between "
+                              "validations (one more at the end); a value above train.max_steps validates "
+                              "at the end only"),
+        (t.eval_batches > 0, f"train.eval_batches must be positive (got {t.eval_batches})"),
+        (t.threads >= 0, f"train.threads must be 0 (PyTorch's default) or a number of CPU threads "
+                         f"(got {t.threads})"),
+        (t.peak_flops >= 0, f"train.peak_flops must be 0 (known GPUs only) or positive (got {t.peak_flops})"),
+        (cfg.checkpoint.interval > 0, f"checkpoint.interval must be positive (got {cfg.checkpoint.interval})"),
+        (cfg.checkpoint.keep > 0, f"checkpoint.keep must be at least 1, as resuming needs the newest "
+                                  f"(got {cfg.checkpoint.keep})"),
+        (min(p.dp_replicate, p.dp_shard, p.tp) >= 1,
+         "parallel.dp_replicate, parallel.dp_shard and parallel.tp must be at least 1"),
+        (0 < s.spike_warmup <= s.spike_window,
+         "stability.spike_warmup must be positive and at most stability.spike_window (the history kept)"),
+        (s.spike_factor > 1, f"stability.spike_factor must be above 1 (got {s.spike_factor}): a loss that many "
+                             "times the recent median is a spike"),
+        (s.spike_patience >= 1, f"stability.spike_patience must be at least 1 (got {s.spike_patience})"),
+        (s.max_rollbacks >= 0, f"stability.max_rollbacks must be 0 or more (got {s.max_rollbacks})"),
+        (cfg.sample.max_new_tokens > 0, f"sample.max_new_tokens must be positive "
+                                        f"(got {cfg.sample.max_new_tokens})"),
+        (cfg.sample.temperature >= 0, f"sample.temperature must be 0 (greedy) or positive "
+                                      f"(got {cfg.sample.temperature})"),
+    ]
 
 
 class InvalidSetting(CamelidError):
@@ -228,9 +243,15 @@ def _floats(obj: object, prefix: str = "") -> list[tuple[str, float]]:
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+def load_config(schema: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """A recipe (or none: the defaults) with `--section.key=value` overrides, built into `schema`;
+    a refused setting names the recipe."""
     data = load_toml(path) if path else {}
     try:
-        return build(TrainConfig, apply_overrides(data, list(overrides)), str(path or "train config"))
+        return build(schema, apply_overrides(data, list(overrides)), str(path or "train config"))
     except InvalidSetting as e:
         if not path:
             raise

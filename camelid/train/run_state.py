@@ -20,6 +20,7 @@ import torch
 
 from camelid.atomic import atomic_dir
 from camelid.checkpoint.names import expected_shapes
+from camelid.checkpoint.native import CONFIG as NATIVE_CONFIG
 from camelid.checkpoint.native import read_native, write_native
 from camelid.config import ModelConfig
 from camelid.distributed import sharded_state
@@ -83,8 +84,9 @@ def step_of(path: Path) -> int:
 
 def saved_config(path: Path) -> ModelConfig | None:
     """The model config a checkpoint was saved with, read without its weights: camelid.json for
-    one process's, the trainer state for a sharded one (None for one saved before it held it)."""
-    if not sharded_state.is_sharded(path):
+    one process's whole model, else the trainer state (a sharded checkpoint, an adapter's; None
+    for one saved before it held it)."""
+    if (path / NATIVE_CONFIG).exists():
         return read_native(path).config
     state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
     return ModelConfig.from_dict(state["model_config"], where=str(path / TRAINER)) if "model_config" in state else None

@@ -22,15 +22,15 @@ def write_samples(model_dir: Path, sample: SampleSection, run_dir: Path, seed: i
         return []
     llm = camelid.load(model_dir, device=device, compile=False)  # a few short samples: not worth compiling
     # one prompt at a time, so that each sample depends on its prompt and the seed only
-    samples = [{"prompt": p, "text": llm.generate(p, max_new_tokens=sample.max_new_tokens,
-                                                  temperature=sample.temperature, seed=seed)}
-               for p in sample.prompts]
-    record = {"model": str(model_dir), "max_new_tokens": sample.max_new_tokens, "temperature": sample.temperature,
-              "seed": seed, "samples": samples}
+    settings = {"max_new_tokens": sample.max_new_tokens, "temperature": sample.temperature, "seed": seed}
+    samples = [{"prompt": p, "text": llm.chat([{"role": "user", "content": p}], **settings) if sample.chat
+                else llm.generate(p, **settings)} for p in sample.prompts]
+    record = {"model": str(model_dir), **settings, "chat": sample.chat, "samples": samples}
     write_text_atomic(Path(run_dir) / SAMPLES, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return samples
 
 
-def format_samples(samples: list[dict[str, str]]) -> str:
-    """The samples as the terminal shows them: each prompt followed by its continuation."""
-    return "".join(f"\n--- {s['prompt']}{s['text']}\n" for s in samples)
+def format_samples(samples: list[dict[str, str]], chat: bool = False) -> str:
+    """The samples as the terminal shows them: each prompt followed by its continuation, or
+    (chat) by the assistant's answer on the next line."""
+    return "".join(f"\n--- {s['prompt']}{chr(10) if chat else ''}{s['text']}\n" for s in samples)

@@ -152,7 +152,7 @@ class Trainer:
         self._build_data()
         self._check_resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the settings have passed
-        self.model = build_model(cfg, self.config, self.runtime)
+        self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.train)
         self._build_metrics()
         self._start_progress()
@@ -187,6 +187,9 @@ class Trainer:
         self.micro_rows = self._micro_batches(rows, c.train.micro_batch)
         self.accumulation = len(self.micro_rows)
         self.step_tokens = rows * c.data.seq_len
+
+    def _build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg, self.config, self.runtime)
 
     def _build_metrics(self) -> None:
         """The metrics log (rank 0's; the other ranks write nothing) and the numbers behind MFU."""
@@ -258,7 +261,9 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.dtype == "bfloat16")
 
-    def loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of one micro-batch (inputs, targets) as the loader gives it."""
+        inputs, targets = (x.to(self.device) for x in batch)
         with self._autocast():
             # Under TP the final hidden states come split over the sequence and the head over
             # the vocabulary: every tp rank gathers both and computes the same whole loss, so the
@@ -266,16 +271,27 @@ class Trainer:
             hidden = gather(self.model.hidden(inputs))
             return linear_cross_entropy(hidden.flatten(0, 1), gather(self.model.head_weight), targets.flatten())
 
+    def targets_in(self, batch: Any) -> int:
+        """The tokens of a micro-batch that carry a loss."""
+        return batch[1].numel()
+
+    def step_counts(self, batches: list[Any]) -> tuple[float, int]:
+        """(loss tokens, tokens read) of one optimizer step over all ranks: fixed windows here,
+        so both are the step's size and need no communication."""
+        return self.step_tokens, self.step_tokens
+
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
-        for rows in self.micro_rows:
-            inputs, targets = (x.to(self.device) for x in self.train_loader.next_batch(rows))
-            # normalise by the tokens of the whole accumulated batch (all ranks), not per micro-batch;
-            # FSDP averages gradients over the data-parallel ranks, hence the factor that makes it a sum
-            loss = self.loss_sum(inputs, targets) / self.step_tokens
+        batches = [self.train_loader.next_batch(rows) for rows in self.micro_rows]
+        targets, step_tokens = self.step_counts(batches)
+        for batch in batches:
+            # normalise by the loss tokens of the whole accumulated batch (all ranks), not per
+            # micro-batch; FSDP averages gradients over the data-parallel ranks, hence the factor
+            # that makes it a sum
+            loss = self.loss_sum(batch) / targets
             (loss * self.dp_size if self.dp_size > 1 else loss).backward()
             losses.append(loss.detach())
         loss_total = self._dp_sum(losses)
@@ -294,9 +310,9 @@ class Trainer:
             self.nonfinite += event == "nonfinite"
             self.optimizer.zero_grad(set_to_none=True)
         self.step = step
-        self.tokens_seen += self.step_tokens
+        self.tokens_seen += step_tokens
         seconds = time.perf_counter() - t0
-        record.update(tokens=self.tokens_seen, tokens_per_s=self.step_tokens / seconds)
+        record.update(tokens=self.tokens_seen, tokens_per_s=step_tokens / seconds)
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.runtime.world)
         return record
@@ -324,9 +340,9 @@ class Trainer:
         rows = t.eval_batches * t.micro_batch
         rows += (-rows) % self.dp_size  # every rank must run as many passes (FSDP's collectives)
         for n in self._micro_batches(rows, t.micro_batch):
-            inputs, targets = (x.to(self.device) for x in loader.next_batch(n))
-            total.append(self.loss_sum(inputs, targets))
-            count.append(targets.numel())
+            batch = loader.next_batch(n)
+            total.append(self.loss_sum(batch))
+            count.append(self.targets_in(batch))
         return self._dp_sum(total) / self._dp_sum(count)
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -343,12 +359,16 @@ class Trainer:
         return run_state.save(self.runtime, self.checkpoints, self.step, self.model, self.optimizer, self.config,
                               self.tokenizer, self.trainer_state(), self.cfg.checkpoint.keep)
 
+    def _load_state(self, path: Path) -> dict[str, Any]:
+        """Weights and optimizer state from checkpoint `path`; returns the trainer state."""
+        return run_state.restore(self.runtime, path, self.model, self.optimizer)
+
     def _checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first, as rank 0 sees them."""
         return self.runtime.broadcast(run_state.complete(self.checkpoints))
 
     def _restore(self, path: Path, with_loader: bool = True) -> dict[str, Any]:
-        state = run_state.restore(self.runtime, path, self.model, self.optimizer)
+        state = self._load_state(path)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.recent = deque(state["recent"], maxlen=self.cfg.stability.spike_window)
         self.spikes_in_a_row = state["spikes_in_a_row"]

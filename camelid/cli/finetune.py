@@ -1,0 +1,107 @@
+"""Finetune a model on instructions: fully, with LoRA adapters on a frozen base, or with QLoRA
+(adapters on a frozen int4/int8 base). CONFIG.toml holds the sections run, model (base, method),
+lora, data, train, checkpoint, parallel, stability, sample and evaluate (see
+recipes/quickstart-sft.toml and docs/finetuning.md); any key can be overridden on the command line
+as --section.key=value. Running the same command again resumes from the newest complete
+checkpoint in run.dir, exactly where the interrupted run was.
+
+instruction data (data.train, data.val: JSONL or Parquet files, one example per line/row):
+  chat        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  alpaca      {"instruction": "...", "input": "...", "output": "..."}   (input may be empty or absent)
+  completion  {"prompt": "...", "completion": "..."}
+rendered with the base model's own chat template (the one `camelid chat` uses; a model without
+one gets its vocabulary's built-in format, Llama-2's [INST] for a plain SentencePiece vocabulary).
+The loss covers what the assistant says (data.train_on = "all": every token). data.hf_dataset
+reads a Hugging Face dataset instead; data.builtin = "corpus-quiz" builds the demo's questions.
+
+Full finetuning runs under torchrun too (FSDP, parallel.dp_shard); LoRA and QLoRA in one process.
+
+writes into run.dir:
+  data.json         examples kept, truncated and dropped (train and held out)
+  metrics.jsonl     one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, ...),
+                    validation (val_loss, val_ppl); loss.png; tensorboard/
+  checkpoints/      step_NNNNNNNN/ (full: a camelid model; lora/qlora: adapter/ in PEFT's layout)
+                    plus trainer.pt (optimizer, loader, random state)
+  adapter/          lora/qlora: the adapters alone, in Hugging Face PEFT's layout
+                    (camelid generate --model BASE --adapter RUN_DIR/adapter; peft loads it too)
+  model/            the finetuned model, adapters merged: camelid chat --model RUN_DIR/model
+                    (also model-hf/, model.gguf, model-meta/ with checkpoint.export = ["hf", ...])
+  evaluation.json   [evaluate] tasks (and data.builtin's held-out questions) before and after
+  samples.json      the answers to the [sample] prompts (also printed)
+
+examples:
+  camelid finetune recipes/quickstart-sft.toml
+  camelid finetune recipes/smollm2-lora.toml --train.max_steps=50
+  camelid finetune my.toml --model.base=path/to/Llama-2-7b-hf --model.method=qlora --data.train='["sft.jsonl"]'
+  torchrun --nproc-per-node=4 -m camelid finetune my.toml --model.method=full --parallel.dp_shard=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from camelid.cli.train import report_done
+from camelid.distributed.runtime import shutdown
+from camelid.finetune import evaluation
+from camelid.finetune.config import FinetuneConfig, load_finetune_config
+from camelid.finetune.trainer import ADAPTER, FinetuneTrainer, write_data_report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG.toml", help="finetuning recipe")
+    p.set_defaults(accepts_overrides=True)
+
+
+def base_load(cfg: FinetuneConfig) -> dict:
+    """camelid.load's arguments for the base as finetuning holds it."""
+    m = cfg.model
+    return {"path": m.base, **({"quantize": m.quantize, "group_size": m.group_size} if m.method == "qlora" else {})}
+
+
+def result_load(cfg: FinetuneConfig, trainer: FinetuneTrainer) -> dict:
+    """...and for the result: QLoRA's adapters over the same quantized base, else the merged model."""
+    if cfg.model.method == "qlora":
+        return {**base_load(cfg), "adapter": trainer.run_dir / ADAPTER}
+    return {"path": trainer.run_dir / "model"}
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_finetune_config(args.config, args.overrides)
+    try:
+        trainer = FinetuneTrainer(cfg)
+        tasks = list(cfg.evaluate.tasks) + trainer.heldout_tasks
+        record = evaluation.saved(trainer.run_dir) if trainer.main else {}
+        if trainer.main:
+            write_data_report(trainer.run_dir, trainer.data_report)
+            say_data(trainer.data_report)
+            if tasks and "before" not in record:
+                e = cfg.evaluate
+                record = {"tasks": tasks, "before": evaluation.run_tasks(tasks, e.limit, e.num_fewshot,
+                                                                         str(trainer.device), **base_load(cfg))}
+                evaluation.save(trainer.run_dir, record)
+        result = trainer.fit()
+        model_dir = trainer.export()
+        if trainer.main:
+            extra = f"\n  adapter    {trainer.run_dir / ADAPTER}" if cfg.adapters else ""
+            if tasks:
+                e = cfg.evaluate
+                record["after"] = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
+                                                       **result_load(cfg, trainer))
+                evaluation.save(trainer.run_dir, record)
+                print(evaluation.side_by_side(record.get("before", {}), record["after"]), flush=True)
+                extra += f"\n  evaluation {trainer.run_dir / evaluation.EVALUATION}"
+            report_done(trainer, result, model_dir, extra)
+        trainer.runtime.barrier()  # the other ranks wait while rank 0 evaluates and samples
+    finally:
+        shutdown()
+    return 0
+
+
+def say_data(report: dict) -> None:
+    def counts(c: dict) -> str:
+        dropped = f", {c['dropped']} dropped" if c.get("dropped") else ""
+        return f"{c['kept']:,} examples ({c.get('truncated', 0)} truncated{dropped})"
+
+    print(f"data: train {counts(report['train'])}, held out {counts(report['val'])}, "
+          f"sequences of {report['seq_len']} tokens{' packed' if report['packing'] else ''}", file=sys.stderr)

@@ -1,0 +1,161 @@
+"""The finetuning configuration: `camelid train`'s schema conventions (one typed schema for TOML
+files and `--section.key=value` overrides, unknown keys are errors) with a base model instead of
+a shape, instruction data instead of token shards, and a [lora] section. The sections train,
+checkpoint, parallel, stability and sample are pretraining's, with finetuning's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camelid.train.config import (
+    EXPORTS,
+    CheckpointSection,
+    InvalidSetting,
+    ParallelSection,
+    RunSection,
+    SampleSection,
+    StabilitySection,
+    TrainSection,
+    load_config,
+    raise_first,
+    shared_checks,
+)
+
+METHODS = ("full", "lora", "qlora")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+FORMATS = ("auto", "chat", "alpaca", "completion")
+BUILTIN = ("corpus-quiz",)
+
+
+@dataclass
+class BaseModelSection:
+    base: str = ""                   # any checkpoint camelid loads: .gguf, Hugging Face / Meta / camelid
+                                     # directory (quantized too), or a known name
+    method: str = "lora"             # full (every weight), lora (adapters on a frozen base), qlora (adapters on
+                                     # a frozen quantized base)
+    quantize: str = "int4"           # qlora: the frozen base's weights, int4 or int8
+    group_size: int | None = None    # qlora int4: 32 (default), 64 or 128
+
+
+@dataclass
+class LoraSection:
+    # LoRA (Hu et al., 2021); the QLoRA paper finds adapters on every linear layer needed to
+    # match full finetuning (Dettmers et al., 2023, section 4)
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    rslora: bool = False             # scale by alpha / sqrt(rank) (Kalajdzievski, 2023) instead of alpha / rank
+
+
+@dataclass
+class InstructionDataSection:
+    train: list[str] = field(default_factory=list)  # JSONL or Parquet files: chat {"messages"}, Alpaca
+                                                    # {"instruction", "input", "output"}, {"prompt", "completion"}
+    val: list[str] = field(default_factory=list)    # held-out files; none: val_fraction of the training examples
+    format: str = "auto"             # auto (per file), chat, alpaca or completion
+    hf_dataset: str = ""             # a Hugging Face dataset (name or path) read with `datasets`, instead of files
+    hf_subset: str = ""
+    hf_split: str = "train"
+    builtin: str = ""                # corpus-quiz: the demo's questions, built from camelid's embedded corpus
+    val_fraction: float = 0.05
+    seq_len: int = 1024
+    packing: bool = True             # several examples per sequence, none attending to another
+    overflow: str = "truncate"       # an example longer than seq_len: truncate, or drop
+    train_on: str = "assistant"      # assistant (the loss covers what the assistant says) or all
+
+
+@dataclass
+class FinetuneTrainSection(TrainSection):
+    max_steps: int = 300
+    lr: float = 2e-4                 # LoRA's usual rate; full finetuning wants about 1e-5..5e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    micro_batch: int = 4
+    log_interval: int = 1
+    eval_interval: int = 50
+    eval_batches: int = 10
+
+
+@dataclass
+class FinetuneCheckpointSection(CheckpointSection):
+    interval: int = 100
+
+
+@dataclass
+class FinetuneSampleSection(SampleSection):
+    chat: bool = True                # an instruction-tuned model answers messages
+    temperature: float = 0.0
+
+
+@dataclass
+class EvaluateSection:
+    tasks: list[str] = field(default_factory=list)  # `camelid eval` tasks run on the base and on the result
+    limit: int = 0                   # documents per task (0: all)
+    num_fewshot: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(dir="runs/finetune"))
+    model: BaseModelSection = field(default_factory=BaseModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: InstructionDataSection = field(default_factory=InstructionDataSection)
+    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
+    checkpoint: FinetuneCheckpointSection = field(default_factory=FinetuneCheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    stability: StabilitySection = field(default_factory=StabilitySection)
+    sample: FinetuneSampleSection = field(default_factory=FinetuneSampleSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    @property
+    def adapters(self) -> bool:
+        return self.model.method in ("lora", "qlora")
+
+    def __post_init__(self) -> None:
+        m, d, lo, p = self.model, self.data, self.lora, self.parallel
+        sources = [name for name, given in (("data.train", d.train), ("data.hf_dataset", d.hf_dataset),
+                                            ("data.builtin", d.builtin)) if given]
+        distributed = p.dp_replicate * p.dp_shard * p.tp > 1
+        checks = shared_checks(self) + [
+            (bool(m.base), "model.base is empty: name the model to finetune (a .gguf file, a model directory "
+                           "or a known name)"),
+            (m.method in METHODS, f"model.method must be one of {', '.join(METHODS)} (got {m.method!r})"),
+            (m.quantize in ("int4", "int8"), f"model.quantize must be int4 or int8 (got {m.quantize!r})"),
+            (m.group_size is None or (m.method == "qlora" and m.quantize == "int4"),
+             "model.group_size sets int4's groups: only with model.method = \"qlora\" and model.quantize = \"int4\""),
+            (m.group_size in (None, 32, 64, 128), f"model.group_size must be 32, 64 or 128 (got {m.group_size})"),
+            (lo.rank >= 1, f"lora.rank must be at least 1 (got {lo.rank})"),
+            (lo.alpha > 0, f"lora.alpha must be positive (got {lo.alpha})"),
+            (0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1) (got {lo.dropout})"),
+            (bool(lo.targets) and set(lo.targets) <= set(LORA_TARGETS),
+             f"lora.targets: choose among {', '.join(LORA_TARGETS)} (got {lo.targets})"),
+            (len(sources) == 1, "give the instruction data one way: data.train (files), data.hf_dataset or "
+                                "data.builtin" + (f" (got {', '.join(sources)})" if sources else "")),
+            (d.format in FORMATS, f"data.format must be one of {', '.join(FORMATS)} (got {d.format!r})"),
+            (not d.builtin or d.builtin in BUILTIN, f"data.builtin must be one of {', '.join(BUILTIN)} "
+                                                    f"(got {d.builtin!r})"),
+            (0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1) (got {d.val_fraction})"),
+            (bool(d.val) or bool(d.builtin) or d.val_fraction > 0,
+             "validation needs held-out examples: give data.val files or a data.val_fraction above 0"),
+            (d.seq_len >= 8, f"data.seq_len must be at least 8 (got {d.seq_len})"),
+            (d.overflow in ("truncate", "drop"), f"data.overflow must be truncate or drop (got {d.overflow!r})"),
+            (d.train_on in ("assistant", "all"), f"data.train_on must be assistant or all (got {d.train_on!r})"),
+            (set(self.checkpoint.export) <= set(EXPORTS), f"checkpoint.export: choose among {list(EXPORTS)} "
+                                                           f"(got {self.checkpoint.export})"),
+            (self.evaluate.limit >= 0, f"evaluate.limit must be 0 (every document) or positive "
+                                       f"(got {self.evaluate.limit})"),
+            (self.evaluate.num_fewshot >= 0, f"evaluate.num_fewshot must be 0 or more "
+                                             f"(got {self.evaluate.num_fewshot})"),
+            # Adapters train in one process: FSDP shards whole blocks whose weights all train,
+            # and a frozen base needs none of it.
+            (not (distributed and self.adapters), f"model.method = {m.method!r} runs in one process; under "
+                                                   "torchrun use model.method = \"full\" (FSDP), or start "
+                                                   "camelid finetune without torchrun"),
+        ]
+        raise_first(checks)
+
+
+def load_finetune_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+    return load_config(FinetuneConfig, path, overrides)

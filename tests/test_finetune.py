@@ -1,0 +1,177 @@
+"""`camelid finetune`: full and LoRA runs on the pretraining trainer, what they leave behind,
+exact resume after kill -9, and the refusals of its settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import camelid
+from camelid.checkpoint.native import write_native
+from camelid.cli.main import main as cli
+from camelid.finetune.config import load_finetune_config
+from camelid.finetune.trainer import FinetuneTrainer
+from helpers import cli_error, hang_limit
+from test_model import tiny
+
+EMPTY = Path(__file__).parent / "data" / "empty.toml"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, spm_tokenizer):
+    """A tiny camelid checkpoint with a SentencePiece tokenizer (no chat template: Llama-2's
+    [INST] format)."""
+    path = tmp_path_factory.mktemp("base") / "model"
+    path.mkdir()
+    model = tiny("tiny", seed=3)
+    assert model.config.vocab_size == spm_tokenizer.vocab_size
+    write_native(path, model.config, spm_tokenizer, model.state_dict().items())
+    return path
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    """Conversations whose answers follow a rule (the number after the question's word)."""
+    words = ["summer", "winds", "buds", "gold", "eye", "heaven", "nature", "death", "time", "life"]
+    path = tmp_path_factory.mktemp("sft") / "chats.jsonl"
+    rows = []
+    for i in range(60):
+        w = words[i % len(words)]
+        rows.append({"messages": [{"role": "system", "content": "Answer briefly."},
+                                  {"role": "user", "content": f"Which number goes with {w}?"},
+                                  {"role": "assistant", "content": f"{w} {i % 7}"},
+                                  {"role": "user", "content": "And twice that?"},
+                                  {"role": "assistant", "content": str(2 * (i % 7))}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def settings(base, chats, run_dir, *extra):
+    return [f"--run.dir={run_dir}", f"--model.base={base}", f"--data.train=[\"{chats}\"]", "--data.seq_len=64",
+            "--data.val_fraction=0.2", "--train.micro_batch=4", "--train.dtype=float32", "--train.max_steps=6",
+            "--train.eval_interval=3", "--train.eval_batches=2", "--checkpoint.interval=3", "--lora.rank=4",
+            "--lora.dropout=0.1", *extra]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if "lr" in r}
+
+
+def test_lora_trains_the_adapters_only_and_leaves_the_base_bit_for_bit(base, chats, tmp_path):
+    cfg = load_finetune_config(None, settings(base, chats, tmp_path / "run", "--train.lr=1e-2"))
+    trainer = FinetuneTrainer(cfg, log=False)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters) and frozen
+    trainer.train_step()
+    assert all((p.grad is not None) == p.requires_grad for p in trainer.model.parameters())
+    trainer.fit()
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(after[n], t) for n, t in frozen.items())
+    assert all(not torch.equal(after[n], t) for n, t in adapters.items() if "lora_B" in n)
+    first, last = losses(tmp_path / "run")[1][0], losses(tmp_path / "run")[6][0]
+    assert last < first
+
+
+def test_finetune_command_writes_adapter_merged_model_and_resumes(base, chats, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["finetune", str(EMPTY), *settings(base, chats, run, "--sample.prompts=[\"Which number goes with gold?\"]",
+                                                  "--sample.max_new_tokens=4")]) == 0
+    out = capsys.readouterr()
+    assert "--- Which number goes with gold?" in out.out
+    report = json.loads((run / "data.json").read_text())
+    assert report["train"]["kept"] == 48 and report["val"]["kept"] == 12
+    assert (run / "adapter" / "adapter_config.json").exists() and (run / "adapter" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert not (run / "checkpoints" / "step_00000006" / "model.safetensors").exists()  # adapters only
+    # the merged model equals the base with the adapters applied unmerged
+    tokens = torch.tensor([[1, 17, 99, 230, 5, 61, 7]])
+    merged = camelid.load(run / "model", compile=False)
+    unmerged = camelid.load(base, adapter=run / "adapter", compile=False)
+    plain = camelid.load(base, compile=False)
+    with torch.no_grad():
+        a, b, c = merged.model(tokens), unmerged.model(tokens), plain.model(tokens)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (a - c).abs().max() > 1e-4  # the adapters did something
+    # the same command again: resumes at the end, nothing more to train
+    assert cli(["finetune", str(EMPTY), *settings(base, chats, run)]) == 0
+    assert "resuming from" in capsys.readouterr().err
+
+
+def test_full_finetuning_trains_every_weight(base, chats, tmp_path):
+    cfg = load_finetune_config(None, settings(base, chats, tmp_path / "run", "--model.method=full", "--train.lr=1e-3",
+                                              "--train.max_steps=2"))
+    trainer = FinetuneTrainer(cfg, log=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert all(p.requires_grad for p in trainer.model.parameters())
+    trainer.fit()
+    model_dir = trainer.export()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+    assert camelid.load(model_dir, compile=False).model.layers[0].attention.wq.weight.shape == before[
+        "layers.0.attention.wq.weight"].shape
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_kill_9_during_a_lora_run_then_resume_gives_the_same_losses(base, chats, tmp_path):
+    args = settings(base, chats, "{run}", "--train.max_steps=40", "--checkpoint.interval=10", "--train.log_interval=1",
+                    "--train.eval_interval=1000")
+    cmd = [sys.executable, "-m", "camelid", "finetune", str(EMPTY)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    limit = hang_limit(60)
+
+    def run_args(run):
+        return [a.replace("{run}", str(run)) for a in args]
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(cmd + run_args(straight), check=True, capture_output=True, env=env, timeout=limit)
+    proc = subprocess.Popen(cmd + run_args(broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:  # kill it between the 20th-step checkpoint and the end
+        done = losses(broken) if (broken / "metrics.jsonl").exists() else {}
+        if max(done, default=0) >= 23:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = max(losses(broken))
+    assert 23 <= logged < 40, "the run was not interrupted mid-way"
+    subprocess.run(cmd + run_args(broken), check=True, capture_output=True, env=env, timeout=limit)
+    a, b = losses(straight), losses(broken)
+    assert list(a) == list(range(1, 41)) and a == b  # every step's loss and gradient norm (dropout on), bit for bit
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--model.method=lorra", "model.method must be one of full, lora, qlora"),
+    ("--lora.targets=[\"wq\", \"attn\"]", "lora.targets: choose among"),
+    ("--lora.rank=0", "lora.rank must be at least 1"),
+    ("--data.overflow=cut", "data.overflow must be truncate or drop"),
+    ("--data.train_on=user", "data.train_on must be assistant or all"),
+    ("--data.builtin=corpus-quiz", "give the instruction data one way"),
+    ("--model.group_size=64", "model.group_size sets int4's groups"),
+    ("--parallel.dp_shard=2", "runs in one process"),
+    ("--data.val_fraction=0", "validation needs held-out examples"),
+    ("--model.bogus=1", "unknown key(s) ['bogus']"),
+])
+def test_bad_settings_are_refused_in_one_line(base, chats, tmp_path, capsys, override, expected):
+    line = cli_error(capsys, "finetune", EMPTY, *settings(base, chats, tmp_path / "run"), override)
+    assert expected in line and not (tmp_path / "run").exists()
+
+
+def test_a_base_that_is_not_a_model_is_named(chats, tmp_path, capsys):
+    line = cli_error(capsys, "finetune", EMPTY, *settings(tmp_path / "nowhere", chats, tmp_path / "run"))
+    assert "model.base" in line and "nowhere" in line
+
+
+def test_a_resumed_run_must_keep_its_method(base, chats, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["finetune", str(EMPTY), *settings(base, chats, run, "--train.max_steps=3")]) == 0
+    line = cli_error(capsys, "finetune", EMPTY, *settings(base, chats, run, "--train.max_steps=6", "--lora.rank=8"))
+    assert "step_00000003" in line and "another run.dir" in line
