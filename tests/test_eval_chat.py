@@ -98,16 +98,17 @@ def test_a_token_across_the_boundary_joins_the_continuation(plain_llm):
 
 def test_llama2_format_one_bos_and_the_choice_as_written(spm_tokenizer):
     """No template and no ChatML tokens: Meta's [INST] format, which writes BOS itself (no second
-    one) and cannot end on an answer, so the choice is scored as written."""
+    one) and puts a space between "[/INST]" and the answer, so the choice is scored after it."""
     tok = copy.copy(spm_tokenizer)
     tok.chat_template = None
     messages = QUESTIONS[0][0]
-    for r in chat_requests(tok, messages, ["Hamlet", "The Tempest"]):
+    choices = ["Hamlet", "The Tempest"]
+    for choice, r in zip(choices, chat_requests(tok, messages, choices)):
         assert r.context == tok.apply_chat_template(messages) and r.context.endswith("[/INST]")
         e = encode_chat_pair(tok, r.context, r.continuation)
         assert e.context[0] == tok.bos_id and tok.bos_id not in e.context[1:]
         assert e.context == tok.encode_chat(messages)[:len(e.context)]
-        assert tok.decode(e.continuation).strip() == r.continuation
+        assert r.continuation == " " + choice and tok.decode(e.continuation).strip() == choice
 
 
 @pytest.mark.parametrize("record,message", [

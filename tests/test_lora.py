@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.errors import CamelidError
-from camelid.lora import (TARGETS, DequantizedProduct, LoraSettings, LoRALinear, adapter_state, apply_lora,
+from camelid.lora import (TARGETS, LoraSettings, LoRALinear, adapter_state, apply_lora,
                           load_adapter_state, lora_layers, merge_lora)
-from camelid.lora import layers as lora_module
+from camelid.quant import layers as quant_layers
 from camelid.quant import QuantizedLinear, quantize_model
 from camelid.quant.blocks import quantize
 from camelid.quant.layers import layer_for
@@ -155,7 +155,7 @@ def quantized_layer(scheme="int4", out=96, columns=64, seed=0):
 @pytest.mark.parametrize("chunk", [None, 64 * 7])  # one block, and blocks of 7 rows (uneven)
 def test_qlora_input_gradient_equals_the_float_reference(scheme, chunk, monkeypatch):
     if chunk:
-        monkeypatch.setattr(lora_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(quant_layers, "CHUNK_ELEMENTS", chunk)
     q = quantized_layer(scheme)
     float_base = nn.Linear(64, 96, bias=False)
     with torch.no_grad():
@@ -216,11 +216,14 @@ def test_qlora_trains_and_leaves_the_codes_bit_for_bit(dtype):
 
 
 def test_dequantized_product_is_the_layer_forward():
+    from camelid.quant.layers import DequantizedProduct
+
     q = quantized_layer("int4")
     x = torch.randn(3, 64, requires_grad=True)
     with torch.no_grad():
         want = q(x)
     assert torch.equal(DequantizedProduct.apply(x, q), want)
+    assert torch.equal(q(x), want) and q(x).requires_grad
 
 
 # ---- PEFT's layout -----------------------------------------------------------------------------

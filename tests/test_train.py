@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -301,12 +302,15 @@ def test_fused_cross_entropy_stays_finite_for_confident_mistakes():
 
 def test_every_shipped_recipe_parses():
     from camelid.data import load_recipe
+    from camelid.finetune.config import load_finetune_config
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
     assert len(recipes) >= 8
     for path in recipes:
         if path.stem.endswith("-data"):
             load_recipe(path)
+        elif "base" in tomllib.loads(path.read_text()).get("model", {}):
+            load_finetune_config(path)
         else:
             cfg = load_train_config(path)
             cfg.model.build(32000)

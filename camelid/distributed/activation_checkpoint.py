@@ -37,17 +37,20 @@ def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """Wrap every transformer block of `model` (state-dict names are unchanged)."""
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str,
+                                   preserve_rng_state: bool = False) -> torch.nn.Module:
+    """Wrap every transformer block of `model` (state-dict names are unchanged). The model has
+    no randomness of its own, so by default the recompute skips saving the RNG state; a model
+    with dropout inside its blocks (LoRA adapters) needs it preserved."""
     if mode not in MODES:
         raise CamelidError(f"train.activation_checkpointing: choose one of {MODES} (got {mode!r})")
     if mode == "none":
         return model
     for i, block in enumerate(model.layers):
         if mode == "full":
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=preserve_rng_state)
         else:
             model.layers[i] = checkpoint_wrapper(
-                block, preserve_rng_state=False,
+                block, preserve_rng_state=preserve_rng_state,
                 context_fn=partial(create_selective_checkpoint_contexts, _keep_expensive))
     return model

@@ -113,8 +113,8 @@ def chat_requests(tok: Tokenizer, messages: list[dict[str, str]], choices: list[
     conversation rendered with the model's chat template and its generation prompt; the
     continuation is the choice as written, preceded by whatever whitespace the template puts
     between the generation prompt and an assistant's answer (Llama-2's "[/INST] answer"; none in
-    ChatML), so that the choice is scored as the model sees answers in training. A format that
-    cannot end on an answer (the built-in Llama-2 one) gets the choice as written."""
+    ChatML), so that the choice is scored as the model sees answers in training. A template that
+    cannot render a conversation ending on an answer gets the choice as written."""
     context = tok.apply_chat_template(messages, add_generation_prompt=True)
     requests = []
     for choice in choices:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from camelid.finetune.records import FORMATS as RECORD_FORMATS
 from camelid.train.config import (
     EXPORTS,
     CheckpointSection,
@@ -24,7 +25,7 @@ from camelid.train.config import (
 
 METHODS = ("full", "lora", "qlora")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
-FORMATS = ("auto", "chat", "alpaca", "completion")
+FORMATS = ("auto",) + RECORD_FORMATS
 BUILTIN = ("corpus-quiz",)
 
 
@@ -54,7 +55,7 @@ class InstructionDataSection:
     train: list[str] = field(default_factory=list)  # JSONL or Parquet files: chat {"messages"}, Alpaca
                                                     # {"instruction", "input", "output"}, {"prompt", "completion"}
     val: list[str] = field(default_factory=list)    # held-out files; none: val_fraction of the training examples
-    format: str = "auto"             # auto (per file), chat, alpaca or completion
+    format: str = "auto"             # auto (per file), chat, alpaca or prompt_completion
     hf_dataset: str = ""             # a Hugging Face dataset (name or path) read with `datasets`, instead of files
     hf_subset: str = ""
     hf_split: str = "train"

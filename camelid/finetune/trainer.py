@@ -139,7 +139,9 @@ class FinetuneTrainer(Trainer):
         else:
             apply_lora(model, lora_settings(c), seed=t.seed)
         model.train()
-        apply_activation_checkpointing(model, t.activation_checkpointing)
+        # LoRA dropout draws random masks inside the blocks: a recomputed block must draw the same
+        apply_activation_checkpointing(model, t.activation_checkpointing,
+                                       preserve_rng_state=c.adapters and c.lora.dropout > 0)
         if t.compile:
             use_inductor_layers(model)
             for i, block in enumerate(model.layers):
@@ -269,12 +271,16 @@ def merged_weights(model: nn.Module, config: ModelConfig) -> tuple[ModelConfig, 
     weights = {}
     for name in expected_shapes(config):
         module = modules.get(name.removesuffix(".weight"))
-        if isinstance(module, LoRALinear):
-            weights[name] = module.merged_weight().float().cpu()
-        elif isinstance(module, QuantizedLinear):
-            weights[name] = module.dequantize(torch.float32).cpu()
+        base = module.base if isinstance(module, LoRALinear) else module
+        if isinstance(base, QuantizedLinear):
+            weight = base.dequantize(torch.float32)
+        elif base is not None:
+            weight = base.weight.detach().float()
         else:
-            weights[name] = params[name].detach().float().cpu()
+            weight = params[name].detach().float()
+        if isinstance(module, LoRALinear):
+            weight = weight + module.delta()
+        weights[name] = weight.cpu()
     return config, weights
 
 

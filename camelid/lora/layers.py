@@ -6,11 +6,10 @@ default) and B [out, rank] zero, so that the adapted model starts out equal to t
 scaling is alpha / rank, or alpha / sqrt(rank) with rsLoRA (Kalajdzievski 2023, "A Rank
 Stabilization Scaling Factor for Fine-Tuning with LoRA"). The model file is unchanged.
 
-QLoRA (Dettmers et al. 2023): the base may be a camelid.quant QuantizedLinear (int8/int4). Its
-product then takes its backward through `DequantizedProduct`, which keeps nothing of the weight
-in the graph and dequantizes it again in backward, a block of output rows at a time: no float copy
-of a whole layer (let alone the model) lives longer than one block, and the codes, being buffers,
-get no gradient.
+QLoRA (Dettmers et al. 2023): the base may be a camelid.quant QuantizedLinear (int8/int4), whose
+own backward (camelid.quant.layers.DequantizedProduct) dequantizes its weight again a block of
+output rows at a time: no float copy of a whole layer lives longer than one block, and the codes,
+being buffers, get no gradient.
 """
 
 from __future__ import annotations
@@ -26,16 +25,10 @@ from torch import nn
 from camelid.checkpoint.names import rename
 from camelid.errors import CamelidError
 from camelid.quant import QuantizedLinear, swap
-from camelid.quant.blocks import QuantizedTensor
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 _PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
            "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
-
-# Elements of float weight dequantized at once in a QLoRA backward (16 MiB in fp32): large enough
-# that the products stay efficient, small next to any layer of a model worth quantizing.
-CHUNK_ELEMENTS = 1 << 22
-
 
 @dataclass
 class LoraSettings:
@@ -117,40 +110,6 @@ def pattern_value(patterns: dict, module: str):
     return None
 
 
-class DequantizedProduct(torch.autograd.Function):
-    """x -> layer(x) for a QuantizedLinear, differentiable in x only. Forward runs the layer as
-    at inference (its kernels) and saves no tensor; backward computes grad_x = grad_y W with W
-    dequantized block by block of output rows."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-        ctx.layer = layer
-        return layer(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        layer: QuantizedLinear = ctx.layer
-        g = grad.reshape(-1, layer.out_features)
-        # bf16/fp16 partial products are summed in fp32: with many blocks the rounding would add up
-        total = torch.zeros(g.shape[0], layer.in_features, dtype=torch.float32, device=g.device)
-        step = max(1, CHUNK_ELEMENTS // layer.in_features)
-        for start in range(0, layer.out_features, step):
-            stop = min(start + step, layer.out_features)
-            w = dequantize_rows(layer, start, stop, g.dtype)
-            part = g[:, start:stop] @ w
-            total += part
-        return total.to(grad.dtype).view(*grad.shape[:-1], layer.in_features), None
-
-
-def dequantize_rows(layer: QuantizedLinear, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows start..stop of the layer's weight in `dtype` (the codes and scales of a row are
-    contiguous, so a block of rows is a view of the buffers)."""
-    bufs = {name: b[start:stop] for name, b in layer.named_buffers()}
-    if layer.use_kernels(layer.weight) and dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.camelid.dequantize(bufs["weight"], bufs["scales"], bufs.get("mins"), layer.group_size, dtype)
-    return QuantizedTensor.from_buffers(bufs).dequantize(dtype)
-
-
 class LoRALinear(nn.Module):
     """A frozen `base` (bias-free nn.Linear or QuantizedLinear) plus a trainable low-rank update."""
 
@@ -174,10 +133,7 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.base, QuantizedLinear) and torch.is_grad_enabled() and x.requires_grad:
-            y = DequantizedProduct.apply(x, self.base)
-        else:
-            y = self.base(x)
+        y = self.base(x)
         a = self.lora_A.weight
         update = self.lora_B(self.lora_A(self.dropout(x).to(a.dtype)))
         return y + (update * self.scaling).to(y.dtype)

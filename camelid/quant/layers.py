@@ -29,6 +29,9 @@ from camelid.quant import kernels
 from camelid.quant.blocks import QuantizedTensor
 
 FUSED_ROWS = 16  # up to this many rows, camelid's kernels beat dequantize + matrix product (measured)
+# Elements of float weight dequantized at once in a backward pass (16 MiB in fp32): large enough
+# that the products stay efficient, small next to any layer of a model worth quantizing.
+CHUNK_ELEMENTS = 1 << 22
 
 
 NATIVE_BF16 = native_bf16("cpu")
@@ -63,6 +66,11 @@ class QuantizedLinear(nn.Module):
         return self.stored().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return DequantizedProduct.apply(x, self)
+        return self.product(x)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernels(x) and x.numel() <= FUSED_ROWS * self.in_features:
             return self.few_rows(x)
         if torch.compiler.is_compiling() and x.shape[-2] == 1:
@@ -75,6 +83,40 @@ class QuantizedLinear(nn.Module):
 
     def one_row_compiled(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class DequantizedProduct(torch.autograd.Function):
+    """x -> layer(x), differentiable in x only (QLoRA's frozen base, Dettmers et al. 2023).
+    Forward runs the layer's inference product and saves no tensor, where autograd through
+    F.linear would keep the whole dequantized weight until backward; backward computes
+    grad_x = grad_y W with W dequantized again a block of output rows at a time. The codes are
+    buffers and get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.product(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer: QuantizedLinear = ctx.layer
+        g = grad.reshape(-1, layer.out_features)
+        # bf16/fp16 partial products are summed in fp32: with many blocks the rounding would add up
+        total = torch.zeros(g.shape[0], layer.in_features, dtype=torch.float32, device=g.device)
+        step = max(1, CHUNK_ELEMENTS // layer.in_features)
+        for start in range(0, layer.out_features, step):
+            stop = min(start + step, layer.out_features)
+            total += g[:, start:stop] @ dequantize_rows(layer, start, stop, g.dtype)
+        return total.to(grad.dtype).view(*grad.shape[:-1], layer.in_features), None
+
+
+def dequantize_rows(layer: QuantizedLinear, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows start..stop of the layer's weight in `dtype` (the codes and scales of a row are
+    contiguous, so a block of rows is a view of the buffers)."""
+    bufs = {name: b[start:stop] for name, b in layer.named_buffers()}
+    if layer.use_kernels(layer.weight) and dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.camelid.dequantize(bufs["weight"], bufs["scales"], bufs.get("mins"), layer.group_size, dtype)
+    return QuantizedTensor.from_buffers(bufs).dequantize(dtype)
 
 
 class Int8Linear(QuantizedLinear):

@@ -25,7 +25,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # a frozen head (LoRA finetuning) needs no weight gradient: skip its [vocab, dim] product
+        want_w = ctx.needs_input_grad[1]
+        grad_w = torch.zeros(weight.shape if want_w else (), dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         fp32 = compute_dtype == torch.float32
         for start in range(0, h.shape[0], chunk):
@@ -39,9 +41,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs[rows, tc] -= 1.0                                               # d loss / d logits
             g = probs if fp32 else probs.to(compute_dtype)
             torch.mm(g, w, out=grad_h[start:start + chunk])
-            if fp32:
+            if want_w and fp32:
                 grad_w.addmm_(g.t(), hc)
-            else:
+            elif want_w:
                 grad_w += g.t() @ hc
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -51,7 +53,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h.to(h_dtype) * grad_loss.to(h_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None)
+        grad_weight = (grad_w * grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None
+        return (grad_h.to(h_dtype) * grad_loss.to(h_dtype), grad_weight, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
