@@ -200,7 +200,7 @@ def plan_finetune(c: ModelConfig, method: str = "qlora", micro_batch: int = 1, s
 
 
 def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int, rank: int,
-             targets: tuple[str, ...], dropout: bool, quantize: str, group_size: int, cpu: bool) -> int:
+             targets: tuple[str, ...], dropout: bool, quantize: str, group_size: int, cpu: bool, debug=False) -> int:
     """The largest transient beyond the saved activations: the loss's forward and backward, the
     last block's backward, and (QLoRA) a layer dequantized."""
     d, v, f = c.dim, c.vocab_size, c.ffn_dim
@@ -224,22 +224,24 @@ def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int,
         forward = kept + grads + loss_chunk(c, n, a)
         backward = grads + v * d * FP32 + v * d * a            # the scaled head gradient and its cast
         loss = state + max(forward, backward)
-    # the last block's backward: the residual gradient, SwiGLU's factors' gradients, a frozen
-    # product's input gradient (in fp32 summed over chunks for QLoRA), what checkpointing recomputes
-    recompute = 0
-    if ac != "none":
-        recompute = adapter_block_activations(c, "none", n, a, rank, targets, dropout, cpu) - (
-            n * d * a if ac == "full" else adapter_block_activations(c, "selective", n, a, rank, targets, dropout, cpu) // 2)
-    widest = max(i for _, i in layers.values())
-    input_grad = n * widest * a
+    # the last block's backward: checkpointing first recomputes what the block did not keep;
+    # then the residual stream's gradient and, at SwiGLU, two [N, ffn] gradients at once (QLoRA:
+    # a frozen product's input gradient summed in fp32 over chunks of dequantized rows, once
+    # the input it read is released)
+    none = adapter_block_activations(c, "none", n, a, rank, targets, dropout, cpu)
+    kept = adapter_block_activations(c, ac, n, a, rank, targets, dropout, cpu)
+    recompute = max(0, none - kept) if ac != "none" else 0
+    gradients = 2 * n * f * a
     if method == "qlora":
-        step = max(1, CHUNK_ELEMENTS // widest) * widest
-        chunk = step * a if cpu else _dequantized(step // widest, widest, quantize, a)
-        input_grad = n * widest * (FP32 + a) + chunk
-    block = state + residual + recompute + 2 * n * f * a + input_grad
+        def backward(o: int, i: int) -> int:
+            rows = min(o, max(1, CHUNK_ELEMENTS // i))
+            chunk = rows * i * a if cpu else _dequantized(rows, i, quantize, a)
+            return n * i * (FP32 + a) + chunk - n * i * a
+        gradients = max(gradients, *(backward(o, i) for o, i in layers.values()))
+    block = state + residual + recompute + gradients
     # QLoRA's forward: one layer's weight dequantized whole, beside its output
     if method == "qlora":
         o, i = max(layers.values(), key=lambda s: s[0] * s[1])
         one = o * i * a + n * o * a if cpu else max(_dequantized(o, i, quantize, a), o * i * a + n * o * a)
         block = max(block, state + one)
-    return max(loss, block)
+    return max(loss, block) if not debug else {"loss": loss, "block": block}
