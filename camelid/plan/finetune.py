@@ -177,6 +177,8 @@ def plan_finetune(c: ModelConfig, method: str = "qlora", micro_batch: int = 1, s
     """One row per activation-checkpointing mode. `cpu`: camelid's CPU kernels dequantize a QLoRA
     layer in one pass (no temporaries)."""
     check_settings(c, method, rank, targets, quantize, group_size)
+    if layout.tp > 1:
+        raise CamelidError("--tp: camelid finetune shards with FSDP only (--dp-shard); drop --tp")
     if method == "full":
         return [FinetuneRow("full", r.ac, r.dtype, c.num_params(), r.parameters, 0, r.gradients, r.optimizer,
                             r.gathered, r.activations, r.working, r.update, r.overhead)
