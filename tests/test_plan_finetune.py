@@ -96,3 +96,87 @@ def test_finetune_table_and_help(capsys):
     (["7B", "--finetune", "qlora", "--memory", "24GB", "--seq-len", "4096"], "--seq-len")])
 def test_finetune_bad_input_exits_2_with_one_line(capsys, argv, flag):
     assert flag in cli_error(capsys, "plan", *argv)
+
+
+# ---- against measurement ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    """Two-turn conversations of a few hundred tokens, enough to fill packed rows of 256."""
+    import random
+
+    rnd = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog and runs far away".split()
+    rows = [{"messages": [{"role": "user", "content": " ".join(rnd.choices(words, k=rnd.randint(20, 80)))},
+                          {"role": "assistant", "content": " ".join(rnd.choices(words, k=rnd.randint(20, 80)))}]}
+            for _ in range(200)]
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def base_checkpoint(directory, tokenizer, **shape):
+    """A camelid checkpoint of random weights in the given shape (vocabulary at least the tokenizer's)."""
+    import torch
+
+    from camelid.checkpoint.native import write_native
+    from camelid.model import Transformer
+
+    config = get_size("tiny").replace(**shape)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_native(directory, config, tokenizer, model.state_dict().items())
+    return directory, config
+
+
+SHAPES = {  # the blocks make the peak; the loss over a wider vocabulary makes it
+    "blocks": {"dim": 512, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 512},
+    "loss": {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 8192}}
+
+
+@pytest.mark.parametrize("shape, method, ac", [
+    ("blocks", "lora", "none"), ("blocks", "lora", "selective"), ("blocks", "lora", "full"),
+    ("blocks", "qlora", "none"), ("blocks", "qlora", "selective"), ("blocks", "qlora", "full"),
+    ("blocks", "full", "selective"), ("loss", "lora", "none"), ("loss", "qlora", "full"), ("loss", "full", "none")])
+def test_finetune_plan_matches_measured_peak(tmp_path, bpe_tokenizer, chats, shape, method, ac):
+    import torch
+
+    from camelid.finetune.config import load_finetune_config
+    from camelid.finetune.trainer import FinetuneTrainer
+    from camelid.plan import measure_training_step
+
+    seq_len, micro_batch = 256, 2
+    base, config = base_checkpoint(tmp_path / "base", bpe_tokenizer, **SHAPES[shape])
+    # float32: bfloat16 is emulated on most CPUs (slow); train_on all: the loss covers the rows
+    # the plan counts. Two micro-batches a step, so that gradients are resident in the second.
+    cfg = load_finetune_config(None, [
+        f"--run.dir={tmp_path / 'run'}", f"--model.base={base}", f"--model.method={method}",
+        f"--data.train=[\"{chats}\"]", f"--data.seq_len={seq_len}", "--data.val_fraction=0.1", "--data.train_on=all",
+        f"--train.micro_batch={micro_batch}", f"--train.batch_tokens={2 * micro_batch * seq_len}",
+        "--train.dtype=float32", f"--train.activation_checkpointing={ac}", "--train.device=cpu", "--train.threads=1",
+        "--train.max_steps=10", "--lora.dropout=0.1"])
+    threads = torch.get_num_threads()
+    try:
+        resident, step_peak, compute_peak = measure_training_step(FinetuneTrainer(cfg, log=False))
+    finally:
+        torch.set_num_threads(threads)
+    row, = plan_finetune(config, method, micro_batch, seq_len, "float32", rank=cfg.lora.rank,
+                         targets=tuple(cfg.lora.targets), dropout=True, modes=(ac,), cpu=True)
+    # weights, adapters, gradients and AdamW states exactly, but for AdamW's scalar step counters
+    assert 0 <= resident - row.resident < 4096
+    assert row.total == pytest.approx(step_peak, rel=0.10)
+    # and the forward/backward part alone, so that the resident state cannot hide an error
+    assert row.compute == pytest.approx(compute_peak - resident, rel=0.10)
+
+
+def test_finetune_constants_follow_the_code():
+    import camelid.finetune.trainer
+    import camelid.lora.layers
+    import camelid.plan.finetune as plan
+
+    assert plan.HEAD_CHUNK == camelid.finetune.trainer.HEAD_CHUNK
+    assert plan.CHUNK_ELEMENTS == camelid.lora.layers.CHUNK_ELEMENTS
+    assert plan.TARGETS == camelid.lora.layers.TARGETS
