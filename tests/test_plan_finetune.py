@@ -180,3 +180,18 @@ def test_finetune_constants_follow_the_code():
     assert plan.HEAD_CHUNK == camelid.finetune.trainer.HEAD_CHUNK
     assert plan.CHUNK_ELEMENTS == camelid.lora.layers.CHUNK_ELEMENTS
     assert plan.TARGETS == camelid.lora.layers.TARGETS
+
+
+def test_finetune_from_a_recipe(capsys, tmp_path):
+    recipe = tmp_path / "sft.toml"
+    recipe.write_text('[model]\nbase = "7B"\nmethod = "qlora"\ngroup_size = 64\n[lora]\nrank = 8\n'
+                      'targets = ["wq", "wv"]\n[data]\nbuiltin = "corpus-quiz"\nseq_len = 512\n'
+                      '[train]\nmicro_batch = 2\nactivation_checkpointing = "full"\ndevice = "cuda"\n')
+    out = finetune_json(capsys, str(recipe), "--finetune", "--memory", "24GB")
+    assert (out["source"], out["method"], out["micro_batch"], out["seq_len"]) == ("finetune recipe", "qlora", 2, 512)
+    assert out["lora"]["rank"] == 8 and out["lora"]["targets"] == ["wq", "wv"]
+    assert out["quantize"] == {"scheme": "int4", "group_size": 64}
+    assert out["verdict"]["recipe_ac"] == "full" and "the recipe's full fits" in out["verdict"]["text"]
+    out = finetune_json(capsys, str(recipe), "--finetune", "lora", "--memory", "24GB", "--rank", "4")
+    assert out["method"] == "lora" and out["lora"]["rank"] == 4                  # flags override the recipe
+    assert "recipe" in cli_error(capsys, "plan", str(recipe), "--memory", "24GB")
