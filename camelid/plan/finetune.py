@@ -158,8 +158,9 @@ def adapter_block_activations(c: ModelConfig, ac: str, n: int, a: int, rank: int
     mine = [t for t in targets if t != "output"]
     if ac == "full":
         return n * c.dim * a                               # its input, in the compute dtype
-    products = v["qk"] - n * c.kv_heads * c.head_dim * a + 2 * n * c.kv_heads * c.head_dim * a  # q, k, v
-    attention = v["v_and_attention"] - n * c.kv_heads * c.head_dim * a                        # output, lse
+    kv = n * c.kv_heads * c.head_dim * a
+    products = v["qk"] + kv                                # q, k (rotated) and v
+    attention = v["v_and_attention"] - kv                  # the output and its logsumexp
     if ac == "selective":
         adapters = sum(n * (rank + layers[t][0]) * a for t in mine)   # A x and B A x
         return n * c.dim * a + products + attention + v["w1_w3"] + v["wo_w2"] + adapters
@@ -202,7 +203,7 @@ def plan_finetune(c: ModelConfig, method: str = "qlora", micro_batch: int = 1, s
 
 
 def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int, rank: int,
-             targets: tuple[str, ...], dropout: bool, quantize: str, group_size: int, cpu: bool, debug=False) -> int:
+             targets: tuple[str, ...], dropout: bool, quantize: str, group_size: int, cpu: bool) -> int:
     """The largest transient beyond the saved activations: the loss's forward and backward, the
     last block's backward, and (QLoRA) a layer dequantized."""
     d, v, f = c.dim, c.vocab_size, c.ffn_dim
@@ -246,4 +247,4 @@ def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int,
         o, i = max(layers.values(), key=lambda s: s[0] * s[1])
         one = o * i * a + n * o * a if cpu else max(_dequantized(o, i, quantize, a), o * i * a + n * o * a)
         block = max(block, state + one)
-    return max(loss, block) if not debug else {"loss": loss, "block": block}
+    return max(loss, block)
