@@ -239,7 +239,8 @@ def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int,
         def backward(o: int, i: int) -> int:
             rows = min(o, max(1, CHUNK_ELEMENTS // i))
             chunk = rows * i * a if cpu else _dequantized(rows, i, quantize, a)
-            return n * i * (FP32 + a) + chunk - n * i * a
+            cast = n * i * a if a != FP32 else 0      # the sum cast back, the last chunk's product alive
+            return n * i * (FP32 + a) + cast + chunk - n * i * a
         gradients = max(gradients, *(backward(o, i) for o, i in layers.values()))
     block = state + residual + recompute + gradients
     # QLoRA's forward: one layer's weight dequantized whole, beside its output
