@@ -19,6 +19,16 @@ under each activation-checkpointing mode (none, selective, full; --ac picks one)
 transient, AdamW's step temporary, the overhead and the total; the verdict lists the modes that
 fit.
 
+finetuning (camelid plan MODEL --finetune full|lora|qlora): one device, a micro-batch as for
+--train. full is pretraining's step. lora: the base frozen in the compute dtype, fp32 adapters
+of rank --rank (default 16) on wq, wk, wv, wo, w1, w2, w3 with their gradients and AdamW states,
+what the adapted blocks save under each checkpointing mode, the loss's and the last block's
+transients. qlora: the same over an int4 base (groups of --group-size weights with an fp16
+scale and minimum, the head int8), plus one layer dequantized at a time. MODEL may be a finetune
+recipe (CONFIG.toml: model.base and model.method, the lora section, data.seq_len, the train
+section), whose method --finetune without a value takes. Defaults otherwise: sequences of 1024
+tokens (the model's context if shorter), micro-batch 1, bfloat16, LoRA dropout on.
+
 Sizes: GB, MB, TB and bare G, M, T are powers of ten (24GB = 24 * 10^9 bytes); GiB, MiB, TiB
 are powers of two (24GiB = 24 * 2^30 bytes); a plain number is bytes. What each line counts
 and why is in camelid/plan/; docs/plan.md sets the plans against measured peaks.
@@ -32,6 +42,11 @@ examples:
   camelid plan 7B --train --memory 80GB --dp-shard 8
   camelid plan 65B --train --memory 80GB --dp-shard 64 --tp 8 --ac selective
   camelid plan recipes/llama-13b.toml --train --memory 80GB --dp-shard 16
+  camelid plan 7B --finetune qlora --memory 24GB --seq-len 512
+  camelid plan 65B --finetune qlora --memory 48GB --seq-len 512 --ac full --group-size 64
+  camelid plan 7B --finetune lora --memory 24GB --rank 64 --json
+  camelid plan 7B --finetune full --memory 80GB --dp-shard 8
+  camelid plan recipes/smollm2-lora.toml --finetune --memory 8GB
 """
 
 from __future__ import annotations
@@ -42,10 +57,13 @@ import json
 from camelid.errors import CamelidError
 from camelid.plan import (AC_MODES, DTYPE_BYTES, HEADROOM, TRAIN_DTYPES, Budget, GenerationReport, Layout,
                           TrainingReport, TrainRow, generation_report, gib, training_report)
+from camelid.plan.finetune import METHODS
+from camelid.plan.report import FinetuneReport, finetune_report
 from camelid.quant import GROUP_SIZES
 
 USAGE = """%(prog)s MODEL --memory SIZE [generation options] [--overhead SIZE] [--json]
-       %(prog)s MODEL --train --memory SIZE [training options] [--overhead SIZE] [--json]"""
+       %(prog)s MODEL --train --memory SIZE [training options] [--overhead SIZE] [--json]
+       %(prog)s MODEL --finetune full|lora|qlora --memory SIZE [training options] [--rank R] [--json]"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,32 +117,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="bfloat16: autocast over fp32 master weights (default, or the recipe's train.dtype); "
                             "float32"),
     ]
-    p.set_defaults(mode_options={False: generation, True: training})
+    f = p.add_argument_group("finetuning options (with --finetune, besides the training options)")
+    f.add_argument("--finetune", nargs="?", const="", metavar="METHOD",
+                   help=f"plan finetuning one device: {', '.join(METHODS)} (without a value: a finetune recipe's "
+                        "model.method)")
+    rank = f.add_argument("--rank", type=int, metavar="R", help="LoRA rank (default 16, or the recipe's lora.rank)")
+    group_size = generation[2]
+    p.set_defaults(mode_options={"generation": generation, "train": training,
+                                 "finetune": [*training, rank, group_size]})
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    if args.train and args.finetune is not None:
+        raise CamelidError("--train and --finetune plan different things: give one of them")
+    return "train" if args.train else "generation" if args.finetune is None else "finetune"
 
 
 def given_options(args: argparse.Namespace) -> dict:
-    """The options of the chosen mode that were given; one of the other mode is a mistake, not
+    """The options of the chosen mode that were given; one of another mode is a mistake, not
     something to ignore silently."""
-    if args.model.endswith(".toml") and not args.train:
-        raise CamelidError(f"{args.model} is a training recipe: add --train to plan its training")
-    for action in args.mode_options[not args.train]:
+    mode = mode_of(args)
+    if args.model.endswith(".toml") and mode == "generation":
+        raise CamelidError(f"{args.model} is a recipe: add --train (a training recipe) or --finetune (a finetune "
+                           "recipe) to plan it")
+    mine = args.mode_options[mode]
+    for action in [a for options in args.mode_options.values() for a in options if a not in mine]:
         if getattr(args, action.dest) is not None:
             flag = action.option_strings[0]
-            raise CamelidError(f"{flag} is for {'generation' if args.train else 'training'}: "
-                               f"{'drop --train' if args.train else 'add --train'} or drop {flag}")
-    return {a.dest: getattr(args, a.dest) for a in args.mode_options[args.train] if getattr(args, a.dest) is not None}
+            wanted = [m for m, options in args.mode_options.items() if action in options]
+            hint = {"generation": "drop --train and --finetune", "train": "add --train",
+                    "finetune": "add --finetune METHOD"}
+            raise CamelidError(f"{flag} is not for {mode}: {' or '.join(hint[m] for m in wanted)}, or drop {flag}")
+    options = {a.dest: getattr(args, a.dest) for a in mine if getattr(args, a.dest) is not None}
+    if mode == "finetune":
+        if args.finetune and args.finetune not in METHODS:
+            raise CamelidError(f"--finetune {args.finetune!r}: choose one of {', '.join(METHODS)}")
+        options["method"] = args.finetune or None
+    return options
 
 
 def main(args: argparse.Namespace) -> int:
     options = given_options(args)
-    report = (training_report if args.train else generation_report)(args.model, args.memory, args.overhead,
-                                                                     **options)
+    mode = mode_of(args)
+    report = {"generation": generation_report, "train": training_report,
+              "finetune": finetune_report}[mode](args.model, args.memory, args.overhead, **options)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-    elif args.train:
-        print_training(report)
     else:
-        print_generation(report)
+        {"generation": print_generation, "train": print_training, "finetune": print_finetune}[mode](report)
     return 0
 
 
@@ -193,5 +233,38 @@ def print_training(r: TrainingReport) -> None:
     print_table(table + [(f"fits {r.memory_text}", *(fit_note(row, r.memory) for row in r.rows))])
     print("(*) only during optimizer.step, when the activations are gone: the total counts the larger of it\n"
           "    and the gathered weights + activations + working set.")
+    print_tight_legend(r.rows, r.memory, r.memory_text)
+    print(f"verdict: {r.verdict}.")
+
+
+def print_finetune(r: FinetuneReport) -> None:
+    s = r.settings
+    compute = "bfloat16 autocast over fp32 master weights" if s["dtype"] == "bfloat16" else "float32"
+    if r.method != "full":
+        base = (f"{s['quantize']} (groups of {s['group_size']}, head int8)" if r.method == "qlora" and
+                s["quantize"] == "int4" else s["quantize"] if r.method == "qlora" else s["dtype"])
+        compute = (f"base frozen in {base}, {r.rows[0].trainable_params:,} adapter weights (rank {s['rank']} on "
+                   f"{', '.join(s['targets'])}) in fp32, computing in {s['dtype']}")
+    print(f"{r.model}: {r.config.num_params():,} parameters ({r.source}); {r.method} finetuning, micro-batch "
+          f"{s['micro_batch']} x {s['seq_len']} tokens; {compute}")
+    layout = Layout(s["dp_replicate"], s["dp_shard"], s["tp"])
+    where = "" if s["device"] == "cuda" else " (CPU: no CUDA overhead)"
+    print(f"layout: {layout.describe()}{where}; memory per device {r.memory_text} = {gib(r.memory)}")
+    if r.method == "full":
+        labels = [("weights (fp32)" if layout.dp_shard * layout.tp == 1 else "weights (fp32, sharded)", "weights"),
+                  *[x for x in train_labels(r.rows, layout) if x[1] not in ("parameters", "total")]]
+    else:
+        labels = [(f"frozen base ({s['quantize'] if r.method == 'qlora' else s['dtype']})", "weights"),
+                  ("adapters (fp32)", "adapters"), ("adapter gradients (fp32)", "gradients"),
+                  ("AdamW states (2 x fp32)", "optimizer"),
+                  *([("adapter casts (autocast)", "gathered")] if s["dtype"] == "bfloat16" else []),
+                  ("activations saved for backward", "activations"),
+                  ("working set (loss, block backward" + (", a layer dequantized)" if r.method == "qlora" else ")"),
+                   "working"), ("AdamW step temporary (*)", "update"), ("overhead", "overhead")]
+    table = [("", *(f"ac {row.ac}" for row in r.rows))]
+    table += [(label, *(gib(getattr(row, attr)) for row in r.rows)) for label, attr in labels + [("total", "total")]]
+    print_table(table + [(f"fits {r.memory_text}", *(fit_note(row, r.memory) for row in r.rows))])
+    print("(*) only during optimizer.step, when the activations are gone: the total counts the larger of it\n"
+          "    and the rest of the step.")
     print_tight_legend(r.rows, r.memory, r.memory_text)
     print(f"verdict: {r.verdict}.")

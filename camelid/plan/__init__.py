@@ -10,6 +10,7 @@ only the command line, benchmarks and tests import it.
   budget     sizes as written ("24GB"), a total set against a card, the headroom rule
   inference  generation: weights per precision, KV cache, the prefill's peak
   training   a training step per device under a dp_replicate x dp_shard x tp layout
+  finetune   a finetuning step: full, LoRA adapters on a frozen base, QLoRA on an int4 base
   report     what `camelid plan` shows: defaults, rows and the verdict in words
   live       peak bytes of live tensors, measured on a real run
 
@@ -18,12 +19,14 @@ docs/plan.md.
 """
 
 from camelid.plan.budget import DTYPE_BYTES, HEADROOM, Budget, gib, parse_memory, parse_size
+from camelid.plan.finetune import METHODS as FINETUNE_METHODS, FinetuneRow, plan_finetune
 from camelid.plan.inference import DEFAULT_OVERHEAD, PRECISIONS, Row, best, int4_problem, plan, weight_bytes
 from camelid.plan.live import LiveTensorBytes, measure_training_step
-from camelid.plan.report import GenerationReport, TrainingReport, generation_report, training_report
+from camelid.plan.report import (FinetuneReport, GenerationReport, TrainingReport, finetune_report, generation_report,
+                                 training_report)
 from camelid.plan.training import AC_MODES, TRAIN_DTYPES, TRAIN_OVERHEAD, Layout, TrainRow, plan_training
 
-__all__ = ["AC_MODES", "DEFAULT_OVERHEAD", "DTYPE_BYTES", "HEADROOM", "PRECISIONS", "TRAIN_DTYPES", "TRAIN_OVERHEAD",
-           "Budget", "GenerationReport", "Layout", "LiveTensorBytes", "Row", "TrainRow", "TrainingReport", "best",
-           "generation_report", "gib", "int4_problem", "measure_training_step", "parse_memory", "parse_size", "plan",
-           "plan_training", "training_report", "weight_bytes"]
+__all__ = ["AC_MODES", "DEFAULT_OVERHEAD", "DTYPE_BYTES", "FINETUNE_METHODS", "HEADROOM", "PRECISIONS", "TRAIN_DTYPES",
+           "TRAIN_OVERHEAD", "Budget", "FinetuneReport", "FinetuneRow", "GenerationReport", "Layout", "LiveTensorBytes", "Row", "TrainRow", "TrainingReport", "best",
+           "finetune_report", "generation_report", "gib", "int4_problem", "measure_training_step", "parse_memory", "parse_size", "plan",
+           "plan_finetune", "plan_training", "training_report", "weight_bytes"]

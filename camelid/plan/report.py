@@ -17,6 +17,7 @@ import torch
 from camelid.config import SIZES, ModelConfig, get_size
 from camelid.errors import CamelidError
 from camelid.plan.budget import HEADROOM, gib, parse_memory, parse_size
+from camelid.plan.finetune import DEFAULT_TARGETS, FinetuneRow, plan_finetune
 from camelid.plan.inference import DEFAULT_OVERHEAD, Row, best, int4_problem, plan
 from camelid.plan.training import AC_MODES, TRAIN_OVERHEAD, Layout, TrainRow, plan_training
 from camelid.platform import native_bf16
@@ -199,8 +200,9 @@ def training_report(model: str, memory: str, overhead: str | None = None, micro_
                         settings["seq_len"], settings["dtype"], settings["device"], rows, recipe_ac, text)
 
 
-def training_verdict(name: str, rows: list[TrainRow], memory: int, memory_text: str, layout: Layout,
-                     recipe_ac: str | None) -> str:
+def training_verdict(name: str, rows: list[TrainRow] | list[FinetuneRow], memory: int, memory_text: str,
+                     layout: Layout, recipe_ac: str | None,
+                     advice: str = "shard further (--dp-shard, --tp) or lower --micro-batch or --seq-len") -> str:
     """Which activation-checkpointing modes fit, with the headroom or tightly, and what the others need."""
     comfortable = [r.ac for r in rows if r.comfortable(memory)]
     tight = [r.ac for r in rows if r.fits(memory) and not r.comfortable(memory)]
@@ -208,8 +210,7 @@ def training_verdict(name: str, rows: list[TrainRow], memory: int, memory_text: 
     where = f"{name} on {layout.describe()} of {memory_text}"
     if not comfortable and not tight:
         needs = _join([f"{r.ac} needs {gib(r.total)}" for r in rows])
-        return (f"{where} does not fit with any activation checkpointing ({needs} per device); shard further "
-                "(--dp-shard, --tp) or lower --micro-batch or --seq-len")
+        return (f"{where} does not fit with any activation checkpointing ({needs} per device); {advice}")
     parts = []
     if comfortable:
         parts.append(f"activation checkpointing {_join(comfortable)} fit{'s' * (len(comfortable) == 1)} "
@@ -223,3 +224,106 @@ def training_verdict(name: str, rows: list[TrainRow], memory: int, memory_text: 
     if chosen:
         text += f" (the recipe's {chosen.ac} {'fits' if chosen.fits(memory) else 'does not fit'})"
     return text
+
+
+# ---- finetuning ----------------------------------------------------------------------------------
+
+FINETUNE_DEFAULTS = {"rank": 16, "targets": DEFAULT_TARGETS, "dropout": True, "quantize": "int4", "group_size": 32,
+                     "micro_batch": 1, "seq_len": 1024, "dtype": "bfloat16", "ac": None, "device": "cuda",
+                     "dp_replicate": 1, "dp_shard": 1, "tp": 1}
+
+
+def read_finetune(name: str) -> tuple[ModelConfig, str, dict]:
+    """The model, where it came from, and the finetuning settings to default to: a finetune
+    recipe's (model.base, model.method, quantize and group_size, the lora section, data.seq_len,
+    the train and parallel sections) or camelid finetune's own defaults, on a GPU."""
+    if not name.endswith(".toml"):
+        config, source = read_config(name)
+        return config, source, {**FINETUNE_DEFAULTS, "method": None,
+                                "seq_len": min(FINETUNE_DEFAULTS["seq_len"], config.max_seq_len)}
+    from camelid.finetune.config import load_finetune_config
+
+    cfg = load_finetune_config(name)
+    config, _ = read_config(cfg.model.base)
+    t, p, lo = cfg.train, cfg.parallel, cfg.lora
+    device, dtype = recipe_device(t.device), t.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" or native_bf16("cpu") else "float32"
+    return config, "finetune recipe", {
+        "method": cfg.model.method, "rank": lo.rank, "targets": tuple(lo.targets), "dropout": lo.dropout > 0,
+        "quantize": cfg.model.quantize, "group_size": cfg.model.group_size or 32, "micro_batch": t.micro_batch,
+        "seq_len": cfg.data.seq_len, "dtype": dtype, "ac": t.activation_checkpointing, "device": device,
+        "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp}
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    """`camelid plan MODEL --finetune METHOD`: a row per activation-checkpointing mode."""
+    model: str
+    source: str
+    config: ModelConfig
+    memory: int
+    memory_text: str
+    settings: dict
+    rows: list[FinetuneRow]
+    recipe_ac: str | None
+    verdict: str
+
+    @property
+    def method(self) -> str:
+        return self.settings["method"]
+
+    def to_dict(self) -> dict:
+        s = self.settings
+        return {
+            "mode": "finetune", "method": self.method, "model": self.model, "source": self.source,
+            "params": self.config.num_params(), "trainable_params": self.rows[0].trainable_params,
+            "config": self.config.to_dict(), "micro_batch": s["micro_batch"], "seq_len": s["seq_len"],
+            "dtype": s["dtype"], "device": s["device"],
+            "lora": ({"rank": s["rank"], "targets": list(s["targets"]), "dropout": s["dropout"]}
+                     if self.method != "full" else None),
+            "quantize": {"scheme": s["quantize"], "group_size": s["group_size"]} if self.method == "qlora" else None,
+            "layout": {"dp_replicate": s["dp_replicate"], "dp_shard": s["dp_shard"], "tp": s["tp"]},
+            "memory_bytes": self.memory, "headroom": HEADROOM, "rows": [r.to_dict(self.memory) for r in self.rows],
+            "verdict": {"fits": [r.ac for r in self.rows if r.fits(self.memory)],
+                        "comfortable": [r.ac for r in self.rows if r.comfortable(self.memory)],
+                        "recipe_ac": self.recipe_ac, "text": self.verdict}}
+
+
+def finetune_report(model: str, memory: str, overhead: str | None = None, method: str | None = None,
+                    rank: int | None = None, micro_batch: int | None = None, seq_len: int | None = None,
+                    ac: str | None = None, dtype: str | None = None, group_size: int | None = None,
+                    dp_replicate: int | None = None, dp_shard: int | None = None,
+                    tp: int | None = None) -> FinetuneReport:
+    """Plan a finetuning step of `model` (a named size, a checkpoint or a finetune recipe) on a
+    card of `memory`: `method` full, lora or qlora (None: the recipe's)."""
+    memory_bytes = parse_memory(memory)
+    config, source, settings = read_finetune(model)
+    given = {"method": method, "rank": rank, "micro_batch": micro_batch, "seq_len": seq_len, "ac": ac,
+             "dtype": dtype, "group_size": group_size, "dp_replicate": dp_replicate, "dp_shard": dp_shard, "tp": tp}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if settings["method"] is None:
+        raise CamelidError("--finetune: name the method (full, lora or qlora); only a finetune recipe (CONFIG.toml) "
+                           "gives its own")
+    if settings["seq_len"] > config.max_seq_len:
+        raise CamelidError(f"--seq-len {settings['seq_len']}: {model} has a context of {config.max_seq_len} tokens")
+    # one process on a GPU: the CUDA context, cuBLAS workspaces and allocator slack; full
+    # finetuning is pretraining's step, NCCL's buffers included; a CPU has none of these
+    default_overhead = 0 if settings["device"] != "cuda" else (
+        TRAIN_OVERHEAD if settings["method"] == "full" else DEFAULT_OVERHEAD)
+    overhead_bytes = default_overhead if overhead is None else parse_size(overhead, "--overhead")
+    s = settings
+    rows = plan_finetune(config, s["method"], s["micro_batch"], s["seq_len"], s["dtype"], s["rank"], s["targets"],
+                         s["dropout"], s["quantize"], s["group_size"], overhead_bytes, (ac,) if ac else AC_MODES,
+                         Layout(s["dp_replicate"], s["dp_shard"], s["tp"]))
+    recipe_ac = s["ac"] if source == "finetune recipe" else None
+    name = _short_name(model, source)
+    what = {"full": "full finetuning", "lora": f"LoRA rank {s['rank']}",
+            "qlora": f"QLoRA ({s['quantize']}) rank {s['rank']}"}[s["method"]]
+    advice = {"full": "shard it (--dp-shard), use LoRA or QLoRA (--finetune lora, qlora), or lower --seq-len",
+              "lora": "use QLoRA (--finetune qlora), or lower --seq-len, --micro-batch or --rank",
+              "qlora": "lower --seq-len, --micro-batch or --rank" + (", or use --group-size 64" if
+                                                                      s["group_size"] == 32 else "")}[s["method"]]
+    text = training_verdict(f"{what} of {name}", rows, memory_bytes, memory,
+                            Layout(s["dp_replicate"], s["dp_shard"], s["tp"]), recipe_ac, advice)
+    return FinetuneReport(model, source, config, memory_bytes, memory, settings, rows, recipe_ac, text)
