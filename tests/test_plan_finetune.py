@@ -175,10 +175,11 @@ def test_finetune_plan_matches_measured_peak(tmp_path, bpe_tokenizer, chats, sha
 def test_finetune_constants_follow_the_code():
     import camelid.finetune.trainer
     import camelid.lora.layers
+    import camelid.quant.layers
     import camelid.plan.finetune as plan
 
     assert plan.HEAD_CHUNK == camelid.finetune.trainer.HEAD_CHUNK
-    assert plan.CHUNK_ELEMENTS == camelid.lora.layers.CHUNK_ELEMENTS
+    assert plan.CHUNK_ELEMENTS == camelid.quant.layers.CHUNK_ELEMENTS
     assert plan.TARGETS == camelid.lora.layers.TARGETS
 
 

@@ -28,14 +28,14 @@ For the adapter methods (a: bytes of the compute dtype; the residual stream is i
                selective: the block input and the outputs of every matrix product (the base's,
                A x and B A x) and of attention. full: the block input.
   working      the largest transient beyond those, of: the loss (the fused chunked loss over a
-               plain head, which computes an fp32 head gradient even for a frozen head; with a
+               plain head, with an fp32 head gradient when the head trains; with a
                quantized or adapted head, camelid.finetune.trainer.head_loss's checkpointed
                chunks of HEAD_CHUNK rows of logits, the head's weight dequantized for each);
                and the last block's backward (recomputing what it did not save, the gradient of
                the residual stream, of SwiGLU's factors, and the input gradient of the largest
                frozen product). QLoRA adds the one layer dequantized at a time: in the forward
                its whole weight, in the backward an fp32 input gradient summed over chunks of
-               CHUNK_ELEMENTS dequantized weights (camelid.lora.DequantizedProduct).
+               CHUNK_ELEMENTS dequantized weights (camelid.quant.layers.DequantizedProduct).
   update       AdamW's temporary over the adapters: small.
 
   total = weights + adapters + gradients + optimizer + overhead + max(gathered + activations + working, update)
@@ -59,7 +59,7 @@ QUANTIZE = ("int4", "int8")
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 TARGETS = (*DEFAULT_TARGETS, "output")
 ADAPTER_OPTIMIZER = 2 * FP32          # AdamW's two fp32 moments per adapter weight
-# camelid.finetune.trainer.HEAD_CHUNK and camelid.lora.layers.CHUNK_ELEMENTS (checked by a test)
+# camelid.finetune.trainer.HEAD_CHUNK and camelid.quant.layers.CHUNK_ELEMENTS (checked by a test)
 HEAD_CHUNK = 1024
 CHUNK_ELEMENTS = 1 << 22
 
@@ -214,18 +214,26 @@ def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int,
     chunked_head = method == "qlora" or "output" in targets
     if chunked_head:
         rows = min(n, HEAD_CHUNK)
-        head_w = v * d * a
-        if method == "qlora" and not cpu:
-            head_w = max(head_w, _dequantized(v, d, "int8" if quantize == "int4" else quantize, a))
         # log-softmax's fp32 output, its gradient and the logits' fp32 gradient (a chunk's
         # forward, logits, their fp32 copy and log-softmax, is no larger)
         logits = 3 * FP32 * rows * v
+        if method == "qlora":
+            # a quantized head keeps no weight for backward (DequantizedProduct): its input
+            # gradient comes later, from the logits' gradient, a block of dequantized head rows
+            # and the fp32 sum
+            hv = min(v, max(1, CHUNK_ELEMENTS // d))
+            head_q = "int8" if quantize == "int4" else quantize
+            block = hv * d * a if cpu else _dequantized(hv, d, head_q, a)
+            head_w, logits = 0, max(logits, FP32 * rows * v + block + 2 * FP32 * rows * d)
+        else:
+            head_w = v * d * a
         loss = state + n * d * a + head_w + logits + rows * d * a    # the hidden's gradient, a chunk's
     else:
         kept = n * d * a + n                                  # the rows with a target, and the mask
-        grads = v * d * FP32 + n * d * a                      # the head's fp32 gradient, the hidden's
+        head_grad = v * d * FP32 if method == "full" else 0    # a frozen head gets no gradient
+        grads = head_grad + n * d * a                          # the head's fp32 gradient, the hidden's
         forward = kept + grads + loss_chunk(c, n, a)
-        backward = grads + v * d * FP32 + v * d * a            # the scaled head gradient and its cast
+        backward = grads + (head_grad + v * d * a if head_grad else 0)   # the scaled head gradient, its cast
         loss = state + max(forward, backward)
     # the last block's backward: checkpointing first recomputes what the block did not keep;
     # then the residual stream's gradient and, at SwiGLU, two [N, ffn] gradients at once (QLoRA:
