@@ -276,19 +276,49 @@ def test_bench_recipe_runs_on_synthetic_tokens(tmp_path):
     assert [r["step"] for r in rows if "tokens_per_s" in r] == [1, 2]
 
 
-@pytest.mark.slow
-def test_quickstart_learns_more_than_unigram_statistics(tmp_path):
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """`camelid quickstart`, shortened: its output and run directory."""
+    tmp_path = tmp_path_factory.mktemp("quickstart")
     out = subprocess.run([sys.executable, "-m", "camelid.cli.main", "quickstart", "--dir", str(tmp_path / "qs"),
                           "--max-steps", "120"], capture_output=True, text=True, cwd=tmp_path,
                          timeout=hang_limit(300))  # about three minutes on an idle machine
     assert out.returncode == 0, out.stderr[-2000:]
-    line = next(l for l in out.stdout.splitlines() if l.startswith("validation loss"))
+    return out.stdout, tmp_path / "qs"
+
+
+@pytest.mark.slow
+def test_quickstart_learns_more_than_unigram_statistics(quickstart):
+    stdout, qs = quickstart
+    line = next(l for l in stdout.splitlines() if l.startswith("validation loss"))
     val = float(line.split()[2])
     entropy = float(line.split("unigram entropy is ")[1].split()[0])
     assert val < entropy - 0.5, line
-    assert (tmp_path / "qs" / "train" / "loss.png").exists()
-    llm = camelid.load(tmp_path / "qs" / "train" / "model")
+    assert (qs / "train" / "loss.png").exists()
+    llm = camelid.load(qs / "train" / "model")
     assert llm.config.vocab_size == 4096
+
+
+@pytest.mark.slow
+def test_the_finetuning_demo_lifts_heldout_accuracy(quickstart, tmp_path):
+    """recipes/quickstart-sft.toml on the quickstart's model, both shortened: the held-out
+    questions (passages and functions never trained on) are answered better after than before,
+    and the two are printed side by side. (This model of 120 steps went from 0.221 to 0.306 in
+    120 steps of finetuning; the full demo's figures are in the README.)"""
+    _, qs = quickstart
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart-sft.toml"
+    out = subprocess.run([sys.executable, "-m", "camelid.cli.main", "finetune", str(recipe),
+                          f"--model.base={qs / 'train' / 'model'}", f"--run.dir={tmp_path / 'sft'}",
+                          "--train.max_steps=120", "--train.warmup_steps=10", "--train.eval_interval=60",
+                          "--checkpoint.interval=60"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=hang_limit(600))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "held-out evaluation" in out.stdout and "before" in out.stdout and "after" in out.stdout
+    record = json.loads((tmp_path / "sft" / "evaluation.json").read_text())
+    before, after = record["before"]["heldout"]["acc"], record["after"]["heldout"]["acc"]
+    assert after > before + 0.05, (before, after)
+    assert camelid.load(tmp_path / "sft" / "model").chat([{"role": "user", "content": "Which work is this?"}],
+                                                         max_new_tokens=4, temperature=0.0) is not None
 
 
 def test_fused_cross_entropy_stays_finite_for_confident_mistakes():

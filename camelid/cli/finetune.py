@@ -8,7 +8,7 @@ checkpoint in run.dir, exactly where the interrupted run was.
 instruction data (data.train, data.val: JSONL or Parquet files, one example per line/row):
   chat        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   alpaca      {"instruction": "...", "input": "...", "output": "..."}   (input may be empty or absent)
-  completion  {"prompt": "...", "completion": "..."}
+  prompt_completion  {"prompt": "...", "completion": "..."}
 rendered with the base model's own chat template (the one `camelid chat` uses; a model without
 one gets its vocabulary's built-in format, Llama-2's [INST] for a plain SentencePiece vocabulary).
 The loss covers what the assistant says (data.train_on = "all": every token). data.hf_dataset
