@@ -13,8 +13,10 @@ packed rows attending within their own examples); transformers runs the usual lo
 the model's own loss). QLoRA is camelid's adapters over an int4 base (groups of 32).
 
 Each engine runs in a fresh process: warm-up steps, then --rounds rounds of --steps optimizer
-steps; the fastest round counts. Peak memory is the process's peak resident set (VmHWM) from
-after loading to the end, so that it holds the base, the adapters, AdamW and the worst step.
+steps; the fastest round counts. Peak memory is counted twice: the live tensors over one more
+step (camelid.plan.LiveTensorBytes: the base, adapters, gradients, AdamW and the step's
+transients, what a GPU allocator would report), and the process's peak resident set (VmHWM)
+from after loading to the end, which also holds what the heap kept from loading.
 
     python benchmarks/finetune_throughput.py [--dtype bfloat16|float32] [--threads 2] [--rounds 2] [--steps 3]
 
@@ -41,8 +43,8 @@ SEQ, BATCH, RANK, ALPHA, DROPOUT = 512, 4, 16, 32, 0.05
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def settings(base: str, run_dir: str, method: str, dtype: str) -> list[str]:
-    return [f"--run.dir={run_dir}", f"--model.base={base}", f"--model.method={method}", "--data.builtin=corpus-quiz",
+def settings(base: str, run_dir: str, method: str, dtype: str, checkpointing: str = "none") -> list[str]:
+    return [f"--train.activation_checkpointing={checkpointing}", f"--run.dir={run_dir}", f"--model.base={base}", f"--model.method={method}", "--data.builtin=corpus-quiz",
             f"--data.seq_len={SEQ}", "--data.train_on=assistant", f"--train.micro_batch={BATCH}",
             f"--train.batch_tokens={BATCH * SEQ}", f"--train.dtype={dtype}", "--train.max_steps=1000",
             "--train.warmup_steps=2", f"--lora.rank={RANK}", f"--lora.alpha={ALPHA}", f"--lora.dropout={DROPOUT}",
@@ -50,11 +52,13 @@ def settings(base: str, run_dir: str, method: str, dtype: str) -> list[str]:
 
 
 class CamelidEngine:
-    def __init__(self, base: str, method: str, dtype: str, run_dir: str):
+    def __init__(self, base: str, method: str, dtype: str, run_dir: str, checkpointing: str):
         from camelid.finetune.config import load_finetune_config
         from camelid.finetune.trainer import FinetuneTrainer
 
-        self.trainer = FinetuneTrainer(load_finetune_config(None, settings(base, run_dir, method, dtype)), log=False)
+        cfg = load_finetune_config(None, settings(base, run_dir, method, dtype, checkpointing))
+        self.trainer = FinetuneTrainer(cfg, log=False)
+        self.model, self.opt = self.trainer.model, self.trainer.optimizer
 
     def step(self) -> None:
         self.trainer.train_step()
@@ -110,8 +114,11 @@ def peak_rss() -> int:
 
 
 def measure(engine: str, dtype: str, rounds: int, steps: int, base: str, hf_dir: str, tmp: str) -> dict:
+    from camelid.plan import LiveTensorBytes
+
+    name = engine.split()
     e = PeftEngine(base, hf_dir, dtype, tmp) if engine == "transformers+peft" else \
-        CamelidEngine(base, engine.split()[-1], dtype, tmp)
+        CamelidEngine(base, name[1], dtype, tmp, "full" if name[-1] == "ac" else "none")
     peak_rss_reset()
     for _ in range(2):
         e.step()
@@ -121,7 +128,13 @@ def measure(engine: str, dtype: str, rounds: int, steps: int, base: str, hf_dir:
         for _ in range(steps):
             e.step()
         best = max(best, steps * BATCH * SEQ / (time.perf_counter() - t0))
-    return {"tokens_per_s": best, "peak_bytes": peak_rss()}
+    rss = peak_rss()
+    # one more step, untimed, counting live tensors: weights, adapters, gradients, AdamW and the
+    # step's transients, without the heap's retained memory that the resident set also holds
+    grads = [p.grad for p in e.model.parameters() if p.grad is not None]
+    with LiveTensorBytes(e.model, e.opt, *grads) as live:
+        e.step()
+    return {"tokens_per_s": best, "peak_bytes": live.peak, "rss_bytes": rss}
 
 
 def in_subprocess(engine: str, args, base: str, hf_dir: str) -> dict:
@@ -142,7 +155,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--engines", default="transformers+peft,camelid lora,camelid qlora")
+    parser.add_argument("--engines", default="transformers+peft,camelid lora,camelid qlora,camelid lora ac,"
+                                             "camelid qlora ac")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
@@ -170,14 +184,18 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ref = results.get("transformers+peft")
-    print(f"{'engine':20s} {'tokens/s':>10s} {'vs peft':>8s} {'peak MiB':>10s} {'vs peft':>8s}")
+    print("engine: 'ac' = activation checkpointing of every block (train.activation_checkpointing = \"full\"); "
+          "peak: live tensors over a step (weights included); rss: the process's peak resident set")
+    print(f"{'engine':20s} {'tokens/s':>10s} {'vs peft':>8s} {'peak MiB':>10s} {'vs peft':>8s} {'rss MiB':>9s}")
     for name, r in results.items():
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         memory = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}x" if ref else "-"
-        print(f"{name:20s} {r['tokens_per_s']:10.0f} {speed:>8s} {r['peak_bytes'] / 2**20:10.0f} {memory:>8s}")
-    if "camelid lora" in results and "camelid qlora" in results:
-        ratio = results["camelid qlora"]["peak_bytes"] / results["camelid lora"]["peak_bytes"]
-        print(f"QLoRA peak / LoRA peak (camelid): {ratio:.2f}")
+        print(f"{name:20s} {r['tokens_per_s']:10.0f} {speed:>8s} {r['peak_bytes'] / 2**20:10.0f} {memory:>8s} "
+              f"{r['rss_bytes'] / 2**20:9.0f}")
+    for ac in ("", " ac"):
+        lora, qlora = results.get("camelid lora" + ac), results.get("camelid qlora" + ac)
+        if lora and qlora:
+            print(f"QLoRA peak / LoRA peak (camelid{ac}): {qlora['peak_bytes'] / lora['peak_bytes']:.2f}")
 
 
 if __name__ == "__main__":

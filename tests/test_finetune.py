@@ -3,10 +3,8 @@ exact resume after kill -9, and the refusals of its settings."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from camelid.checkpoint.native import write_native
 from camelid.cli.main import main as cli
 from camelid.finetune.config import load_finetune_config
 from camelid.finetune.trainer import FinetuneTrainer
-from helpers import cli_error, hang_limit
+from helpers import cli_error, hang_limit, kill_9_after
 from test_model import tiny
 
 EMPTY = Path(__file__).parent / "data" / "empty.toml"
@@ -133,15 +131,7 @@ def test_kill_9_during_a_lora_run_then_resume_gives_the_same_losses(base, chats,
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     subprocess.run(cmd + run_args(straight), check=True, capture_output=True, env=env, timeout=limit)
     proc = subprocess.Popen(cmd + run_args(broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + limit
-    while time.time() < deadline and proc.poll() is None:  # kill it between the 20th-step checkpoint and the end
-        done = losses(broken) if (broken / "metrics.jsonl").exists() else {}
-        if max(done, default=0) >= 23:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    logged = max(losses(broken))
+    logged = kill_9_after(proc, broken, 23, limit)   # between the 20th-step checkpoint and the end
     assert 23 <= logged < 40, "the run was not interrupted mid-way"
     subprocess.run(cmd + run_args(broken), check=True, capture_output=True, env=env, timeout=limit)
     a, b = losses(straight), losses(broken)

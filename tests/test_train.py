@@ -3,10 +3,8 @@ checkpointing, the stability guard, and what a run leaves behind."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from camelid.train.config import TrainSection
 from camelid.train.loss import linear_cross_entropy
 from camelid.train.metrics import PPL_MAX_LOSS, perplexity
 from camelid.train.optim import lr_at
-from helpers import hang_limit
+from helpers import hang_limit, kill_9_after
 from test_model import tiny
 
 TINY = ["--model.size=tiny", "--data.seq_len=32", "--train.micro_batch=4", "--train.dtype=float32",
@@ -106,15 +104,7 @@ def test_kill_9_then_resume_gives_bit_identical_losses(tmp_path, prepared):
     broken = tmp_path / "broken"
     proc = subprocess.Popen(cmd + [f"--run.dir={broken}"] + args, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + limit
-    while time.time() < deadline and proc.poll() is None:  # kill it between the 20th-step checkpoint and the end
-        done = losses(broken) if (broken / "metrics.jsonl").exists() else {}
-        if max(done, default=0) >= 23:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    logged = max(losses(broken))
+    logged = kill_9_after(proc, broken, 23, limit)   # between the 20th-step checkpoint and the end
     assert 23 <= logged < 40, "the run was not interrupted mid-way"
     # a half-written checkpoint (temporary name) and a dead one (no trainer state) are never picked up
     (broken / "checkpoints" / ".step_00000030.abc.tmp").mkdir()

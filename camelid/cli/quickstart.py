@@ -71,5 +71,7 @@ def main(args: argparse.Namespace) -> int:
           f"    camelid generate --model {model_dir} --prompt \"HAMLET.\" --temperature 0.8\n"
           f"    camelid chat --model {model_dir}\n"
           f"    camelid convert {model_dir} {out}/model-hf --to hf\n"
-          f"    camelid convert {model_dir} {out}/model.gguf --to gguf")
+          f"    camelid convert {model_dir} {out}/model.gguf --to gguf\n"
+          f"  next: teach it to answer questions (held-out accuracy before and after, docs/finetuning.md):\n"
+          f"    camelid finetune {RECIPES / 'quickstart-sft.toml'} --model.base={model_dir}")
     return 0

@@ -64,10 +64,13 @@ class JsonlMultipleChoice(MultipleChoiceTask):
     def _docs(self) -> list[Doc]:
         docs = []
         for number, r in _records(self.path):
-            _require(self.path, number, r, "query", str)
+            self.check(number, r)
             _choices_and_gold(self.path, number, r)
             docs.append(r)
         return docs
+
+    def check(self, number: int, r: dict) -> None:
+        _require(self.path, number, r, "query", str)
 
     def docs(self):
         return self._docs
@@ -82,42 +85,26 @@ class JsonlMultipleChoice(MultipleChoiceTask):
         return doc["gold"]
 
 
-class JsonlChatMultipleChoice(MultipleChoiceTask):
+class JsonlChatMultipleChoice(JsonlMultipleChoice):
     """{"messages": [{"role", "content"}, ...], "choices": [str], "gold": int}: the context is
     the conversation rendered with the model's chat template and its generation prompt, and
     each choice is the assistant's answer, scored as the template writes one (see
     `chat_requests`). Few-shot examples become earlier user/assistant turns."""
 
-    def __init__(self, path: Path):
-        self.path, self.name = path, path.stem
+    keep_leading_whitespace = False
 
-    @cached_property
-    def _docs(self) -> list[Doc]:
-        docs = []
-        for number, r in _records(self.path):
-            messages = _require(self.path, number, r, "messages", list)
-            try:
-                check_messages(messages)
-            except CamelidError as e:
-                raise CamelidError(f"{self.path}:{number}: {e}") from None
-            if messages[-1]["role"] == "assistant":
-                raise CamelidError(f"{self.path}:{number}: the last message is the assistant's; leave the answer "
-                                   "out (the choices are the answers)")
-            _choices_and_gold(self.path, number, r)
-            docs.append(r)
-        return docs
-
-    def docs(self):
-        return self._docs
+    def check(self, number: int, r: dict) -> None:
+        messages = _require(self.path, number, r, "messages", list)
+        try:
+            check_messages(messages)
+        except CamelidError as e:
+            raise CamelidError(f"{self.path}:{number}: {e}") from None
+        if messages[-1]["role"] == "assistant":
+            raise CamelidError(f"{self.path}:{number}: the last message is the assistant's; leave the answer "
+                               "out (the choices are the answers)")
 
     def prompt(self, doc):
         return doc["messages"][-1]["content"]
-
-    def choices(self, doc):
-        return doc["choices"]
-
-    def gold(self, doc):
-        return doc["gold"]
 
     def choice_requests(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc],
                         scorer: Scorer) -> list[Loglikelihood]:
