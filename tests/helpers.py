@@ -56,26 +56,7 @@ Nor shall death brag thou wander'st in his shade,
 When in eternal lines to time thou grow'st:
 So long as men can breathe or eyes can see,
 So long lives this, and this gives life to thee.
-def logged_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
-    """step -> (loss, grad_norm) of a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if "lr" in r}
-
-
-def kill_9_after(proc: subprocess.Popen, run_dir: Path, step: int, limit: float) -> int:
-    """SIGKILL `proc` as soon as its metrics log `step` (or at `limit` seconds); the last step it logged."""
-    deadline = time.time() + limit
-    while time.time() < deadline and proc.poll() is None:
-        done = logged_losses(run_dir) if (Path(run_dir) / "metrics.jsonl").exists() else {}
-        if max(done, default=0) >= step:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return max(logged_losses(run_dir))
-
-
-
+def fibonacci(n):
     return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
 The year 1609 had 365 days; 3.14159 is pi, 2718 is e times 1000.
 """
@@ -140,3 +121,22 @@ def random_hf_llama(directory: Path, tokenizer, tied: bool = False, kv_heads: in
     model.save_pretrained(directory)
     tokenizer.save(directory)
     return model
+
+
+def logged_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad_norm) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows if "lr" in r}
+
+
+def kill_9_after(proc: subprocess.Popen, run_dir: Path, step: int, limit: float) -> int:
+    """SIGKILL `proc` as soon as its metrics log `step` (or at `limit` seconds); the last step it logged."""
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        done = logged_losses(run_dir) if (Path(run_dir) / "metrics.jsonl").exists() else {}
+        if max(done, default=0) >= step:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return max(logged_losses(run_dir))

@@ -56,12 +56,13 @@ from camelid.model import Transformer
 from camelid.model.inductor import use_inductor_layers
 from camelid.quant import QuantizedLinear
 from camelid.train import run_state
-from camelid.train.loss import linear_cross_entropy
+from camelid.train.loss import SLAB, linear_cross_entropy
 from camelid.train.trainer import EXPORT_NAMES, Trainer
 
 ADAPTER = "adapter"       # run.dir/adapter and checkpoints/step_N/adapter: PEFT's layout
 DATA_REPORT = "data.json"
-HEAD_CHUNK = 1024         # rows of logits at a time when the head is not a plain linear layer
+HEAD_CHUNK = 1024         # at most this many rows of logits at a time when the head is not a plain linear
+                          # layer (fewer where a slab of train.loss.SLAB logits holds fewer)
 
 
 def open_base(name: str) -> Checkpoint:
@@ -239,17 +240,19 @@ class FinetuneTrainer(Trainer):
 
 def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the targets that carry a loss. A plain (or tied) head takes the
-    fused chunked loss; an adapted or quantized head runs through its module, chunk by chunk,
-    recomputing each chunk's logits in the backward pass so that only one [chunk, vocab] slab
-    ever exists."""
+    fused chunked loss; an adapted or quantized head runs through its module over the rows with
+    a target only (instruction data ignores most: the prompts), a chunk at a time, recomputing
+    each chunk's logits in the backward pass so that only one [chunk, vocab] slab ever exists."""
     output = getattr(model, "output", None)
     if output is None or type(output) is nn.Linear:
         return linear_cross_entropy(hidden, gather(model.head_weight), targets)
+    keep = targets != IGNORE
+    hidden, targets = hidden[keep], targets[keep]
+    rows = min(HEAD_CHUNK, max(1, SLAB // output.out_features))
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        h, t = hidden[start:start + HEAD_CHUNK], targets[start:start + HEAD_CHUNK]
-        if bool((t != IGNORE).any()):
-            total = total + checkpoint(_chunk_loss, model, h, t, use_reentrant=False)
+    for start in range(0, hidden.shape[0], rows):
+        total = total + checkpoint(_chunk_loss, model, hidden[start:start + rows], targets[start:start + rows],
+                                   use_reentrant=False)
     return total
 
 

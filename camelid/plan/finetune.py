@@ -52,7 +52,16 @@ from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.plan.budget import DTYPE_BYTES, Budget
 from camelid.plan.inference import _dequantized, weight_bytes
-from camelid.plan.training import AC_MODES, FP32, TRAIN_DTYPES, Layout, block_values, loss_chunk, plan_training
+from camelid.plan.training import (
+    AC_MODES,
+    FP32,
+    LOSS_SLAB,
+    TRAIN_DTYPES,
+    Layout,
+    block_values,
+    loss_chunk,
+    plan_training,
+)
 
 METHODS = ("full", "lora", "qlora")
 QUANTIZE = ("int4", "int8")
@@ -213,7 +222,7 @@ def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int,
     state = 2 * n * 8 + rope + residual                      # ids, targets, the RoPE table, the last hidden
     chunked_head = method == "qlora" or "output" in targets
     if chunked_head:
-        rows = min(n, HEAD_CHUNK)
+        rows = min(n, HEAD_CHUNK, max(1, LOSS_SLAB // v))
         # log-softmax's fp32 output, its gradient and the logits' fp32 gradient (a chunk's
         # forward, logits, their fp32 copy and log-softmax, is no larger)
         logits = 3 * FP32 * rows * v
