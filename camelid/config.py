@@ -36,6 +36,10 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     head_dim_override: int | None = None
+    # 0: a language model (the head gives a logit per vocabulary entry). N > 0: a sequence
+    # scorer whose head gives N numbers per position, read at each sequence's last token: a
+    # reward model has 1 (Ouyang et al., 2022), Hugging Face's LlamaForSequenceClassification.
+    num_labels: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -46,6 +50,10 @@ class ModelConfig:
             problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads > 0 and self.n_heads % self.kv_heads:
             problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if self.num_labels < 0:
+            problems.append(f"num_labels must be 0 (a language model) or positive (got {self.num_labels})")
+        if self.num_labels and self.tie_embeddings:
+            problems.append("a scoring head (num_labels > 0) cannot be tied to the embeddings")
         if self.head_dim % 2:
             problems.append(f"head_dim {self.head_dim} must be even for RoPE")
         if self.rope_scaling and self.rope_scaling.get("rope_type") not in ("llama3", "linear", "freq_factors"):
@@ -79,8 +87,13 @@ class ModelConfig:
         attn = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2
         ffn = 3 * d * self.ffn_dim
         per_layer = attn + ffn + 2 * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.head_size * d
         return self.vocab_size * d + self.n_layers * per_layer + d + head
+
+    @property
+    def head_size(self) -> int:
+        """The output head's rows: the vocabulary, or a scorer's labels."""
+        return self.num_labels or self.vocab_size
 
     def kv_cache_bytes(self, batch: int, seq_len: int, bytes_per_value: int = 2) -> int:
         return 2 * self.n_layers * batch * seq_len * self.kv_heads * self.head_dim * bytes_per_value

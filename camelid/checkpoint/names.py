@@ -53,7 +53,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, hd, v, f = config.dim, config.head_dim, config.vocab_size, config.ffn_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (v, d), "norm.weight": (d,)}
     if not config.tie_embeddings:
-        shapes["output.weight"] = (v, d)
+        shapes["output.weight"] = (config.head_size, d)
     for i in range(config.n_layers):
         p = f"layers.{i}."
         shapes.update({

@@ -43,6 +43,7 @@ import sys
 
 from camelid.cli.train import report_done
 from camelid.distributed.runtime import shutdown
+from camelid.errors import CamelidError
 from camelid.finetune import evaluation
 from camelid.finetune.config import FinetuneConfig, load_finetune_config
 from camelid.finetune.trainer import ADAPTER, FinetuneTrainer, write_data_report
@@ -68,6 +69,8 @@ def result_load(cfg: FinetuneConfig, trainer: FinetuneTrainer) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_finetune_config(args.config, args.overrides)
+    if cfg.model.objective != "sft":
+        raise CamelidError(f"model.objective {cfg.model.objective!r} is not available yet; use \"sft\"")
     try:
         trainer = FinetuneTrainer(cfg)
         tasks = list(cfg.evaluate.tasks) + trainer.heldout_tasks

@@ -24,6 +24,10 @@ from camelid.train.config import (
 )
 
 METHODS = ("full", "lora", "qlora")
+# sft: instruction finetuning; reward: a reward model from preference pairs (Bradley-Terry);
+# dpo: direct preference optimisation; ppo: RLHF against a reward model; grpo: the same loop
+# without a critic, advantages from a group of completions per prompt.
+OBJECTIVES = ("sft", "reward", "dpo", "ppo", "grpo")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 FORMATS = ("auto",) + RECORD_FORMATS
 BUILTIN = ("corpus-quiz",)
@@ -37,6 +41,7 @@ class BaseModelSection:
                                      # a frozen quantized base)
     quantize: str = "int4"           # qlora: the frozen base's weights, int4 or int8
     group_size: int | None = None    # qlora int4: 32 (default), 64 or 128
+    objective: str = "sft"           # sft, reward, dpo, ppo or grpo
 
 
 @dataclass
@@ -65,6 +70,37 @@ class InstructionDataSection:
     packing: bool = True             # several examples per sequence, none attending to another
     overflow: str = "truncate"       # an example longer than seq_len: truncate, or drop
     train_on: str = "assistant"      # assistant (the loss covers what the assistant says) or all
+
+
+@dataclass
+class DPOSection:
+    # Direct preference optimisation (Rafailov et al., 2023)
+    beta: float = 0.1                # strength of the implicit KL constraint to the reference
+    loss: str = "sigmoid"            # sigmoid (DPO) or ipo (Azar et al., 2023)
+    label_smoothing: float = 0.0     # cDPO: the share of pairs taken to be mislabelled
+    reference: str = "auto"          # auto: the base with adapters off (lora, qlora), else precomputed;
+                                     # precomputed: one pass over the pairs before training
+
+
+@dataclass
+class RLSection:
+    # PPO (Schulman et al., 2017) as in InstructGPT (Ouyang et al., 2022), and GRPO (Shao et al., 2024)
+    reward_model: str = ""           # a reward model camelid loads (objective = "reward" makes one)
+    prompts_per_step: int = 8        # prompts per rollout batch
+    completions_per_prompt: int = 1  # grpo: the group whose mean and spread set the advantages
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epochs: int = 2                  # passes over each rollout batch
+    minibatch: int = 8               # completions per update
+    clip: float = 0.2                # the policy ratio's clip range
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95                # generalised advantage estimation (Schulman et al., 2016)
+    kl_coef: float = 0.05            # the per-token KL penalty to the reference
+    kl_target: float = 0.0           # > 0: adapt kl_coef towards this KL (Ziegler et al., 2019); 0: fixed
+    kl_horizon: int = 10000
 
 
 @dataclass
@@ -109,6 +145,8 @@ class FinetuneConfig:
     stability: StabilitySection = field(default_factory=StabilitySection)
     sample: FinetuneSampleSection = field(default_factory=FinetuneSampleSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    rl: RLSection = field(default_factory=RLSection)
 
     @property
     def adapters(self) -> bool:
@@ -123,6 +161,8 @@ class FinetuneConfig:
             (bool(m.base), "model.base is empty: name the model to finetune (a .gguf file, a model directory "
                            "or a known name)"),
             (m.method in METHODS, f"model.method must be one of {', '.join(METHODS)} (got {m.method!r})"),
+            (m.objective in OBJECTIVES, f"model.objective must be one of {', '.join(OBJECTIVES)} "
+                                        f"(got {m.objective!r})"),
             (m.quantize in ("int4", "int8"), f"model.quantize must be int4 or int8 (got {m.quantize!r})"),
             (m.group_size is None or (m.method == "qlora" and m.quantize == "int4"),
              "model.group_size sets int4's groups: only with model.method = \"qlora\" and model.quantize = \"int4\""),

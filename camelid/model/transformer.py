@@ -184,7 +184,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Tied models (SmolLM2, Llama-3.2) reuse the embedding matrix as the output head and have
         # no `output` weight at all, so assign-loading cannot untie them.
-        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # A scorer (config.num_labels, a reward model) has a head of num_labels rows instead.
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.head_size, bias=False)
         self.rope = RotaryTable(config)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
@@ -193,7 +194,8 @@ class Transformer(nn.Module):
         return self.head(self.hidden(tokens, positions, cache, documents))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """The output projection of hidden states [..., dim] to logits [..., vocab]."""
+        """The output projection of hidden states [..., dim] to logits [..., vocab] (a scorer's
+        [..., num_labels])."""
         return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
     @property
