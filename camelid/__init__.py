@@ -31,14 +31,35 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     adapter: a LoRA adapter directory in Hugging Face PEFT's layout (adapter_config.json +
     adapter_model.safetensors, from `camelid finetune` or PEFT), applied unmerged; with
     `quantize` it runs over the quantized layers."""
-    from camelid.checkpoint import build_model, read_checkpoint
     from camelid.generate import LLM
+
+    model, tokenizer, source = load_model(path, device, dtype, quantize, group_size, adapter, progress)
+    return LLM(model, tokenizer, source=str(source), compile=compile)
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               quantize: str | None = None, group_size: int | None = None,
+               adapter: str | os.PathLike[str] | None = None, progress: bool = False, scorer: bool = False):
+    """(model, tokenizer, checkpoint path): the weights and tokenizer `load` reads, with the same
+    arguments, for a language model, or with `scorer` for a scorer (ModelConfig.num_labels > 0,
+    a reward model: `camelid.align.reward_model.RewardModel.load`). The other kind is refused
+    before any weight is read."""
+    from camelid.checkpoint import build_model, read_checkpoint
 
     if quantize not in (None, "int8", "int4"):
         raise CamelidError(f"quantize={quantize!r}: choose None, 'int8' or 'int4'")
     ckpt = read_checkpoint(path)
     if ckpt.tokenizer is None:
         raise CamelidError(f"{ckpt.path}: no tokenizer found beside the weights (tokenizer.model or tokenizer.json)")
+    labels = ckpt.config.num_labels
+    if labels and not scorer:
+        raise CamelidError(f"{ckpt.path}: a reward model (a scoring head of {labels} label(s)), not a language "
+                           "model: it scores text but does not generate; score with `camelid reward` or "
+                           "camelid.align.reward_model.RewardModel.load")
+    if scorer and not labels:
+        raise CamelidError(f"{ckpt.path}: a language model (its head gives {ckpt.config.vocab_size} logits per "
+                           "token), not a reward model; give a scorer (LlamaForSequenceClassification, or a "
+                           "camelid finetune run with model.objective = \"reward\")")
     if adapter is not None:  # read and checked against the config before the weights load
         from camelid.lora import read_adapter
 
@@ -57,7 +78,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
         apply_lora(model, settings, dtype=adapter_dtype(state))
         load_adapter_state(model, state, str(adapter))
         model.requires_grad_(False)
-    return LLM(model, ckpt.tokenizer, source=str(ckpt.path), compile=compile)
+    return model, ckpt.tokenizer, ckpt.path
 
 
 def __getattr__(name: str):

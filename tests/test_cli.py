@@ -54,7 +54,7 @@ def test_convert_and_info(model_dir, tmp_path, capsys):
 def test_help_lists_every_command():
     # `python -m camelid` is the command itself (what `torchrun -m camelid train ...` runs)
     out = subprocess.run([sys.executable, "-m", "camelid", "--help"], capture_output=True, text=True).stdout
-    for command in ("quickstart", "info", "generate", "chat", "convert", "data", "tokenizer", "train", "plan"):
+    for command in ("quickstart", "info", "generate", "chat", "convert", "data", "tokenizer", "train", "plan", "reward"):
         assert command in out
     bad = subprocess.run([sys.executable, "-m", "camelid", "generate", "--model", "/nonexistent", "--prompt", "x"],
                          capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""`camelid convert`, `camelid eval` and `camelid info` on bad input: one line on stderr naming
+"""`camelid convert`, `camelid eval`, `camelid reward` and `camelid info` on bad input: one line on stderr naming
 the file or option, exit code 2, no traceback, and options checked before the model is read
 (the rows that pass a missing model would otherwise fail on the model, not the option).
 
@@ -25,6 +25,7 @@ from camelid.eval.requests import encode_pair
 from camelid.generate import LLM
 from helpers import cli_error, random_hf_llama
 from test_model import tiny
+from test_reward_model import native_scorer
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,71 @@ def test_eval_matrix(tmp_path, capsys, model_dir, argv, words):
         assert w in err, (w, err)
     assert "at at" not in err
     assert not (tmp_path / "out.json").exists()
+
+
+# ---- reward ---------------------------------------------------------------------------------------------
+
+PAIR_ROW = {"prompt": "Shall I compare thee", "chosen": "to a summer's day?", "rejected": "to a winter's night?"}
+
+
+@pytest.fixture(scope="module")
+def scorer_dir(tmp_path_factory, bpe_tokenizer):
+    d = tmp_path_factory.mktemp("rm") / "scorer"
+    native_scorer(d, bpe_tokenizer)
+    return d
+
+
+def _reward(d: Path, *extra, model: str | Path = MISSING, rows: list | None = None, src: Path | None = None):
+    src = src or write_jsonl(d / "r.jsonl", [PAIR_ROW] if rows is None else rows)
+    return ["reward", "--model", model, "--input", src, "--device", "cpu", *extra]
+
+
+REWARD = [  # (argv from tmp_path, the language model and the scorer; words the message must hold)
+    pytest.param(lambda d, m, s: _reward(d, src=d / "gone.jsonl"), ["--input", "gone.jsonl", "no such file"],
+                 id="input-missing"),
+    pytest.param(lambda d, m, s: _reward(d, src=_dir(d)), ["--input", "is a directory"], id="input-is-a-dir"),
+    pytest.param(lambda d, m, s: _reward(d, src=_write(d / "r.jsonl", json.dumps(PAIR_ROW) + '\n{"prompt": "x",')),
+                 ["r.jsonl:2", "not valid JSON", "JSONL"], id="not-json"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[["a", "b"]]), ["r.jsonl:1", "expected a JSON object, got list"],
+                 id="not-an-object"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[{"question": "q", "answer": "a"}]),
+                 ["r.jsonl:1", "no known shape", "'answer'", '"chosen", "rejected"', '{"text"}'], id="unknown-shape"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[{"prompt": "p", "chosen": "c"}]),
+                 ["r.jsonl:1", "a preference pair without rejected"], id="pair-without-rejected"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[{"chosen": "c", "rejected": "r"}]),
+                 ["r.jsonl:1", 'without "prompt" or "messages"'], id="pair-without-prompt"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[dict(PAIR_ROW, chosen=" ")]), ["r.jsonl:1", "'chosen' is empty"],
+                 id="empty-chosen"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[dict(PAIR_ROW, rejected=[{"role": "user", "content": "x"}])]),
+                 ["r.jsonl:1 (rejected)", "no assistant turn"], id="rejected-not-an-answer"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[PAIR_ROW, {"text": "t"}]),
+                 ["r.jsonl:2", "a text to score in a file of preference pairs"], id="mixed-kinds"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[{"text": ""}]), ["r.jsonl:1", "'text' must be non-empty"],
+                 id="empty-text"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[]), ["--input", "no records"], id="empty-file"),
+    pytest.param(lambda d, m, s: _reward(d, rows=[dict(PAIR_ROW, rejected=PAIR_ROW["chosen"])]),
+                 ["every pair's chosen equals its rejected"], id="only-ties"),
+    pytest.param(lambda d, m, s: _reward(d, "--batch-size", "0"), ["--batch-size", ">= 1"], id="batch-size-zero"),
+    pytest.param(lambda d, m, s: _reward(d, "--device", "foo"), ["--device", "foo"], id="device"),
+    pytest.param(lambda d, m, s: _reward(d, "--group-size", "64"), ["--group-size", "--quantize int4"],
+                 id="group-size-alone"),
+    pytest.param(lambda d, m, s: _reward(d, "--output", _dir(d)), ["--output", "is a directory"], id="output-is-a-dir"),
+    pytest.param(lambda d, m, s: _reward(d, "--output", d / "r.jsonl"), ["--output", "is the --input file"],
+                 id="output-is-input"),
+    pytest.param(lambda d, m, s: _reward(d, model=d / "gone"), ["gone: no such file or directory"], id="model-missing"),
+    pytest.param(lambda d, m, s: _reward(d, model=m), ["a language model", "not a reward model"],
+                 id="model-is-a-language-model"),
+    pytest.param(lambda d, m, s: _reward(d, model=s, rows=[{"text": "thee " * 80}]),
+                 ["r.jsonl:1", "more than the model's context of 64"], id="text-too-long"),
+]
+
+
+@pytest.mark.parametrize("argv,words", REWARD)
+def test_reward_matrix(tmp_path, capsys, model_dir, scorer_dir, argv, words):
+    err = cli_error(capsys, *argv(tmp_path, model_dir, scorer_dir))
+    assert err.startswith("camelid reward: error: ")
+    for w in words:
+        assert w in err, (w, err)
 
 
 # ---- info -----------------------------------------------------------------------------------------------

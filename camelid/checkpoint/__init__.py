@@ -22,6 +22,7 @@ from camelid.checkpoint.hf import read_hf, write_hf
 from camelid.checkpoint.hub import resolve
 from camelid.checkpoint.meta import read_meta, write_meta
 from camelid.checkpoint.native import CONFIG as NATIVE_CONFIG
+from camelid.checkpoint.names import refuse_scorer
 from camelid.checkpoint.native import read_native, save_quantized, write_native
 from camelid.errors import CamelidError
 
@@ -66,6 +67,8 @@ def write_checkpoint(ckpt: Checkpoint, dst: str | os.PathLike[str], to: str, dty
     """Write the weights of `ckpt` (converted to `dtype`) in format `to`; atomically."""
     if to not in FORMATS:
         raise CamelidError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
+    if to in ("gguf", "meta"):  # before anything is written
+        refuse_scorer(ckpt.config, {"gguf": "GGUF", "meta": "Meta's format"}[to], ckpt.path)
     dst = Path(dst)
     dtype = dtype or ckpt.dtype or torch.float32
     tensors = ckpt.tensors(dtype=dtype, progress=progress)

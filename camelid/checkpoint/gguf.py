@@ -15,7 +15,7 @@ import torch
 
 from camelid.atomic import atomic_path
 from camelid.checkpoint.base import Checkpoint
-from camelid.checkpoint.names import rename
+from camelid.checkpoint.names import refuse_scorer, rename
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model import rope_inv_freq
@@ -147,6 +147,7 @@ def write_gguf(path: Path, config: ModelConfig, tokenizer: Tokenizer | None,
                name: str = "camelid model") -> None:
     if tensor_type not in WRITABLE:
         raise CamelidError(f"GGUF tensor type {tensor_type!r} cannot be written; choose one of {list(WRITABLE)}")
+    refuse_scorer(config, "GGUF", path)
     if tokenizer is None:
         raise CamelidError(f"{path}: GGUF files carry their tokenizer, and this checkpoint has none")
     qtype, file_type = WRITABLE[tensor_type]

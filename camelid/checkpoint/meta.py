@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from camelid.checkpoint.base import Checkpoint
-from camelid.checkpoint.names import expected_shapes
+from camelid.checkpoint.names import expected_shapes, refuse_scorer
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
@@ -142,6 +142,7 @@ def ffn_params(config: ModelConfig) -> tuple[int, float | None]:
 def write_meta(directory: Path, config: ModelConfig, tokenizer: Tokenizer | None,
                tensors: Iterable[tuple[str, torch.Tensor]], shards: int = 1) -> None:
     """Write params.json, `shards` consolidated.NN.pth files and the tokenizer into `directory`."""
+    refuse_scorer(config, "Meta's format", directory)
     if config.rope_scaling and config.rope_scaling.get("rope_type") != "llama3":
         raise CamelidError("Meta's params.json can only express Llama-3.1 RoPE scaling")
     multiple_of, multiplier = ffn_params(config)

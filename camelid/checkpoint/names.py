@@ -11,6 +11,7 @@ import re
 import torch
 
 from camelid.config import ModelConfig
+from camelid.errors import CamelidError
 
 # camelid (Meta) name, Hugging Face name, GGUF name; {i} is the layer index.
 TABLE = [
@@ -68,6 +69,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn_norm.weight": (d,),
         })
     return shapes
+
+
+def refuse_scorer(config: ModelConfig, fmt: str, where: object) -> None:
+    """GGUF and Meta's format describe language models only: llama.cpp and Meta's code have no
+    scoring head, so a file with one would load as a broken language model."""
+    if config.num_labels:
+        raise CamelidError(f"{where}: a reward model (a scoring head of {config.num_labels} label(s)) cannot be "
+                           f"written as {fmt}, whose readers have no such head; use --to hf "
+                           "(LlamaForSequenceClassification) or --to camelid")
 
 
 def qk_heads(name: str, config: ModelConfig) -> int | None:

@@ -14,7 +14,8 @@ from camelid.errors import CamelidError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, decoding: bool = True) -> None:
+    """--model and the options of loading it; `decoding` adds --compile (commands that generate)."""
     p.add_argument("--model", required=required, metavar="PATH",
                    help="a .gguf file, a Hugging Face / Meta / camelid model directory, or a known name "
                         "(smollm2-135m-instruct)")
@@ -30,6 +31,8 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
                    help="a LoRA adapter directory in Hugging Face PEFT's layout (adapter_config.json + "
                         "adapter_model.safetensors, from camelid finetune or PEFT), applied unmerged; works "
                         "with --quantize (camelid convert --adapter writes the merged model)")
+    if not decoding:
+        return
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with a compiled step (the default where torch.compile works): after the first long "
                         "generation of a model a background process compiles its step, and later runs load it "
@@ -99,11 +102,16 @@ def check_model_arguments(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def model_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """--dtype, by default float32 on CPU and bfloat16 on GPU."""
+    return DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def load_llm(args: argparse.Namespace):
     import camelid
 
     device = check_model_arguments(args)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = model_dtype(args, device)
     draft_path = None
     if getattr(args, "draft", None):  # a missing draft is said before the model's minute of loading
         try:

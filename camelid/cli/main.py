@@ -20,6 +20,7 @@ from camelid.cli import (
     info,
     plan,
     quickstart,
+    reward,
     serve,
     tokenizer,
     train,
@@ -38,6 +39,7 @@ COMMANDS = {
     "tokenizer": (tokenizer, "train a SentencePiece tokenizer with LLaMA's settings"),
     "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
     "finetune": (finetune, "adapt a model to instructions: full, LoRA or QLoRA, from a TOML recipe; rerun to resume"),
+    "reward": (reward, "score texts or preference pairs with a reward model (accuracy, margins)"),
     "eval": (evaluation, "evaluate zero- and few-shot with the paper's protocol (multiple choice, exact match, pass@k)"),
     "serve": (serve, "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
     "plan": (plan, "memory needed to run or train a model, and whether it fits a card"),
@@ -52,6 +54,7 @@ EPILOG = """examples:
   camelid data prepare recipes/quickstart-data.toml
   camelid train recipes/quickstart-train.toml --train.max_steps=100
   camelid finetune recipes/quickstart-sft.toml
+  camelid reward --model runs/rm/model --input pairs.jsonl
 """
 
 

@@ -117,7 +117,7 @@ def adapter_params(c: ModelConfig, rank: int, targets: tuple[str, ...]) -> int:
     """Trainable parameters: r * (in + out) per adapted layer."""
     layers = block_layers(c)
     block = sum(rank * (layers[t][0] + layers[t][1]) for t in targets if t != "output")
-    head = rank * (c.vocab_size + c.dim) if "output" in targets else 0
+    head = rank * (c.head_size + c.dim) if "output" in targets else 0
     return c.n_layers * block + head
 
 
@@ -130,7 +130,7 @@ def check_settings(c: ModelConfig, method: str, rank: int, targets: tuple[str, .
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise CamelidError(f"lora.targets {list(targets)}: choose among {', '.join(TARGETS)}")
-    shapes = {**block_layers(c), "output": (c.vocab_size, c.dim)}
+    shapes = {**block_layers(c), "output": (c.head_size, c.dim)}
     for t in targets:
         if rank > min(shapes[t]):
             raise CamelidError(f"--rank {rank}: larger than layer {t} allows (at most {min(shapes[t])})")

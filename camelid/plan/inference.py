@@ -83,7 +83,7 @@ def weight_bytes(config: ModelConfig, precision: str, activation_dtype: str = "b
     d, q, kv, f = config.dim, config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.ffn_dim
     block = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (d, f), (f, d)]
     linear = config.n_layers * sum(quantized_bytes(o, i, precision, group_size) for o, i in block)
-    head = quantized_bytes(config.vocab_size, d, head_precision(precision), group_size)
+    head = quantized_bytes(config.head_size, d, head_precision(precision), group_size)  # a scorer's: num_labels rows
     embedding_and_norms = (config.vocab_size + 2 * config.n_layers + 1) * d * DTYPE_BYTES[activation_dtype]
     return linear + head + embedding_and_norms
 

@@ -122,8 +122,9 @@ def block_matrices(c: ModelConfig) -> int:
 
 
 def root_matrices(c: ModelConfig) -> int:
-    """Embedding and output head (split over the vocabulary under TP)."""
-    return c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)
+    """Embedding and output head (split over the vocabulary under TP; a scorer's head has
+    num_labels rows)."""
+    return (c.vocab_size + (0 if c.tie_embeddings else c.head_size)) * c.dim
 
 
 def sharded_params(c: ModelConfig, layout: Layout) -> tuple[int, int]:

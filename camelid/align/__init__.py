@@ -1,0 +1,1 @@
+"""Learning from feedback (issue 14): reward models, preference optimization, RLHF."""
