@@ -37,7 +37,8 @@ COMMANDS = {
     "data": (data, "prepare training data: clean, deduplicate, filter, tokenize (camelid data prepare)"),
     "tokenizer": (tokenizer, "train a SentencePiece tokenizer with LLaMA's settings"),
     "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
-    "finetune": (finetune, "adapt a model to instructions: full, LoRA or QLoRA, from a TOML recipe; rerun to resume"),
+    "finetune": (finetune, "adapt a model to instructions or to a reward (PPO, GRPO): full, LoRA or QLoRA, from a "
+                           "TOML recipe; rerun to resume"),
     "eval": (evaluation, "evaluate zero- and few-shot with the paper's protocol (multiple choice, exact match, pass@k)"),
     "serve": (serve, "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
     "plan": (plan, "memory needed to run or train a model, and whether it fits a card"),

@@ -1,0 +1,1 @@
+"""Learning from feedback on the finetuning trainer: reward models, DPO, and RL (PPO, GRPO)."""
