@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,3 +142,21 @@ def kill_9_after(proc: subprocess.Popen, run_dir: Path, step: int, limit: float)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return max(logged_losses(run_dir))
+
+
+def straight_and_killed(args: list, tmp_path: Path, kill_at: int, idle_seconds: float = 60) -> tuple[Path, Path, int]:
+    """`camelid ARGS` (with "{run}" standing for the run directory) run to its end in
+    tmp_path/straight; and in tmp_path/broken SIGKILLed once its metrics log step `kill_at`, then
+    run again to resume. Returns both run directories and the last step the killed run logged."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    limit = hang_limit(idle_seconds)
+
+    def command(run: Path) -> list[str]:
+        return [sys.executable, "-m", "camelid", *(str(a).replace("{run}", str(run)) for a in args)]
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(command(straight), check=True, capture_output=True, env=env, timeout=limit)
+    proc = subprocess.Popen(command(broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    logged = kill_9_after(proc, broken, kill_at, limit)
+    subprocess.run(command(broken), check=True, capture_output=True, env=env, timeout=limit)
+    return straight, broken, logged

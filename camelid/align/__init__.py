@@ -1,1 +1,1 @@
-"""Learning from feedback (issue 14): reward models, preference optimization, RLHF."""
+"""Learning from feedback on the finetuning trainer: reward models, DPO, and RL (PPO, GRPO)."""

@@ -14,7 +14,17 @@ one gets its vocabulary's built-in format, Llama-2's [INST] for a plain Sentence
 The loss covers what the assistant says (data.train_on = "all": every token). data.hf_dataset
 reads a Hugging Face dataset instead; data.builtin = "corpus-quiz" builds the demo's questions.
 
-Full finetuning runs under torchrun too (FSDP, parallel.dp_shard); LoRA and QLoRA in one process.
+model.objective: sft (the above), or ppo / grpo: reinforcement learning from a reward model
+(rl.reward_model, which must share the policy's tokenizer) on prompts: the prompt part of the
+data's records (chat, alpaca, prompt_completion, or preference {"prompt" | "messages", "chosen",
+"rejected"}; {"prompt": "..."} alone too) or data.builtin's questions. Each step samples
+rl.completions_per_prompt completions of rl.prompts_per_step prompts with the generation core,
+then takes rl.epochs passes of rl.minibatch-completion updates: PPO with a value head, GAE and a
+KL penalty to the reference (LoRA: the base, adapters off; full: a frozen copy), or GRPO (group
+advantages, no critic). See docs/rl.md and recipes/quickstart-ppo.toml.
+
+Full finetuning runs under torchrun too (FSDP, parallel.dp_shard); LoRA and QLoRA in one process,
+and ppo and grpo always.
 
 writes into run.dir:
   data.json         examples kept, truncated and dropped (train and held out)
@@ -28,10 +38,15 @@ writes into run.dir:
                     (also model-hf/, model.gguf, model-meta/ with checkpoint.export = ["hf", ...])
   evaluation.json   [evaluate] tasks (and data.builtin's held-out questions) before and after
   samples.json      the answers to the [sample] prompts (also printed)
+  samples.jsonl     ppo/grpo: a few sampled completions with their rewards, every rl.sample_interval steps
+                    (metrics.jsonl then holds reward_mean, kl, kl_coef, entropy, clip_frac, value_loss,
+                    response_length, rollout_s, update_s, rollout_tokens_per_s, update_tokens_per_s)
 
 examples:
   camelid finetune recipes/quickstart-sft.toml
   camelid finetune recipes/smollm2-lora.toml --train.max_steps=50
+  camelid finetune recipes/quickstart-ppo.toml          (after the SFT and reward-model demos)
+  camelid finetune recipes/quickstart-grpo.toml
   camelid finetune my.toml --model.base=path/to/Llama-2-7b-hf --model.method=qlora --data.train='["sft.jsonl"]'
   torchrun --nproc-per-node=4 -m camelid finetune my.toml --model.method=full --parallel.dp_shard=4
 """
@@ -41,6 +56,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from camelid.align.ppo import PPOTrainer
 from camelid.cli.train import report_done
 from camelid.distributed.runtime import shutdown
 from camelid.errors import CamelidError
@@ -67,12 +83,21 @@ def result_load(cfg: FinetuneConfig, trainer: FinetuneTrainer) -> dict:
     return {"path": trainer.run_dir / "model"}
 
 
+# the trainer of each objective (objectives not built yet are refused by name)
+TRAINERS: dict[str, type[FinetuneTrainer]] = {"sft": FinetuneTrainer, "ppo": PPOTrainer, "grpo": PPOTrainer}
+
+
+def trainer_class(objective: str) -> type[FinetuneTrainer]:
+    if objective not in TRAINERS:
+        raise CamelidError(f"model.objective {objective!r} is not available yet; use one of {', '.join(TRAINERS)}")
+    return TRAINERS[objective]
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = load_finetune_config(args.config, args.overrides)
-    if cfg.model.objective != "sft":
-        raise CamelidError(f"model.objective {cfg.model.objective!r} is not available yet; use \"sft\"")
+    cls = trainer_class(cfg.model.objective)
     try:
-        trainer = FinetuneTrainer(cfg)
+        trainer = cls(cfg)
         tasks = list(cfg.evaluate.tasks) + trainer.heldout_tasks
         record = evaluation.saved(trainer.run_dir) if trainer.main else {}
         if trainer.main:
@@ -94,6 +119,10 @@ def main(args: argparse.Namespace) -> int:
                 evaluation.save(trainer.run_dir, record)
                 print(evaluation.side_by_side(record.get("before", {}), record["after"]), flush=True)
                 extra += f"\n  evaluation {trainer.run_dir / evaluation.EVALUATION}"
+            if "reward_mean" in result:
+                val = f", validation {result['val_reward_mean']:.4f}" if "val_reward_mean" in result else ""
+                print(f"reward: {result['reward_mean']:.4f} at the last step{val}", file=sys.stderr)
+                extra += f"\n  rollouts   {trainer.run_dir / 'samples.jsonl'}"
             report_done(trainer, result, model_dir, extra)
         trainer.runtime.barrier()  # the other ranks wait while rank 0 evaluates and samples
     finally:

@@ -38,7 +38,8 @@ COMMANDS = {
     "data": (data, "prepare training data: clean, deduplicate, filter, tokenize (camelid data prepare)"),
     "tokenizer": (tokenizer, "train a SentencePiece tokenizer with LLaMA's settings"),
     "train": (train, "pretrain a LLaMA model from a TOML recipe; rerun to resume"),
-    "finetune": (finetune, "adapt a model to instructions: full, LoRA or QLoRA, from a TOML recipe; rerun to resume"),
+    "finetune": (finetune, "adapt a model to instructions, preferences or a reward (DPO, PPO, GRPO): full, LoRA or "
+                           "QLoRA, from a TOML recipe; rerun to resume"),
     "reward": (reward, "score texts or preference pairs with a reward model (accuracy, margins)"),
     "eval": (evaluation, "evaluate zero- and few-shot with the paper's protocol (multiple choice, exact match, pass@k)"),
     "serve": (serve, "serve a model over an OpenAI-compatible HTTP API, with a chat page"),

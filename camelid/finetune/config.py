@@ -5,6 +5,7 @@ checkpoint, parallel, stability and sample are pretraining's, with finetuning's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class RLSection:
     kl_coef: float = 0.05            # the per-token KL penalty to the reference
     kl_target: float = 0.0           # > 0: adapt kl_coef towards this KL (Ziegler et al., 2019); 0: fixed
     kl_horizon: int = 10000
+    compile: bool = True             # rollouts decode with the generation core's compiled step (where it works)
+    samples: int = 2                 # completions (of different prompts) written to run.dir/samples.jsonl ...
+    sample_interval: int = 10        # ... at step 1 and every this many steps
 
 
 @dataclass
@@ -195,7 +199,44 @@ class FinetuneConfig:
                                                    "torchrun use model.method = \"full\" (FSDP), or start "
                                                    "camelid finetune without torchrun"),
         ]
+        if m.objective in ("ppo", "grpo"):
+            checks += rl_checks(self, distributed)
         raise_first(checks)
+
+
+def rl_checks(cfg: FinetuneConfig, distributed: bool) -> list[tuple[bool, str]]:
+    """The [rl] settings of objective ppo or grpo."""
+    r, objective = cfg.rl, cfg.model.objective
+    return [
+        (not distributed, f"model.objective = {objective!r} runs in one process; start camelid finetune without "
+                          "torchrun"),
+        (not cfg.train.compile, f"train.compile: model.objective = {objective!r} compiles the rollouts' decode step "
+                                "(rl.compile) but not the update; set train.compile = false"),
+        (r.prompts_per_step >= 1, f"rl.prompts_per_step must be at least 1 (got {r.prompts_per_step})"),
+        (r.completions_per_prompt >= (2 if objective == "grpo" else 1),
+         f"rl.completions_per_prompt must be at least {2 if objective == 'grpo' else 1}"
+         + (" (GRPO compares the completions of a prompt)" if objective == "grpo" else "")
+         + f" (got {r.completions_per_prompt})"),
+        (r.max_new_tokens >= 1, f"rl.max_new_tokens must be at least 1 (got {r.max_new_tokens})"),
+        (r.max_new_tokens < cfg.data.seq_len, f"rl.max_new_tokens {r.max_new_tokens} leaves no room for a prompt in "
+                                              f"data.seq_len {cfg.data.seq_len} (prompt + completion); raise "
+                                              "data.seq_len"),
+        (0 < r.temperature < math.inf, f"rl.temperature must be above 0: the policy samples (got {r.temperature})"),
+        (0 < r.top_p <= 1, f"rl.top_p must be in (0, 1] (got {r.top_p})"),
+        (r.epochs >= 1, f"rl.epochs must be at least 1 (got {r.epochs})"),
+        (r.minibatch >= 1, f"rl.minibatch must be at least 1 (got {r.minibatch})"),
+        (r.clip > 0, f"rl.clip must be above 0 (got {r.clip})"),
+        (r.value_clip > 0, f"rl.value_clip must be above 0 (got {r.value_clip})"),
+        (r.value_coef >= 0, f"rl.value_coef must be 0 or more (got {r.value_coef})"),
+        (0 <= r.gamma <= 1, f"rl.gamma must be in [0, 1] (got {r.gamma})"),
+        (0 <= r.lam <= 1, f"rl.lam must be in [0, 1] (got {r.lam})"),
+        (r.kl_coef >= 0, f"rl.kl_coef must be 0 or more (got {r.kl_coef})"),
+        (r.kl_target >= 0, f"rl.kl_target must be 0 (a fixed kl_coef) or above (got {r.kl_target})"),
+        (r.kl_target == 0 or r.kl_coef > 0, "rl.kl_target adapts rl.kl_coef, which must then start above 0"),
+        (r.kl_horizon >= 1, f"rl.kl_horizon must be at least 1 (got {r.kl_horizon})"),
+        (r.samples >= 0, f"rl.samples must be 0 or more (got {r.samples})"),
+        (r.sample_interval >= 1, f"rl.sample_interval must be at least 1 (got {r.sample_interval})"),
+    ]
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:

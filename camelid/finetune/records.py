@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from camelid.data.sources import file_format, json_problem, open_binary
 from camelid.errors import CamelidError
@@ -30,16 +30,21 @@ Messages = list[dict[str, str]]
 
 def read_records(path: str | Path, fmt: str = "auto") -> list[Messages]:
     """The conversations of one JSONL or Parquet file, in file order."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise CamelidError(f"data format {fmt!r}: expected auto or one of {', '.join(FORMATS)}")
+    return read_file(path, lambda rows: convert_rows(rows, fmt))
+
+
+def read_file(path: str | Path, convert: Callable[[Iterator[tuple[str, Any]]], list]) -> list:
+    """`convert` applied to the (where, record) rows of one JSONL or Parquet file; a file that
+    cannot be read or holds no records is refused in one line."""
     import zstandard
 
     path = Path(path)
-    if fmt != "auto" and fmt not in FORMATS:
-        raise CamelidError(f"data format {fmt!r}: expected auto or one of {', '.join(FORMATS)}")
     if not path.is_file():
         raise CamelidError(f"{path}: no such file")
     try:
-        rows = _parquet_rows(path) if _is_parquet(path) else _jsonl_rows(path)
-        out = convert_rows(rows, fmt)
+        out = convert(file_rows(path))
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise CamelidError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if not out:
@@ -150,6 +155,11 @@ def check_conversation(messages: object, where: str) -> Messages:
 
 
 # ---- files ------------------------------------------------------------------------------------
+
+def file_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record of a JSONL or Parquet file, `where` naming file and line."""
+    return _parquet_rows(path) if _is_parquet(path) else _jsonl_rows(path)
+
 
 def _is_parquet(path: Path) -> bool:
     if file_format(path) == "parquet":

@@ -87,7 +87,8 @@ class FinetuneTrainer(Trainer):
     cfg: FinetuneConfig
 
     # ---- data --------------------------------------------------------------------------------
-    def _build_data(self) -> None:
+    def _open_base(self) -> None:
+        """The base's config, tokenizer and lazy weights, checked against the settings."""
         c = self.cfg
         if c.parallel.tp > 1:
             raise CamelidError("parallel.tp: finetuning shards with FSDP (parallel.dp_shard) only; set "
@@ -97,6 +98,10 @@ class FinetuneTrainer(Trainer):
         if c.data.seq_len > self.config.max_seq_len:
             raise CamelidError(f"data.seq_len {c.data.seq_len} is longer than {c.model.base}'s context "
                                f"({self.config.max_seq_len}); lower data.seq_len")
+
+    def _build_data(self) -> None:
+        c = self.cfg
+        self._open_base()
         self.train_examples, self.val_examples, self.data_report, self.heldout_tasks = load_examples(
             c, self.tokenizer, self.run_dir)
         self.train_loader = self._loader("train", c.train.seed)

@@ -11,11 +11,11 @@ frozen and untouched, and the base's backward goes through its dequantized weigh
 """
 
 from camelid.lora.layers import (TARGETS, AdapterSettings, LoraSettings, LoRALinear,
-                                 adapter_state, apply_lora, hf_module, load_adapter_state, lora_layers,
-                                 merge_lora)
+                                 adapter_state, adapters_disabled, apply_lora, hf_module, load_adapter_state,
+                                 lora_layers, merge_lora)
 from camelid.lora.merge import merged_checkpoint
 from camelid.lora.peft import adapter_dtype, check_adapter_dir, load_adapter, read_adapter, save_adapter
 
 __all__ = ["TARGETS", "AdapterSettings", "LoRALinear", "LoraSettings", "adapter_dtype",
-           "adapter_state", "apply_lora", "check_adapter_dir", "hf_module", "load_adapter", "load_adapter_state",
-           "lora_layers", "merge_lora", "merged_checkpoint", "read_adapter", "save_adapter"]
+           "adapter_state", "adapters_disabled", "apply_lora", "check_adapter_dir", "hf_module", "load_adapter",
+           "load_adapter_state", "lora_layers", "merge_lora", "merged_checkpoint", "read_adapter", "save_adapter"]

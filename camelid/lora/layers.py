@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -111,7 +113,10 @@ def pattern_value(patterns: dict, module: str):
 
 
 class LoRALinear(nn.Module):
-    """A frozen `base` (bias-free nn.Linear or QuantizedLinear) plus a trainable low-rank update."""
+    """A frozen `base` (bias-free nn.Linear or QuantizedLinear) plus a trainable low-rank update,
+    left out while `disabled` (see `adapters_disabled`)."""
+
+    disabled = False
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dtype: torch.dtype | None = None, generator: torch.Generator | None = None):
@@ -134,6 +139,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.disabled:
+            return y
         a = self.lora_A.weight
         update = self.lora_B(self.lora_A(self.dropout(x).to(a.dtype)))
         return y + (update * self.scaling).to(y.dtype)
@@ -147,6 +154,8 @@ class LoRALinear(nn.Module):
         if isinstance(self.base, QuantizedLinear):
             raise CamelidError("a LoRA layer over a quantized base has no float weight; call the layer instead")
         w = self.base.weight
+        if self.disabled:
+            return w
         return w + (self.scaling * (self.lora_B.weight @ self.lora_A.weight)).to(w.dtype)
 
     def delta(self) -> torch.Tensor:
@@ -158,6 +167,22 @@ class LoRALinear(nn.Module):
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRALinear of `model` gives its base's output: the model is its
+    frozen base again, without a second copy (the reference policy of DPO and RLHF). The
+    adapters, their gradients and the optimizer state are left as they are."""
+    layers = list(lora_layers(model).values())
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, state in zip(layers, before):
+            m.disabled = state
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, dtype: torch.dtype | None = None,
