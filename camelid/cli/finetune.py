@@ -46,6 +46,9 @@ from camelid.distributed.runtime import shutdown
 from camelid.errors import CamelidError
 from camelid.finetune import evaluation
 from camelid.finetune.config import FinetuneConfig, load_finetune_config
+from camelid.align import preference
+from camelid.align.dpo import DPOTrainer
+from camelid.align.pairwise import PairwiseTrainer, RewardTrainer
 from camelid.finetune.trainer import ADAPTER, FinetuneTrainer, write_data_report
 
 
@@ -67,30 +70,44 @@ def result_load(cfg: FinetuneConfig, trainer: FinetuneTrainer) -> dict:
     return {"path": trainer.run_dir / "model"}
 
 
+# model.objective -> its trainer (ppo and grpo join when they are built)
+TRAINERS: dict[str, type[FinetuneTrainer]] = {"sft": FinetuneTrainer, "reward": RewardTrainer, "dpo": DPOTrainer}
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = load_finetune_config(args.config, args.overrides)
-    if cfg.model.objective != "sft":
-        raise CamelidError(f"model.objective {cfg.model.objective!r} is not available yet; use \"sft\"")
+    if cfg.model.objective not in TRAINERS:
+        raise CamelidError(f"model.objective {cfg.model.objective!r} is not available yet; use one of "
+                           f"{', '.join(TRAINERS)}")
     try:
-        trainer = FinetuneTrainer(cfg)
+        trainer = TRAINERS[cfg.model.objective](cfg)
+        pairwise = isinstance(trainer, PairwiseTrainer)
         tasks = list(cfg.evaluate.tasks) + trainer.heldout_tasks
         record = evaluation.saved(trainer.run_dir) if trainer.main else {}
+        e = cfg.evaluate
         if trainer.main:
             write_data_report(trainer.run_dir, trainer.data_report)
-            say_data(trainer.data_report)
-            if tasks and "before" not in record:
-                e = cfg.evaluate
-                record = {"tasks": tasks, "before": evaluation.run_tasks(tasks, e.limit, e.num_fewshot,
-                                                                         str(trainer.device), **base_load(cfg))}
+            if pairwise:
+                print(preference.describe(trainer.data_report), file=sys.stderr)
+            else:
+                say_data(trainer.data_report)
+            if (tasks or pairwise) and "before" not in record:
+                before = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
+                                              **base_load(cfg)) if tasks else {}
+                if pairwise and not trainer.resumed_from:   # the figures of the model as built
+                    before.update(trainer.heldout_figures())
+                record = {"tasks": tasks, "before": before}
                 evaluation.save(trainer.run_dir, record)
         result = trainer.fit()
         model_dir = trainer.export()
         if trainer.main:
             extra = f"\n  adapter    {trainer.run_dir / ADAPTER}" if cfg.adapters else ""
-            if tasks:
-                e = cfg.evaluate
-                record["after"] = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
-                                                       **result_load(cfg, trainer))
+            if tasks or pairwise:
+                after = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
+                                             **result_load(cfg, trainer)) if tasks else {}
+                if pairwise:
+                    after.update(trainer.heldout_figures(trainer.result_model()))
+                record["after"] = after
                 evaluation.save(trainer.run_dir, record)
                 print(evaluation.side_by_side(record.get("before", {}), record["after"]), flush=True)
                 extra += f"\n  evaluation {trainer.run_dir / evaluation.EVALUATION}"

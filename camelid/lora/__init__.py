@@ -4,6 +4,7 @@
     save_adapter(out_dir, settings, adapter_state(model), model.config)
     load_adapter(model, "adapter-dir", model.config)   # PEFT adapters trained elsewhere too
     merge_lora(model)                                   # W + scaling B A, back to plain nn.Linear
+    with adapters_disabled(model): ...                  # the frozen base alone (a reference model)
     merged_checkpoint(read_checkpoint(base), "adapter-dir")   # lazily merged, for convert --adapter
 
 Over a quantized model (camelid.quant) the same calls give QLoRA: the int8/int4 codes stay
@@ -11,11 +12,11 @@ frozen and untouched, and the base's backward goes through its dequantized weigh
 """
 
 from camelid.lora.layers import (TARGETS, AdapterSettings, LoraSettings, LoRALinear,
-                                 adapter_state, apply_lora, hf_module, load_adapter_state, lora_layers,
-                                 merge_lora)
+                                 adapter_state, adapters_disabled, apply_lora, hf_module, load_adapter_state,
+                                 lora_layers, merge_lora)
 from camelid.lora.merge import merged_checkpoint
 from camelid.lora.peft import adapter_dtype, check_adapter_dir, load_adapter, read_adapter, save_adapter
 
 __all__ = ["TARGETS", "AdapterSettings", "LoRALinear", "LoraSettings", "adapter_dtype",
-           "adapter_state", "apply_lora", "check_adapter_dir", "hf_module", "load_adapter", "load_adapter_state",
-           "lora_layers", "merge_lora", "merged_checkpoint", "read_adapter", "save_adapter"]
+           "adapter_state", "adapters_disabled", "apply_lora", "check_adapter_dir", "hf_module", "load_adapter",
+           "load_adapter_state", "lora_layers", "merge_lora", "merged_checkpoint", "read_adapter", "save_adapter"]

@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -125,6 +127,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.disabled = False   # adapters_disabled: the base's output alone
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
             nn.init.zeros_(self.lora_B.weight)
@@ -134,6 +137,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.disabled:
+            return y
         a = self.lora_A.weight
         update = self.lora_B(self.lora_A(self.dropout(x).to(a.dtype)))
         return y + (update * self.scaling).to(y.dtype)
@@ -158,6 +163,23 @@ class LoRALinear(nn.Module):
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every LoRA layer of `model` computes its base's output alone: the frozen
+    base model, without a second copy of it (the reference of DPO and of PPO's KL penalty, as
+    Rafailov et al., 2023, and Ouyang et al., 2022, need). Gradients still reach nothing of the
+    adapters, as they do not take part."""
+    layers = list(lora_layers(model).values())
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before):
+            m.disabled = was
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, dtype: torch.dtype | None = None,
@@ -221,6 +243,10 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: 
     """Copy `state` (adapter_state's names) into the model's adapters; every mismatch is an error
     naming `where`."""
     own = adapter_state(model)
+    score = getattr(model, "output", None)
+    if "output.weight" in state and type(score) is nn.Linear and getattr(model, "config", None) is not None \
+            and model.config.num_labels:
+        own["output.weight"] = score.weight   # a reward model's score head, saved whole beside the adapters
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
