@@ -140,3 +140,27 @@ def kill_9_after(proc: subprocess.Popen, run_dir: Path, step: int, limit: float)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return max(logged_losses(run_dir))
+
+
+def killed_and_straight(argv: list[str], tmp_path: Path, kill_at: int,
+                        idle_seconds: float = 60) -> tuple[Path, Path, int]:
+    """`python -m camelid ARGV` ("{run}" in it standing for the run directory) run straight
+    through in tmp_path/straight and, in tmp_path/broken, killed with SIGKILL once its metrics
+    log step `kill_at`, then run again to resume. Returns (straight, broken, the last step the
+    killed run had logged)."""
+    import os
+    import sys
+
+    cmd = [sys.executable, "-m", "camelid"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    limit = hang_limit(idle_seconds)
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+
+    def at(run: Path) -> list[str]:
+        return cmd + [a.replace("{run}", str(run)) for a in argv]
+
+    subprocess.run(at(straight), check=True, capture_output=True, env=env, timeout=limit)
+    proc = subprocess.Popen(at(broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    logged = kill_9_after(proc, broken, kill_at, limit)
+    subprocess.run(at(broken), check=True, capture_output=True, env=env, timeout=limit)
+    return straight, broken, logged

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from camelid.finetune.data import IGNORE, Example
 from camelid.finetune.trainer import FinetuneTrainer
 from camelid.lora import LoraSettings, adapters_disabled, apply_lora, read_adapter
 from camelid.model import Transformer
-from helpers import cli_error, hang_limit, kill_9_after, logged_losses
+from helpers import cli_error, killed_and_straight, logged_losses
 from test_model import tiny
 
 EMPTY = Path(__file__).parent / "data" / "empty.toml"
@@ -292,19 +289,8 @@ def test_the_precomputed_reference_is_kept_across_a_resume_and_refused_for_other
 def test_kill_9_during_a_dpo_run_then_resume_gives_the_same_losses(base, pairs, tmp_path):
     args = settings(base, pairs, "{run}", "dpo", "--train.max_steps=20", "--checkpoint.interval=5",
                     "--train.eval_interval=1000", "--train.lr=2e-3")
-    cmd = [sys.executable, "-m", "camelid", "finetune", str(EMPTY)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    limit = hang_limit(60)
-
-    def run_args(run):
-        return [a.replace("{run}", str(run)) for a in args]
-
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run(cmd + run_args(straight), check=True, capture_output=True, env=env, timeout=limit)
-    proc = subprocess.Popen(cmd + run_args(broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    logged = kill_9_after(proc, broken, 13, limit)   # between the 10th-step checkpoint and the end
-    assert 13 <= logged < 20, "the run was not interrupted mid-way"
-    subprocess.run(cmd + run_args(broken), check=True, capture_output=True, env=env, timeout=limit)
+    straight, broken, logged = killed_and_straight(["finetune", str(EMPTY), *args], tmp_path, 13)
+    assert 13 <= logged < 20, "the run was not interrupted mid-way"   # between the 10th-step checkpoint and the end
 
     def figures(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

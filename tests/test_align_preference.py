@@ -32,7 +32,7 @@ def write_jsonl(path, records):
 def test_the_record_forms_become_a_prompt_and_two_answers(tmp_path):
     rows = [
         {"prompt": USER["content"], "chosen": "gold 3", "rejected": "gold 4"},                     # text
-        {"messages": [SYSTEM, USER], "chosen": answer("gold 3"), "rejected": [answer("gold 4")]},  # messages, dict, list
+        {"messages": [SYSTEM, USER], "chosen": answer("gold 3"), "rejected": [answer("gold 4")]},  # dict, list
         {"prompt": [SYSTEM, USER], "chosen": [SYSTEM, USER, answer("gold 3")],                   # UltraFeedback:
          "rejected": [SYSTEM, USER, answer("gold 4")]},                                           # the prompt repeated
         {"chosen": [USER, answer("gold 3")], "rejected": [USER, answer("gold 4")]},              # TRL's implicit prompt

@@ -2,9 +2,6 @@
 exact resume after kill -9, and the refusals of its settings."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from camelid.checkpoint.native import write_native
 from camelid.cli.main import main as cli
 from camelid.finetune.config import load_finetune_config
 from camelid.finetune.trainer import FinetuneTrainer
-from helpers import cli_error, hang_limit, kill_9_after
+from helpers import cli_error, killed_and_straight
 from test_model import tiny
 
 EMPTY = Path(__file__).parent / "data" / "empty.toml"
@@ -121,19 +118,8 @@ def test_full_finetuning_trains_every_weight(base, chats, tmp_path):
 def test_kill_9_during_a_lora_run_then_resume_gives_the_same_losses(base, chats, tmp_path):
     args = settings(base, chats, "{run}", "--train.max_steps=40", "--checkpoint.interval=10", "--train.log_interval=1",
                     "--train.eval_interval=1000")
-    cmd = [sys.executable, "-m", "camelid", "finetune", str(EMPTY)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    limit = hang_limit(60)
-
-    def run_args(run):
-        return [a.replace("{run}", str(run)) for a in args]
-
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run(cmd + run_args(straight), check=True, capture_output=True, env=env, timeout=limit)
-    proc = subprocess.Popen(cmd + run_args(broken), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    logged = kill_9_after(proc, broken, 23, limit)   # between the 20th-step checkpoint and the end
-    assert 23 <= logged < 40, "the run was not interrupted mid-way"
-    subprocess.run(cmd + run_args(broken), check=True, capture_output=True, env=env, timeout=limit)
+    straight, broken, logged = killed_and_straight(["finetune", str(EMPTY), *args], tmp_path, 23)
+    assert 23 <= logged < 40, "the run was not interrupted mid-way"   # between the 20th-step checkpoint and the end
     a, b = losses(straight), losses(broken)
     assert list(a) == list(range(1, 41)) and a == b  # every step's loss and gradient norm (dropout on), bit for bit
 

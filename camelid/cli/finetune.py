@@ -1,9 +1,11 @@
-"""Finetune a model on instructions: fully, with LoRA adapters on a frozen base, or with QLoRA
-(adapters on a frozen int4/int8 base). CONFIG.toml holds the sections run, model (base, method),
-lora, data, train, checkpoint, parallel, stability, sample and evaluate (see
-recipes/quickstart-sft.toml and docs/finetuning.md); any key can be overridden on the command line
-as --section.key=value. Running the same command again resumes from the newest complete
-checkpoint in run.dir, exactly where the interrupted run was.
+"""Finetune a model: fully, with LoRA adapters on a frozen base, or with QLoRA (adapters on a
+frozen int4/int8 base), on instructions (model.objective = "sft") or on preference pairs: a
+reward model ("reward", Bradley-Terry) or the model itself with DPO ("dpo"). CONFIG.toml holds
+the sections run, model (base, method, objective), lora, data, train, checkpoint, parallel,
+stability, sample, evaluate and dpo (see recipes/quickstart-sft.toml, quickstart-reward.toml,
+quickstart-dpo.toml, docs/finetuning.md and docs/alignment.md); any key can be overridden on the
+command line as --section.key=value. Running the same command again resumes from the newest
+complete checkpoint in run.dir, exactly where the interrupted run was.
 
 instruction data (data.train, data.val: JSONL or Parquet files, one example per line/row):
   chat        {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
@@ -14,24 +16,42 @@ one gets its vocabulary's built-in format, Llama-2's [INST] for a plain Sentence
 The loss covers what the assistant says (data.train_on = "all": every token). data.hf_dataset
 reads a Hugging Face dataset instead; data.builtin = "corpus-quiz" builds the demo's questions.
 
-Full finetuning runs under torchrun too (FSDP, parallel.dp_shard); LoRA and QLoRA in one process.
+preference pairs (objectives reward and dpo; data.format = "preference", detected by its keys):
+  {"prompt": "..." | [messages], "chosen": "...", "rejected": "..."}  ("messages" may replace "prompt";
+  chosen and rejected may be an assistant message or a list of messages)
+rendered after one shared prompt with the same chat template; a malformed record is an error
+naming its file and line, a tie (chosen renders as rejected) is skipped and counted in data.json.
+data.builtin = "corpus-preferences" builds the demo's pairs (the quiz's right answer over a wrong one).
+  reward  a new one-output score head read at the last token, loss -log sigmoid(r_chosen - r_rejected);
+          run.dir/model is a camelid checkpoint with num_labels = 1
+  dpo     [dpo] beta, loss (sigmoid | ipo), label_smoothing (cDPO), reference (auto: lora/qlora the
+          base with the adapters off, full precomputed once into run.dir/reference.pt)
+
+Full finetuning runs under torchrun too (FSDP, parallel.dp_shard); LoRA and QLoRA, and the reward
+and dpo objectives, in one process.
 
 writes into run.dir:
   data.json         examples kept, truncated and dropped (train and held out)
   metrics.jsonl     one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, ...),
-                    validation (val_loss, val_ppl); loss.png; tensorboard/
+                    validation (val_loss, val_ppl); reward: accuracy, margin, rewards_chosen/_rejected;
+                    dpo: rewards_chosen/_rejected/_accuracy/_margin, logps_chosen/_rejected/_accuracy
+                    (validation: the same with val_); loss.png; tensorboard/
   checkpoints/      step_NNNNNNNN/ (full: a camelid model; lora/qlora: adapter/ in PEFT's layout)
                     plus trainer.pt (optimizer, loader, random state)
   adapter/          lora/qlora: the adapters alone, in Hugging Face PEFT's layout
                     (camelid generate --model BASE --adapter RUN_DIR/adapter; peft loads it too)
   model/            the finetuned model, adapters merged: camelid chat --model RUN_DIR/model
                     (also model-hf/, model.gguf, model-meta/ with checkpoint.export = ["hf", ...])
-  evaluation.json   [evaluate] tasks (and data.builtin's held-out questions) before and after
+  evaluation.json   [evaluate] tasks (and data.builtin's held-out questions) before and after;
+                    reward, dpo: the held-out pairs' accuracy and margin too
+  reference.pt      dpo with a precomputed reference: its log-probabilities of every pair
   samples.json      the answers to the [sample] prompts (also printed)
 
 examples:
   camelid finetune recipes/quickstart-sft.toml
   camelid finetune recipes/smollm2-lora.toml --train.max_steps=50
+  camelid finetune recipes/quickstart-reward.toml
+  camelid finetune recipes/quickstart-dpo.toml --dpo.beta=0.2
   camelid finetune my.toml --model.base=path/to/Llama-2-7b-hf --model.method=qlora --data.train='["sft.jsonl"]'
   torchrun --nproc-per-node=4 -m camelid finetune my.toml --model.method=full --parallel.dp_shard=4
 """

@@ -176,7 +176,8 @@ class InstructionLoader:
             raise CamelidError("instruction data: no examples left to train on")
         self.lengths = np.array([self.length_of(e) for e in examples], dtype=np.int64)
         if self.lengths.max() > seq_len:
-            raise ValueError(f"an example has {self.lengths.max()} tokens, more than seq_len {seq_len}: fit_length first")
+            raise ValueError(f"an example has {self.lengths.max()} tokens, more than seq_len {seq_len}: "
+                             "fit_length first")
         self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.packing, self.shuffle = packing, shuffle

@@ -192,7 +192,8 @@ class FinetuneTrainer(Trainer):
             return
         state = torch.load(found[-1] / TRAINER, map_location="cpu", weights_only=True)
         c = self.cfg
-        mine = {"method": c.model.method, "lora": asdict(c.lora) if c.adapters else None, "objective": c.model.objective}
+        mine = {"method": c.model.method, "lora": asdict(c.lora) if c.adapters else None,
+                "objective": c.model.objective}
         theirs = {"method": state.get("method"), "lora": state.get("lora"),
                   "objective": state.get("objective", "sft")}   # checkpoints from before objectives: sft
         if mine != theirs:
