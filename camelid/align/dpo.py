@@ -86,15 +86,12 @@ class DPOTrainer(PairwiseTrainer):
         h = hashlib.sha256(repr((c.model.base, c.model.method, c.model.quantize, c.model.group_size, c.train.dtype,
                                  c.data.seq_len)).encode())
         for split in SPLITS:
-            for pair in self._pairs(split):
+            for pair in self.pairs_of(split):
                 for ex in (pair.chosen, pair.rejected):
                     h.update(np.asarray(ex.ids, dtype=np.int64).tobytes())
                     h.update(np.asarray(ex.trainable, dtype=np.bool_).tobytes())
                 h.update(split.encode())
         return h.hexdigest()
-
-    def _pairs(self, split: str) -> list:
-        return {"train": self.train_examples, "val": self.val_examples, "heldout": self.heldout_pairs}[split]
 
     def _precomputed(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """{split: [pairs, 2] (chosen, rejected) log-probabilities} under the model as built,
@@ -110,9 +107,9 @@ class DPOTrainer(PairwiseTrainer):
                                    "base than this recipe's, and the run's checkpoints were trained against it; "
                                    "choose another run.dir, or restore the data and model settings to resume")
         if self.main and self.log:
-            print(f"dpo: the reference's log-probabilities of {sum(len(self._pairs(s)) for s in SPLITS):,} pairs, "
+            print(f"dpo: the reference's log-probabilities of {sum(len(self.pairs_of(s)) for s in SPLITS):,} pairs, "
                   f"computed once ({REFERENCE})", file=sys.stderr)
-        logps = {split: self._logps_of(model, split) for split in SPLITS if self._pairs(split)}
+        logps = {split: self._logps_of(model, split) for split in SPLITS if self.pairs_of(split)}
         if self.main:
             with atomic_path(path) as tmp:
                 torch.save({"key": key, "logps": logps}, tmp)
@@ -120,7 +117,7 @@ class DPOTrainer(PairwiseTrainer):
 
     @torch.no_grad()
     def _logps_of(self, model: nn.Module, split: str) -> torch.Tensor:
-        out = torch.zeros(len(self._pairs(split)), 2, dtype=torch.float32)
+        out = torch.zeros(len(self.pairs_of(split)), 2, dtype=torch.float32)
         was_training = model.training
         model.eval()
         with adapters_disabled(model):

@@ -5,12 +5,12 @@ one y_l ("rejected"). Two ways to learn from such pairs:
 
 - a reward model r(x, y), trained with the Bradley-Terry likelihood of the preferences
   (Bradley and Terry, 1952), as in Stiennon et al. (2020, "Learning to summarize from human
-  feedback", eq. 1) and Ouyang et al. (2022, "InstructGPT", eq. 1): loss -log sigmoid(r_w - r_l);
+  feedback") and Ouyang et al. (2022, "InstructGPT", eq. 1): loss -log sigmoid(r_w - r_l);
 - the policy itself, with Direct Preference Optimization (Rafailov et al., 2023, "Direct
   Preference Optimization: Your Language Model is Secretly a Reward Model", eq. 7), whose
   implicit reward is beta * log(pi(y|x) / ref(y|x)), and its variants: conservative DPO (cDPO,
   Mitchell, 2023, "A note on DPO with noisy preferences") and IPO (Azar et al., 2023, "A General
-  Theoretical Paradigm to Understand Learning from Human Preferences", eq. 17).
+  Theoretical Paradigm to Understand Learning from Human Preferences").
 
 Every loss here is per pair (a tensor [P]); the trainer sums and normalises by the step's pairs.
 A completion's log-probability is the sum of its tokens' log-probabilities (`sequence_logps`),
@@ -71,7 +71,7 @@ def _token_logps(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """[P] -log sigmoid(r_chosen - r_rejected): the negative log-likelihood that the chosen
     completion is preferred under the Bradley-Terry model, P(y_w > y_l) = sigmoid(r_w - r_l)
-    (Stiennon et al., 2020, eq. 1; Ouyang et al., 2022, eq. 1). logsigmoid keeps it finite for
+    (Stiennon et al., 2020; Ouyang et al., 2022, eq. 1). logsigmoid keeps it finite for
     any margin."""
     return -F.logsigmoid(r_chosen.float() - r_rejected.float())
 
@@ -89,7 +89,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     - "sigmoid" (Rafailov et al., 2023, eq. 7): -log sigmoid(beta * m). With label_smoothing
       eps (cDPO, Mitchell, 2023: each label taken to be flipped with probability eps):
       (1 - eps) * -log sigmoid(beta * m) + eps * -log sigmoid(-beta * m).
-    - "ipo" (Azar et al., 2023, eq. 17): (m - 1 / (2 beta))^2, beta being the paper's tau. The
+    - "ipo" (Azar et al., 2023): (m - 1 / (2 beta))^2, beta being the paper's tau. The
       paper writes m over whole sequences' likelihoods, as here (sums of token log-probs); some
       implementations average over the completion's tokens instead, which rescales m and so the
       beta that suits the data.

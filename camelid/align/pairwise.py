@@ -10,7 +10,7 @@ rows), the loss (per pair, normalised by the step's pairs) and the figures logge
 
 metrics.jsonl holds per step, beside loss, lr, grad_norm: reward: accuracy, margin,
 rewards_chosen, rewards_rejected; dpo: rewards_chosen, rewards_rejected, rewards_accuracy,
-rewards_margin, logps_chosen, logps_rejected; each is the mean over the step's pairs. Validation
+rewards_margin, logps_chosen, logps_rejected, logps_accuracy; each is the mean over the step's pairs. Validation
 records the same figures prefixed "val_" (val_loss first). An accuracy counts a tie as half.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -34,17 +35,23 @@ class PairwiseTrainer(FinetuneTrainer):
     """What the reward and DPO trainers share: pairs in, a loss and figures per pair out."""
 
     # ---- data --------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        self._tally: dict[str, torch.Tensor] = {}      # the step's per-pair figures, summed (loss_sum)
+        self._validation: dict[str, float] = {}        # the last validation's figures (evaluate)
+        super()._build_data()
+
     def _load_data(self) -> tuple[list, list, dict, list[str]]:
         train, val, heldout, report, tasks = load_pairs(self.cfg, self.tokenizer, self.run_dir)
         self.heldout_pairs = heldout
-        self._tally: dict[str, torch.Tensor] = {}
-        self._validation: dict[str, float] = {}
         return train, val, report, tasks
+
+    def pairs_of(self, split: str) -> list:
+        """The pairs of "train", "val" or "heldout"."""
+        return {"train": self.train_examples, "val": self.val_examples, "heldout": self.heldout_pairs}[split]
 
     def _loader(self, split: str, seed: int) -> PairLoader:
         c = self.cfg
-        pairs = {"train": self.train_examples, "val": self.val_examples, "heldout": self.heldout_pairs}[split]
-        return PairLoader(pairs, c.data.seq_len, c.train.micro_batch, seed, rank=self.dp_rank,
+        return PairLoader(self.pairs_of(split), c.data.seq_len, c.train.micro_batch, seed, rank=self.dp_rank,
                           world_size=self.dp_size, shuffle=split == "train", split=split)
 
     def targets_in(self, batch: PairBatch) -> int:
@@ -166,7 +173,7 @@ def pair_scores(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch
 
 def score_head(config, seed: int, device: torch.device) -> nn.Linear:
     """A fresh [num_labels, dim] head, fp32, drawn from N(0, 1 / (dim + 1)) as Stiennon et al.
-    (2020, appendix) initialise the reward head, so that the initial rewards have about unit
+    (2020) initialise the reward head, so that the initial rewards have about unit
     variance over hidden states of unit RMS (seeded by train.seed)."""
     head = nn.Linear(config.dim, config.num_labels, bias=False, device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(seed)
