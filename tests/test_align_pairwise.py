@@ -261,6 +261,15 @@ def test_dpo_with_lora_starts_at_log_2_exactly_and_its_precomputed_twin_agrees(b
     second = precomputed.train_step()
     assert second["loss"] == pytest.approx(LOG2, abs=1e-6)
     assert second["logps_chosen"] == pytest.approx(first["logps_chosen"], rel=1e-5)
+    # with the chosen answers' per-token NLL added (Llama 3's DPO)
+    args = settings(base, pairs, tmp_path / "c", "dpo", "--lora.dropout=0", "--dpo.nll_coef=0.2")
+    trainer = DPOTrainer(load_finetune_config(None, args), log=False)
+    batch = next(trainer._loader("val", 0).one_pass())
+    with torch.no_grad():
+        terms = trainer.pair_terms(batch)
+    tokens = (batch.targets[:batch.pairs] != IGNORE).sum(-1)
+    torch.testing.assert_close(terms["nll_chosen"], -terms["logps_chosen"] / tokens)
+    torch.testing.assert_close(terms["loss"], LOG2 + 0.2 * terms["nll_chosen"])
 
 
 def test_the_precomputed_reference_is_kept_across_a_resume_and_refused_for_other_data(base, pairs, tmp_path,

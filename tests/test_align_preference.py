@@ -191,16 +191,22 @@ def rows(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_the_demo_prefers_the_right_attribution(built):
+def test_the_demo_prefers_the_right_attribution(built, tmp_path):
     from camelid.finetune import quiz
 
-    splits = quiz.collect(0)
-    for name in ("train", "val"):
-        records = rows(built[name])
-        assert [r["prompt"] for r in records] == [i.question for i in splits[name]]
-        assert [r["chosen"] for r in records] == [i.answer for i in splits[name]]   # the rule: the right title
-        known = quiz.labels(splits)
-        assert all(r["rejected"] != i.answer and r["rejected"] in known[i.kind] for r, i in zip(records, splits[name]))
+    splits = quiz.collect(0)    # the instruction demo's questions
+    answers = {i.question: i for i in quiz.collect(0, 120, 60)["train"]}
+    train, val = rows(built["train"]), rows(built["val"])
+    assert [r["prompt"] for r in val] == [i.question for i in splits["val"]]
+    assert 2000 < len(train) <= 40 * 60 + 30 * 20
+    seen = {i.question for i in splits["train"] + splits["val"] + splits["heldout"]}
+    assert not seen & {r["prompt"] for r in train}       # questions the instruction demo never trained on
+    known = quiz.labels(splits)
+    for r, item in [(r, answers[r["prompt"]]) for r in train] + list(zip(val, splits["val"])):
+        assert r["chosen"] == item.answer                  # the rule: the right title or module
+        assert r["rejected"] != item.answer and r["rejected"] in known[item.kind]
+    sft = quiz.build_quiz(tmp_path / "quiz", seed=0)
+    assert built["heldout-choices"].read_bytes() == sft["heldout"].read_bytes()
     choices, held = rows(built["heldout-choices"]), rows(built["heldout"])
     assert len(held) == len(choices) == len(splits["heldout"]) > 100
     for pair, mc in zip(held, choices):

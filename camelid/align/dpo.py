@@ -13,6 +13,9 @@ the model as it was before training. The reference's log-probabilities come from
   longer the base's); the file is keyed by the pairs' tokens and the base and its settings,
   so that a run directory whose data changed is refused rather than trained against a stale
   reference.
+
+dpo.nll_coef adds the chosen answer's per-token negative log-likelihood to each pair's loss, as
+Llama 3's DPO does (Dubey et al., 2024) and RPO (Pang et al., 2024).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from camelid.align.losses import dpo_loss, head_sequence_logps, preference_accuracy
 from camelid.align.pairwise import PairwiseTrainer
 from camelid.align.preference import PairBatch
+from camelid.finetune.data import IGNORE
 from camelid.atomic import atomic_path
 from camelid.distributed.parallelize import gather
 from camelid.errors import CamelidError
@@ -73,7 +77,12 @@ class DPOTrainer(PairwiseTrainer):
         pc, pr = policy.chunk(2)
         rc, rr = reference.chunk(2)
         loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, d.beta, d.label_smoothing, d.loss)
-        return {"loss": loss, "rewards_chosen": chosen, "rewards_rejected": rejected,
+        extra = {}
+        if d.nll_coef:
+            nll = -pc / (batch.targets[:batch.pairs] != IGNORE).sum(-1).clamp(min=1)
+            loss = loss + d.nll_coef * nll
+            extra["nll_chosen"] = nll.detach()
+        return {"loss": loss, **extra, "rewards_chosen": chosen, "rewards_rejected": rejected,
                 "rewards_accuracy": preference_accuracy(chosen, rejected), "rewards_margin": chosen - rejected,
                 "logps_chosen": pc.detach(), "logps_rejected": pr.detach(),
                 "logps_accuracy": preference_accuracy(pc.detach(), pr.detach())}

@@ -10,7 +10,8 @@ rows), the loss (per pair, normalised by the step's pairs) and the figures logge
 
 metrics.jsonl holds per step, beside loss, lr, grad_norm: reward: accuracy, margin,
 rewards_chosen, rewards_rejected; dpo: rewards_chosen, rewards_rejected, rewards_accuracy,
-rewards_margin, logps_chosen, logps_rejected, logps_accuracy; each is the mean over the step's pairs. Validation
+rewards_margin, logps_chosen, logps_rejected, logps_accuracy (and nll_chosen with
+dpo.nll_coef); each is the mean over the step's pairs. Validation
 records the same figures prefixed "val_" (val_loss first). An accuracy counts a tie as half.
 """
 

@@ -41,6 +41,7 @@ COMPLETIONS = ("chosen", "rejected")
 EXPECTED = '{"prompt" | "messages", "chosen", "rejected"}'
 WHAT = "preference data"
 BUILTIN_FILES = ("train.jsonl", "val.jsonl", "heldout.jsonl", "heldout-choices.jsonl")
+QUIZ_PER_WORK, QUIZ_PER_MODULE = 60, 30   # the training questions per label of quiz.collect's defaults
 
 
 @dataclass
@@ -232,25 +233,33 @@ def fit_pairs(pairs: list[Pair], seq_len: int, overflow: str = "truncate") -> tu
 
 # ---- the demo's pairs ------------------------------------------------------------------------
 
-def build_preferences(directory: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write the demo's pairs into `directory` (all files or none, as quiz.build_quiz): train,
-    val and held-out pairs, one per quiz question (the right title or module chosen over another
-    of the same kind, drawn at random), and heldout-choices.jsonl, the quiz's held-out questions
-    as multiple choice (the same file the instruction demo evaluates), whose held-out pairs
+def build_preferences(directory: str | Path, seed: int = 0, new_per_work: int = 60,
+                      new_per_module: int = 30) -> dict[str, Path]:
+    """Write the demo's pairs into `directory` (all files or none, as quiz.build_quiz): one per
+    quiz question, the right title or module chosen over another of the same kind drawn at
+    random. The training questions are new ones, up to `new_per_work` passages per work and
+    `new_per_module` functions per module that the instruction demo (quiz.build_quiz) does not
+    train on, as preferences are gathered on other prompts than the demonstrations (Ouyang et
+    al., 2022); validation and held-out questions are the quiz's own. heldout-choices.jsonl is
+    the quiz's held-out multiple choice (the file the instruction demo evaluates), whose pairs
     reject one of each question's wrong choices. Returns the paths by name."""
     quiz.check_directory(directory, BUILTIN_FILES)
-    splits = quiz.collect(seed)
-    known = quiz.labels(splits)
+    splits = quiz.collect(seed)   # the instruction demo's questions (build_quiz's defaults)
+    more = quiz.collect(seed, QUIZ_PER_WORK + new_per_work, QUIZ_PER_MODULE + new_per_module)
+    if (more["val"], more["heldout"]) != (splits["val"], splits["heldout"]):
+        raise RuntimeError("quiz.collect drew other validation or held-out questions for a larger cap")
+    known, choices = quiz.labels(splits), quiz.heldout_choices(splits, seed)
+    taught = {i.question for i in splits["train"]}
+    train = [i for i in more["train"] if i.question not in taught]
     rng = random.Random(f"{seed}:preferences")
 
     def pair(item: quiz.Item) -> dict:
         wrong = rng.choice([label for label in known[item.kind] if label != item.answer])
         return {"prompt": item.question, "chosen": item.answer, "rejected": wrong}
 
-    choices = quiz.heldout_choices(splits, seed)
     heldout = [{"messages": c["messages"], "chosen": c["choices"][c["gold"]],
                 "rejected": rng.choice([x for i, x in enumerate(c["choices"]) if i != c["gold"]])} for c in choices]
-    records = {"train": [pair(i) for i in splits["train"]], "val": [pair(i) for i in splits["val"]],
+    records = {"train": [pair(i) for i in train], "val": [pair(i) for i in splits["val"]],
                "heldout": heldout, "heldout-choices": choices}
     return quiz.write_records(directory, records)
 

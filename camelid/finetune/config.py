@@ -86,6 +86,9 @@ class DPOSection:
     label_smoothing: float = 0.0     # cDPO: the share of pairs taken to be mislabelled
     reference: str = "auto"          # auto: the base with adapters off (lora, qlora), else precomputed;
                                      # precomputed: one pass over the pairs before training
+    nll_coef: float = 0.0            # > 0: plus this times the chosen answer's mean token NLL, which keeps its
+                                     # likelihood from falling (Llama 3: 0.2, Dubey et al., 2024; RPO, Pang
+                                     # et al., 2024)
 
 
 @dataclass
@@ -238,6 +241,7 @@ class FinetuneConfig:
             (0 <= dpo.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5) (got {dpo.label_smoothing})"),
             (dpo.loss == "sigmoid" or dpo.label_smoothing == 0,
              "dpo.label_smoothing applies to the sigmoid loss (cDPO); IPO's loss has none"),
+            (dpo.nll_coef >= 0, f"dpo.nll_coef must be 0 (none) or positive (got {dpo.nll_coef})"),
             (dpo.reference in DPO_REFERENCES,
              f"dpo.reference must be one of {', '.join(DPO_REFERENCES)} (got {dpo.reference!r})"),
         ]
