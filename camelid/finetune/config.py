@@ -30,8 +30,11 @@ METHODS = ("full", "lora", "qlora")
 # without a critic, advantages from a group of completions per prompt.
 OBJECTIVES = ("sft", "reward", "dpo", "ppo", "grpo")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
-FORMATS = ("auto",) + RECORD_FORMATS
-BUILTIN = ("corpus-quiz",)
+PAIRWISE = ("reward", "dpo")     # objectives trained on preference pairs
+FORMATS = ("auto",) + RECORD_FORMATS + ("preference",)
+BUILTIN = ("corpus-quiz", "corpus-preferences")
+DPO_LOSSES = ("sigmoid", "ipo")
+DPO_REFERENCES = ("auto", "precomputed")
 
 
 @dataclass
@@ -59,18 +62,21 @@ class LoraSection:
 @dataclass
 class InstructionDataSection:
     train: list[str] = field(default_factory=list)  # JSONL or Parquet files: chat {"messages"}, Alpaca
-                                                    # {"instruction", "input", "output"}, {"prompt", "completion"}
+                                                    # {"instruction", "input", "output"}, {"prompt", "completion"};
+                                                    # reward, dpo: {"prompt" | "messages", "chosen", "rejected"}
     val: list[str] = field(default_factory=list)    # held-out files; none: val_fraction of the training examples
-    format: str = "auto"             # auto (per file), chat, alpaca or prompt_completion
+    format: str = "auto"             # auto (per file), chat, alpaca, prompt_completion or preference
     hf_dataset: str = ""             # a Hugging Face dataset (name or path) read with `datasets`, instead of files
     hf_subset: str = ""
     hf_split: str = "train"
-    builtin: str = ""                # corpus-quiz: the demo's questions, built from camelid's embedded corpus
+    builtin: str = ""                # corpus-quiz: the demo's questions, built from camelid's embedded corpus;
+                                     # corpus-preferences: pairs of a right and a wrong answer to them
     val_fraction: float = 0.05
     seq_len: int = 1024
-    packing: bool = True             # several examples per sequence, none attending to another
-    overflow: str = "truncate"       # an example longer than seq_len: truncate, or drop
-    train_on: str = "assistant"      # assistant (the loss covers what the assistant says) or all
+    packing: bool = True             # several examples per sequence, none attending to another (pairs: never)
+    overflow: str = "truncate"       # an example longer than seq_len: truncate (pairs: the completions), or drop
+    train_on: str = "assistant"      # assistant (the loss covers what the assistant says) or all (pairs: the
+                                     # completions, always)
 
 
 @dataclass
@@ -81,6 +87,9 @@ class DPOSection:
     label_smoothing: float = 0.0     # cDPO: the share of pairs taken to be mislabelled
     reference: str = "auto"          # auto: the base with adapters off (lora, qlora), else precomputed;
                                      # precomputed: one pass over the pairs before training
+    nll_coef: float = 0.0            # > 0: plus this times the chosen answer's mean token NLL, which keeps its
+                                     # likelihood from falling (Llama 3: 0.2, Dubey et al., 2024; RPO, Pang
+                                     # et al., 2024)
 
 
 @dataclass
@@ -201,7 +210,55 @@ class FinetuneConfig:
         ]
         if m.objective in ("ppo", "grpo"):
             checks += rl_checks(self, distributed)
-        raise_first(checks)
+        raise_first(checks + self._objective_checks())
+
+    def _objective_checks(self) -> list[tuple[bool, str]]:
+        """What the objective asks of the data and the other sections."""
+        m, d, dpo = self.model, self.data, self.dpo
+        p = self.parallel
+        pairwise = m.objective in PAIRWISE
+        return [
+            (not pairwise or d.format in ("auto", "preference"),
+             f"data.format {d.format!r}: model.objective = {m.objective!r} trains on preference pairs; use "
+             "data.format = \"preference\" (or auto)"),
+            (m.objective != "sft" or d.format != "preference",
+             "data.format = \"preference\": preference pairs train model.objective = \"reward\" or \"dpo\", "
+             "not sft"),
+            (not pairwise or d.builtin in ("", "corpus-preferences"),
+             f"data.builtin {d.builtin!r}: model.objective = {m.objective!r} needs preference pairs; use "
+             "data.builtin = \"corpus-preferences\""),
+            (m.objective != "sft" or d.builtin != "corpus-preferences",
+             "data.builtin = \"corpus-preferences\" is preference pairs, for model.objective = \"reward\" or "
+             "\"dpo\"; instruction finetuning takes data.builtin = \"corpus-quiz\""),
+            (not pairwise or p.dp_replicate * p.dp_shard * p.tp == 1,
+             f"model.objective = {m.objective!r} runs in one process; start camelid finetune without torchrun"),
+            (m.objective != "reward" or not self.adapters or "output" not in self.lora.targets,
+             "lora.targets: a reward model's score head trains whole beside the adapters; remove \"output\""),
+            (m.objective != "reward" or not self.sample.prompts,
+             "sample.prompts: a reward model scores text and does not generate; remove the prompts"),
+            (m.objective != "reward" or not self.evaluate.tasks,
+             "evaluate.tasks: a reward model has no language-model head to run them with; its held-out "
+             "preference accuracy is reported instead"),
+            (m.objective != "reward" or set(self.checkpoint.export) <= {"hf"},
+             f"checkpoint.export {self.checkpoint.export}: a reward model is written as a camelid checkpoint and "
+             "exported to Hugging Face (\"hf\") only"),
+            (dpo.beta > 0, f"dpo.beta must be positive (got {dpo.beta})"),
+            (dpo.loss in DPO_LOSSES, f"dpo.loss must be one of {', '.join(DPO_LOSSES)} (got {dpo.loss!r})"),
+            (0 <= dpo.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5) (got {dpo.label_smoothing})"),
+            (dpo.loss == "sigmoid" or dpo.label_smoothing == 0,
+             "dpo.label_smoothing applies to the sigmoid loss (cDPO); IPO's loss has none"),
+            (dpo.nll_coef >= 0, f"dpo.nll_coef must be 0 (none) or positive (got {dpo.nll_coef})"),
+            (dpo.reference in DPO_REFERENCES,
+             f"dpo.reference must be one of {', '.join(DPO_REFERENCES)} (got {dpo.reference!r})"),
+        ]
+
+    @property
+    def dpo_reference(self) -> str:
+        """How DPO gets the reference's log-probabilities: "adapters" (the same model with its
+        LoRA adapters off, computed alongside) or "precomputed" (one pass before training)."""
+        if self.dpo.reference == "auto":
+            return "adapters" if self.adapters else "precomputed"
+        return self.dpo.reference
 
 
 def rl_checks(cfg: FinetuneConfig, distributed: bool) -> list[tuple[bool, str]]:

@@ -23,7 +23,7 @@ from camelid.tokenizer.chat import builtin_format
 from camelid.train.loss import IGNORE
 
 __all__ = ["FORMATS", "IGNORE", "Batch", "Example", "InstructionLoader", "encode_conversation", "fit_length",
-           "load_hf_dataset", "read_records", "split_heldout"]
+           "next_targets", "load_hf_dataset", "read_records", "split_heldout"]
 
 TRAIN_ON = ("assistant", "all")
 OVERFLOW = ("truncate", "drop")
@@ -37,7 +37,8 @@ class Example:
 
 # ---- rendering and the loss mask ---------------------------------------------------------------
 
-def encode_conversation(messages: list[dict[str, str]], tokenizer: Tokenizer, train_on: str = "assistant") -> Example:
+def encode_conversation(messages: list[dict[str, str]], tokenizer: Tokenizer, train_on: str = "assistant",
+                        completion_from: int = 0) -> Example:
     """The whole conversation's tokens, exactly as `Tokenizer.encode_chat` (without a generation
     prompt) gives them, BOS included once, and which of them the loss covers.
 
@@ -45,7 +46,9 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Tokenizer, tr
     generation prompt (where the turn starts) and up to its end (where it ends): both renders
     must be prefixes of the whole one, and their tokens prefixes of its tokens, so every token
     belongs to exactly one segment. Within a turn, tokens after its first end-of-turn token
-    (ChatML's newline after <|im_end|>) are never generated and get no loss."""
+    (ChatML's newline after <|im_end|>) are never generated and get no loss. Assistant turns
+    before message `completion_from` get none either (a preference pair's prompt may hold
+    earlier answers: only the completions compared are marked)."""
     if train_on not in TRAIN_ON:
         raise CamelidError(f"train_on {train_on!r}: expected one of {', '.join(TRAIN_ON)}")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
@@ -59,7 +62,7 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Tokenizer, tr
     trainable = [False] * len(ids)
     stops = tokenizer.stop_ids
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < completion_from:
             continue
         start = _boundary(tokenizer, messages[:i], True, text, ids, bos)
         end = _boundary(tokenizer, messages[:i + 1], False, text, ids, bos)
@@ -139,7 +142,7 @@ class Batch:
         return int((self.targets != IGNORE).sum())
 
 
-def _targets(ex: Example) -> np.ndarray:
+def next_targets(ex: Example) -> np.ndarray:
     """Next-token targets of one example: ids[i + 1] where that token is trainable, IGNORE at the
     end (the next token belongs to another example, or is padding)."""
     ids, keep = np.asarray(ex.ids, dtype=np.int64), np.asarray(ex.trainable, dtype=bool)
@@ -171,15 +174,20 @@ class InstructionLoader:
                  world_size: int = 1, packing: bool = True, shuffle: bool = True):
         if not examples:
             raise CamelidError("instruction data: no examples left to train on")
-        longest = max(len(e.ids) for e in examples)
-        if longest > seq_len:
-            raise ValueError(f"an example has {longest} tokens, more than seq_len {seq_len}: fit_length first")
+        self.lengths = np.array([self.length_of(e) for e in examples], dtype=np.int64)
+        if self.lengths.max() > seq_len:
+            raise ValueError(f"an example has {self.lengths.max()} tokens, more than seq_len {seq_len}: "
+                             "fit_length first")
         self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.packing, self.shuffle = packing, shuffle
-        self.lengths = np.array([len(e.ids) for e in examples], dtype=np.int64)
         self.epoch, self.row, self.draw = 0, 0, 0
         self._plan_cache: tuple[int, list[list[int]]] | None = None
+
+    @staticmethod
+    def length_of(example) -> int:
+        """The tokens a row spends on one example (a subclass's examples may be pairs)."""
+        return len(example.ids)
 
     # ---- the deterministic schedule ----------------------------------------------------------
     def plan(self, epoch: int) -> list[list[int]]:
@@ -264,7 +272,7 @@ class InstructionLoader:
                 ex = self.examples[i]
                 n = len(ex.ids)
                 inputs[b, at:at + n] = ex.ids
-                targets[b, at:at + n] = _targets(ex)
+                targets[b, at:at + n] = next_targets(ex)
                 positions[b, at:at + n] = np.arange(n)
                 documents[b, at:at + n] = d
                 at += n

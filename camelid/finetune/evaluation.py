@@ -34,13 +34,14 @@ def save(run_dir: Path, record: dict[str, Any]) -> None:
 
 def side_by_side(before: dict[str, Any], after: dict[str, Any]) -> str:
     """The tasks' metrics before and after, one line each (standard errors and counts left out)."""
-    lines = [f"{'held-out evaluation':32s} {'metric':10s} {'before':>8s} {'after':>8s}"]
+    width = max([10] + [len(m) for metrics in after.values() for m in metrics if not m.endswith("_stderr")])
+    lines = [f"{'held-out evaluation':32s} {'metric':{width}s} {'before':>8s} {'after':>8s}"]
     for task, metrics in after.items():
         for metric, value in metrics.items():
             if metric.endswith("_stderr") or metric == "documents":
                 continue
             old = before.get(task, {}).get(metric)
-            lines.append(f"{task:32s} {metric:10s} {_cell(old)} {_cell(value)}")
+            lines.append(f"{task:32s} {metric:{width}s} {_cell(old)} {_cell(value)}")
     return "\n".join(lines)
 
 

@@ -183,6 +183,17 @@ def _multiple_choice(item: Item, labels: list[str], rng: random.Random) -> dict:
             "gold": choices.index(item.answer)}
 
 
+def labels(splits: dict[str, list[Item]]) -> dict[str, list[str]]:
+    """kind -> the answers the training items give (the choices a question may offer)."""
+    return {kind: sorted({i.answer for i in splits["train"] if i.kind == kind}) for kind in ("work", "module")}
+
+
+def heldout_choices(splits: dict[str, list[Item]], seed: int = 0) -> list[dict]:
+    """The held-out questions as chat multiple choice (heldout.jsonl's records)."""
+    rng, known = random.Random(f"{seed}:choices"), labels(splits)
+    return [_multiple_choice(i, known[i.kind], rng) for i in splits["heldout"]]
+
+
 def build_quiz(directory: str | Path, seed: int = 0, passages_per_work: int = 60, functions_per_module: int = 30,
                heldout_per_label: int = 6, val_per_label: int = 3) -> dict[str, Path]:
     """Write train.jsonl, val.jsonl and heldout.jsonl into `directory` (all three or none: the
@@ -190,18 +201,28 @@ def build_quiz(directory: str | Path, seed: int = 0, passages_per_work: int = 60
     a directory holding anything else is left alone). Returns their paths."""
     if min(passages_per_work, functions_per_module, heldout_per_label) < 1 or val_per_label < 0:
         raise CamelidError("quiz: the per-label counts must be positive (val_per_label may be 0)")
+    check_directory(directory, FILES)
+    splits = collect(seed, passages_per_work, functions_per_module, heldout_per_label, val_per_label)
+    records = {"train": [_chat(i) for i in splits["train"]], "val": [_chat(i) for i in splits["val"]],
+               "heldout": heldout_choices(splits, seed)}
+    return write_records(directory, records)
+
+
+def check_directory(directory: str | Path, files: tuple[str, ...]) -> None:
+    """A directory that a build may replace: new, or holding nothing but `files`."""
     directory = Path(directory)
     if directory.is_file():
         raise CamelidError(f"quiz directory {directory}: is a file; give a directory path")
-    others = sorted(p.name for p in directory.iterdir() if p.name not in FILES) if directory.is_dir() else []
+    others = sorted(p.name for p in directory.iterdir() if p.name not in files) if directory.is_dir() else []
     if others:
         raise CamelidError(f"quiz directory {directory}: holds other files ({', '.join(others[:3])}); "
                            "choose an empty or new directory")
-    splits = collect(seed, passages_per_work, functions_per_module, heldout_per_label, val_per_label)
-    labels = {kind: sorted({i.answer for i in splits["train"] if i.kind == kind}) for kind in ("work", "module")}
-    rng = random.Random(f"{seed}:choices")
-    records = {"train": [_chat(i) for i in splits["train"]], "val": [_chat(i) for i in splits["val"]],
-               "heldout": [_multiple_choice(i, labels[i.kind], rng) for i in splits["heldout"]]}
+
+
+def write_records(directory: str | Path, records: dict[str, list[dict]]) -> dict[str, Path]:
+    """NAME.jsonl for each NAME of `records` in `directory`, all or none (built beside it and
+    renamed into place). Returns their paths."""
+    directory = Path(directory)
     with atomic_dir(directory, overwrite=True) as tmp:
         for name, rows in records.items():
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),

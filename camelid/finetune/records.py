@@ -35,16 +35,18 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[Messages]:
     return read_file(path, lambda rows: convert_rows(rows, fmt))
 
 
-def read_file(path: str | Path, convert: Callable[[Iterator[tuple[str, Any]]], list]) -> list:
-    """`convert` applied to the (where, record) rows of one JSONL or Parquet file; a file that
-    cannot be read or holds no records is refused in one line."""
+def read_file(path: str | Path, convert: Callable[[Iterator[tuple[str, Any]]], list],
+              what: str = "instruction data") -> list:
+    """convert((where, record) for every record of one JSONL or Parquet file): what a reader of
+    records in another shape (preference pairs) shares with read_records: the file checks, the
+    choice of JSONL or Parquet and read errors named by file."""
     import zstandard
 
     path = Path(path)
     if not path.is_file():
         raise CamelidError(f"{path}: no such file")
     try:
-        out = convert(file_rows(path))
+        out = convert(_parquet_rows(path) if _is_parquet(path) else _jsonl_rows(path, what))
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise CamelidError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if not out:
@@ -52,9 +54,11 @@ def read_file(path: str | Path, convert: Callable[[Iterator[tuple[str, Any]]], l
     return out
 
 
-def load_hf_dataset(name: str, split: str = "train", subset: str | None = None) -> list[Messages]:
+def load_hf_dataset(name: str, split: str = "train", subset: str | None = None,
+                    convert: Callable[[Iterator[tuple[str, Any]]], list] | None = None) -> list:
     """The conversations of a Hugging Face dataset (a hub name, or a local directory or data
-    files that `datasets.load_dataset` reads), through `datasets`, imported only here."""
+    files that `datasets.load_dataset` reads), through `datasets`, imported only here; `convert`
+    turns (where, record) pairs into records of another kind (default: conversations)."""
     try:
         import datasets
     except ImportError:
@@ -65,7 +69,7 @@ def load_hf_dataset(name: str, split: str = "train", subset: str | None = None) 
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         raise CamelidError(f"dataset {name!r} (subset {subset}, split {split!r}): cannot load it ({e})") from None
     label = f"{name}[{split}]" if subset is None else f"{name}/{subset}[{split}]"
-    out = convert_rows(((f"{label} row {i + 1}", r) for i, r in enumerate(ds)), "auto")
+    out = (convert or convert_rows)((f"{label} row {i + 1}", r) for i, r in enumerate(ds))
     if not out:
         raise CamelidError(f"dataset {label}: no records")
     return out
@@ -89,6 +93,9 @@ def detect_format(record: dict, where: str) -> str:
     for fmt, keys in KEYS.items():
         if all(k in record for k in keys):
             return fmt
+    if "chosen" in record and "rejected" in record:
+        raise CamelidError(f"{where}: a preference pair (chosen, rejected) in instruction data; preference pairs "
+                           "train model.objective = \"reward\" or \"dpo\"")
     raise CamelidError(f"{where}: a record of no known format (keys: {sorted(record)}); expected {EXPECTED}")
 
 
@@ -168,7 +175,7 @@ def _is_parquet(path: Path) -> bool:
         return f.read(4) == b"PAR1"
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _jsonl_rows(path: Path, what: str = "instruction data") -> Iterator[tuple[str, Any]]:
     with open_binary(path) as f:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
@@ -177,10 +184,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield where, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise CamelidError(f"{where}: not UTF-8 text (byte {e.start}); instruction data is JSONL "
+                raise CamelidError(f"{where}: not UTF-8 text (byte {e.start}); {what} is JSONL "
                                    "(one JSON object per line) or Parquet") from None
             except json.JSONDecodeError as e:
-                raise CamelidError(f"{where}: not valid JSON ({json_problem(e)}); instruction data is JSONL "
+                raise CamelidError(f"{where}: not valid JSON ({json_problem(e)}); {what} is JSONL "
                                    "(one JSON object per line) or Parquet") from None
 
 

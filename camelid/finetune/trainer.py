@@ -102,13 +102,16 @@ class FinetuneTrainer(Trainer):
     def _build_data(self) -> None:
         c = self.cfg
         self._open_base()
-        self.train_examples, self.val_examples, self.data_report, self.heldout_tasks = load_examples(
-            c, self.tokenizer, self.run_dir)
+        self.train_examples, self.val_examples, self.data_report, self.heldout_tasks = self._load_data()
         self.train_loader = self._loader("train", c.train.seed)
         rows = self._global_rows()
         self.micro_rows = self._micro_batches(rows, c.train.micro_batch)
         self.accumulation = len(self.micro_rows)
         self.step_tokens = rows * c.data.seq_len
+
+    def _load_data(self) -> tuple[list, list, dict, list[str]]:
+        """(training examples, validation examples, data.json's report, evaluation tasks)."""
+        return load_examples(self.cfg, self.tokenizer, self.run_dir)
 
     def _loader(self, split: str, seed: int) -> InstructionLoader:
         c = self.cfg
@@ -184,7 +187,8 @@ class FinetuneTrainer(Trainer):
     # ---- checkpoints ---------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         c = self.cfg
-        return {**super().trainer_state(), "method": c.model.method, "lora": asdict(c.lora) if c.adapters else None}
+        return {**super().trainer_state(), "method": c.model.method, "lora": asdict(c.lora) if c.adapters else None,
+                "objective": c.model.objective}
 
     def _check_resume(self) -> None:
         super()._check_resume()
@@ -193,8 +197,10 @@ class FinetuneTrainer(Trainer):
             return
         state = torch.load(found[-1] / TRAINER, map_location="cpu", weights_only=True)
         c = self.cfg
-        mine = {"method": c.model.method, "lora": asdict(c.lora) if c.adapters else None}
-        theirs = {"method": state.get("method"), "lora": state.get("lora")}
+        mine = {"method": c.model.method, "lora": asdict(c.lora) if c.adapters else None,
+                "objective": c.model.objective}
+        theirs = {"method": state.get("method"), "lora": state.get("lora"),
+                  "objective": state.get("objective", "sft")}   # checkpoints from before objectives: sft
         if mine != theirs:
             raise CamelidError(f"run.dir {self.run_dir}: its checkpoint {found[-1].name} was trained with {theirs}, "
                                f"this recipe asks for {mine}; choose another run.dir, or restore the settings "

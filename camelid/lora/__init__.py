@@ -4,6 +4,7 @@
     save_adapter(out_dir, settings, adapter_state(model), model.config)
     load_adapter(model, "adapter-dir", model.config)   # PEFT adapters trained elsewhere too
     merge_lora(model)                                   # W + scaling B A, back to plain nn.Linear
+    with adapters_disabled(model): ...                  # the frozen base alone (a reference model)
     merged_checkpoint(read_checkpoint(base), "adapter-dir")   # lazily merged, for convert --adapter
 
 Over a quantized model (camelid.quant) the same calls give QLoRA: the int8/int4 codes stay

@@ -130,6 +130,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.disabled = False   # adapters_disabled: the base's output alone
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
             nn.init.zeros_(self.lora_B.weight)
@@ -246,6 +247,10 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: 
     """Copy `state` (adapter_state's names) into the model's adapters; every mismatch is an error
     naming `where`."""
     own = adapter_state(model)
+    score = getattr(model, "output", None)
+    if "output.weight" in state and type(score) is nn.Linear and getattr(model, "config", None) is not None \
+            and model.config.num_labels:
+        own["output.weight"] = score.weight   # a reward model's score head, saved whole beside the adapters
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -38,6 +38,9 @@ PREFIX = "base_model.model."
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
               "w3": "up_proj", "output": "lm_head"}
 CAMELID_TARGETS = {v: k for k, v in HF_TARGETS.items()}
+SCORE = "score"                     # LlamaForSequenceClassification's head, a PEFT modules_to_save entry
+SCORE_KEY = f"{PREFIX}{SCORE}.weight"
+SCORE_NAME = "output.weight"        # ... by its camelid name
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 # adapter_config.json fields whose non-default values change what the adapter computes in ways
@@ -61,10 +64,19 @@ _REFUSED = {
 def save_adapter(directory, settings: LoraSettings, state: dict[str, torch.Tensor], config: ModelConfig,
                  base_model: str = "", overwrite: bool = True) -> Path:
     """Write `state` (adapter_state's camelid names, Meta layout) as a PEFT adapter directory,
-    atomically (built beside `directory`, then renamed over it)."""
+    atomically (built beside `directory`, then renamed over it). A scorer's head (config.num_labels,
+    a reward model), trained whole beside the adapters, is `state["output.weight"]`: PEFT's
+    `modules_to_save` entry `score`, the name of LlamaForSequenceClassification's head."""
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     modules: list[str] = []
+    state = dict(state)
+    score = state.pop(SCORE_NAME, None)
+    if score is not None:
+        if not config.num_labels or tuple(score.shape) != (config.num_labels, config.dim):
+            raise CamelidError(f"save_adapter: {SCORE_NAME} {list(score.shape)} is not the score head of this model "
+                               f"(num_labels {config.num_labels}, dim {config.dim})")
+        tensors[SCORE_KEY] = score.detach().contiguous().cpu()
     for name, t in state.items():
         m = _KEY.match(name)
         hf = m and rename(m["module"] + ".weight", "camelid", "hf")
@@ -78,6 +90,8 @@ def save_adapter(directory, settings: LoraSettings, state: dict[str, torch.Tenso
         if module not in modules:
             modules.append(module)
     cfg = _peft_config(settings, modules, config, base_model)
+    if score is not None:
+        cfg.update(task_type="SEQ_CLS", modules_to_save=[SCORE])
     with atomic_dir(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -124,6 +138,8 @@ def check_adapter_dir(directory) -> dict:
     if cfg.get("peft_type") != "LORA":
         raise CamelidError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; camelid reads LORA adapters")
     for key, (default, why) in _REFUSED.items():
+        if key == "modules_to_save" and cfg.get(key) == [SCORE]:
+            continue   # a reward model's head, trained whole beside the adapters: read as such
         if cfg.get(key) not in (default, None, [], {}, False):
             raise CamelidError(f"{path}: {key}={cfg[key]!r}: {why}")
     if cfg.get("bias", "none") != "none":
@@ -176,6 +192,7 @@ def read_adapter(directory, config: ModelConfig) -> tuple[AdapterSettings, dict[
     cfg = check_adapter_dir(directory)
     cfg_path = directory / CONFIG
     raw, wpath = _load_tensors(directory)
+    score = _score_head(raw, cfg, config, cfg_path, wpath)
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in raw.items():
         if _embedding_copy(key, t, config, wpath):
@@ -219,7 +236,31 @@ def read_adapter(directory, config: ModelConfig) -> tuple[AdapterSettings, dict[
     every = settings.modules(config.n_layers)
     if sorted(every) != sorted(found):  # some layers only (layers_to_transform, a regex)
         settings.only = tuple(m for m in every if m in found)
+    if score is not None:
+        state[SCORE_NAME] = score
     return settings, state
+
+
+def _score_head(raw: dict[str, torch.Tensor], cfg: dict, config: ModelConfig, cfg_path: Path,
+                wpath: Path) -> torch.Tensor | None:
+    """A reward-model adapter's score head (modules_to_save ["score"]), taken out of `raw`; None
+    for an adapter without one."""
+    t = raw.pop(SCORE_KEY, None)
+    if cfg.get("modules_to_save") != [SCORE]:
+        if t is not None:
+            raise CamelidError(f"{wpath}: tensor {SCORE_KEY} is a score head, but {cfg_path} does not list "
+                               f"modules_to_save [\"{SCORE}\"]; the adapter is inconsistent")
+        return None
+    if t is None:
+        raise CamelidError(f"{wpath}: no {SCORE_KEY}, though {cfg_path} lists modules_to_save [\"{SCORE}\"]; "
+                           "the file is incomplete")
+    if not config.num_labels:
+        raise CamelidError(f"{cfg_path}: a reward model's adapter (its score head is modules_to_save "
+                           f"[\"{SCORE}\"]) over a language model; load it over a base with a score head")
+    if tuple(t.shape) != (config.num_labels, config.dim) or not t.is_floating_point():
+        raise CamelidError(f"{wpath}: tensor {SCORE_KEY} has shape {list(t.shape)} but this model's score head is "
+                           f"[{config.num_labels}, {config.dim}]; was the adapter trained on another model?")
+    return t
 
 
 _EMBEDDINGS = re.compile(r"^base_model\.model\.(model\.embed_tokens|lm_head)(\.base_layer)?\.weight$")

@@ -300,7 +300,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = self.runtime.clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
-        record: dict[str, Any] = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm}
+        record: dict[str, Any] = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
+                                  **self.step_metrics()}
         event = self._judge(loss_total, grad_norm)
         if event is None:
             self.optimizer.step()
@@ -316,6 +317,11 @@ class Trainer:
         if self.peak:
             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.runtime.world)
         return record
+
+    def step_metrics(self) -> dict[str, float]:
+        """Figures of the step just computed beside its loss (none here): a subclass whose
+        loss_sum tallies more (preference accuracy, reward margins) reports and resets them."""
+        return {}
 
     def _judge(self, loss: float, grad_norm: float) -> str | None:
         """None to apply the update, else why it is skipped."""
@@ -344,6 +350,10 @@ class Trainer:
             total.append(self.loss_sum(batch))
             count.append(self.targets_in(batch))
         return self._dp_sum(total) / self._dp_sum(count)
+
+    def validation_metrics(self, val_loss: float) -> dict[str, float]:
+        """metrics.jsonl's validation record for the loss `evaluate` returned."""
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -456,7 +466,7 @@ class Trainer:
                             tok_s=f"{record['tokens_per_s']:.0f}")
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                 val_loss = self.evaluate()
-                self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                self.metrics.write({"step": self.step, **self.validation_metrics(val_loss)})
                 self.metrics.plot()
             if self.step % c.checkpoint.interval == 0 or self.step == t.max_steps:
                 self.save()
