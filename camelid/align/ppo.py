@@ -42,7 +42,6 @@ from camelid.align.rewards import RewardFunction, load_reward_model
 from camelid.align.rollout import PromptLoader, Sequences, load_prompts, sample_completions, token_figures
 from camelid.checkpoint import build_model
 from camelid.checkpoint.hub import cache_dir as camelid_cache
-from camelid.distributed.sharded_state import TRAINER
 from camelid.errors import CamelidError
 from camelid.finetune.trainer import FinetuneTrainer
 from camelid.generate.core import Engine
@@ -295,21 +294,11 @@ class PPOTrainer(FinetuneTrainer):
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        state = {**super().trainer_state(), "objective": self.cfg.model.objective, "kl": self.kl.state_dict(),
+        state = {**super().trainer_state(), "kl": self.kl.state_dict(),
                  "samples_offset": self.samples_path.stat().st_size if self.samples_path.exists() else 0}
         if self.critic:  # the value head lives beside the adapters / weights, in trainer.pt
             state["value_head"] = {k: v.detach().cpu() for k, v in self.model.value_head.state_dict().items()}
         return state
-
-    def _check_resume(self) -> None:
-        super()._check_resume()
-        found = self._checkpoints()
-        if found:
-            saved = torch.load(found[-1] / TRAINER, map_location="cpu", weights_only=True).get("objective")
-            if saved != self.cfg.model.objective:
-                raise CamelidError(f"run.dir {self.run_dir}: its checkpoint {found[-1].name} was trained with "
-                                   f"model.objective {saved!r}, this recipe asks for {self.cfg.model.objective!r}; "
-                                   "choose another run.dir, or restore the objective to resume")
 
     def _load_state(self, path: Path) -> dict[str, Any]:
         state = super()._load_state(path)

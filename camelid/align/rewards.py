@@ -59,18 +59,12 @@ def load_reward_model(path: str, policy_tokenizer: Tokenizer, device: torch.devi
                       dtype: torch.dtype = torch.float32, where: str = "rl.reward_model") -> ModelReward:
     """The reward model at `path` as a RewardFunction, refused in one line when it is no scorer or
     reads other token ids than the policy."""
-    from camelid.checkpoint import read_checkpoint
-
     try:
-        ckpt = read_checkpoint(path)
+        model = RewardModel.load(path, device=device, dtype=dtype)   # refuses a language model unread
     except CamelidError as e:
         raise CamelidError(f"{where}: {e}") from None
-    if ckpt.config.num_labels != 1:
-        raise CamelidError(f"{where} {path}: not a reward model (a model with one score, num_labels = 1; this one "
-                           f"has {ckpt.config.num_labels or 'none, a language model'}); make one with "
-                           "model.objective = \"reward\"")
-    if ckpt.tokenizer is None:
-        raise CamelidError(f"{where} {path}: no tokenizer beside the weights, so its ids cannot be checked "
-                           "against the policy's")
-    check_same_tokenizer(policy_tokenizer, ckpt.tokenizer, f"{where} {path}")
-    return ModelReward(RewardModel.load(path, device=device, dtype=dtype))
+    if model.config.num_labels != 1:
+        raise CamelidError(f"{where} {path}: not a reward model of one score (it has {model.config.num_labels} "
+                           "labels); make one with model.objective = \"reward\"")
+    check_same_tokenizer(policy_tokenizer, model.tokenizer, f"{where} {path}")
+    return ModelReward(model)

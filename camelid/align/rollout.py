@@ -94,7 +94,7 @@ def load_prompts(cfg, tokenizer: Tokenizer, run_dir: Path) -> tuple[list[list[in
         train, val = read_prompts(files["train"]), read_prompts(files["val"])
         tasks = [str(files["heldout"])]
     elif d.hf_dataset:
-        train = [check_prompt(_before_last_answer(m), f"{d.hf_dataset} record {i + 1}")
+        train = [prompt_messages({"messages": m}, f"{d.hf_dataset} record {i + 1}")
                  for i, m in enumerate(load_hf_dataset(d.hf_dataset, d.hf_split, d.hf_subset or None))]
         val = []
     else:
@@ -114,11 +114,6 @@ def load_prompts(cfg, tokenizer: Tokenizer, run_dir: Path) -> tuple[list[list[in
         raise CamelidError(f"data: no training prompt fits in data.seq_len - rl.max_new_tokens = {room} tokens; raise "
                            "data.seq_len or lower rl.max_new_tokens")
     return out[0], out[1], report, tasks
-
-
-def _before_last_answer(messages: Messages) -> Messages:
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return messages[:turns[-1]] if turns else messages
 
 
 class PromptLoader:

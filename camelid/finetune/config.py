@@ -209,7 +209,7 @@ class FinetuneConfig:
                                                    "camelid finetune without torchrun"),
         ]
         if m.objective in ("ppo", "grpo"):
-            checks += rl_checks(self, distributed)
+            checks += rl_checks(self)
         raise_first(checks + self._objective_checks())
 
     def _objective_checks(self) -> list[tuple[bool, str]]:
@@ -230,7 +230,8 @@ class FinetuneConfig:
             (m.objective != "sft" or d.builtin != "corpus-preferences",
              "data.builtin = \"corpus-preferences\" is preference pairs, for model.objective = \"reward\" or "
              "\"dpo\"; instruction finetuning takes data.builtin = \"corpus-quiz\""),
-            (not pairwise or p.dp_replicate * p.dp_shard * p.tp == 1,
+            # reward and dpo hold pairs together, ppo and grpo a generation engine: one process
+            (m.objective == "sft" or p.dp_replicate * p.dp_shard * p.tp == 1,
              f"model.objective = {m.objective!r} runs in one process; start camelid finetune without torchrun"),
             (m.objective != "reward" or not self.adapters or "output" not in self.lora.targets,
              "lora.targets: a reward model's score head trains whole beside the adapters; remove \"output\""),
@@ -261,12 +262,10 @@ class FinetuneConfig:
         return self.dpo.reference
 
 
-def rl_checks(cfg: FinetuneConfig, distributed: bool) -> list[tuple[bool, str]]:
+def rl_checks(cfg: FinetuneConfig) -> list[tuple[bool, str]]:
     """The [rl] settings of objective ppo or grpo."""
     r, objective = cfg.rl, cfg.model.objective
     return [
-        (not distributed, f"model.objective = {objective!r} runs in one process; start camelid finetune without "
-                          "torchrun"),
         (not cfg.train.compile, f"train.compile: model.objective = {objective!r} compiles the rollouts' decode step "
                                 "(rl.compile) but not the update; set train.compile = false"),
         (r.prompts_per_step >= 1, f"rl.prompts_per_step must be at least 1 (got {r.prompts_per_step})"),

@@ -116,8 +116,6 @@ class LoRALinear(nn.Module):
     """A frozen `base` (bias-free nn.Linear or QuantizedLinear) plus a trainable low-rank update,
     left out while `disabled` (see `adapters_disabled`)."""
 
-    disabled = False
-
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dtype: torch.dtype | None = None, generator: torch.Generator | None = None):
         super().__init__()
