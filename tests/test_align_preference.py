@@ -207,6 +207,7 @@ def test_the_demo_prefers_the_right_attribution(built, tmp_path):
         assert r["rejected"] != item.answer and r["rejected"] in known[item.kind]
     sft = quiz.build_quiz(tmp_path / "quiz", seed=0)
     assert built["heldout-choices"].read_bytes() == sft["heldout"].read_bytes()
+    assert built["heldout-answers"].read_bytes() == sft["heldout-answers"].read_bytes()   # the win rate's questions
     choices, held = rows(built["heldout-choices"]), rows(built["heldout"])
     assert len(held) == len(choices) == len(splits["heldout"]) > 100
     for pair, mc in zip(held, choices):

@@ -158,3 +158,52 @@ def test_smollm2_chat_multiple_choice_matches_transformers(smollm2, smollm2_hf, 
             n = len(context)
             reference = sum(logp[n - 1 + j, t].item() for j, t in enumerate(ids[0, n:].tolist()))
             assert ll == pytest.approx(reference, abs=2e-3)
+
+
+# ---- chat generation: {"messages", "answers"} ------------------------------------------------------
+
+def test_chat_generation_answers_the_rendered_conversation_until_the_turn_ends(chatml_llm, tmp_path):
+    """The request is the conversation as `camelid chat` encodes it (markup as special tokens),
+    generated greedily; the answer is scored by exact match, so a file whose first answer is what
+    the model says and whose second is not scores [1, 0]."""
+    from camelid.generate import SamplingParams
+
+    tok = chatml_llm.tokenizer
+    conversations = [m for m, _, _ in QUESTIONS[:2]]
+    said = [r.text for r in chatml_llm.generate_batch([tok.encode_chat(m) for m in conversations],
+                                                      SamplingParams(temperature=0.0, max_new_tokens=64))]
+    path = write_jsonl(tmp_path / "gen.jsonl", [{"messages": conversations[0], "answers": said[0]},
+                                                {"messages": conversations[1], "answers": [said[1] + " not this"]}])
+    out = evaluate(chatml_llm, [str(path)], Settings(num_fewshot=0), log_samples=True)
+    records = out["samples"]["gen"]
+    assert [r["generations"][0] for r in records] == said
+    assert [r["exact_match"] for r in records] == [1.0, 0.0] and out["results"]["gen"]["exact_match"] == 0.5
+
+
+def test_chat_generation_fewshot_examples_are_earlier_turns(chatml_llm, tmp_path, monkeypatch):
+    from camelid.eval.scoring import Scorer
+
+    seen = []
+    monkeypatch.setattr(Scorer, "generate", lambda self, requests: seen.extend(requests) or ["x"] * len(requests))
+    rows = [{"messages": m, "answers": c[g]} for m, c, g in QUESTIONS]
+    evaluate(chatml_llm, [str(write_jsonl(tmp_path / "gen.jsonl", rows))], Settings(num_fewshot=1))
+    for (messages, choices, gold), request in zip(QUESTIONS, seen):
+        assert request.chat and request.stop == ()
+        assert request.context.count("<|im_start|>assistant\n") == 2
+        assert request.context.endswith(chatml_llm.tokenizer.apply_chat_template(messages[-1:]))
+        shot = [r for r in rows if r["messages"] != messages]
+        assert any(f"{r['answers']}<|im_end|>" in request.context for r in shot)
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [{"role": "user", "content": "q"}], "answers": []}, r"bad\.jsonl:2: 'answers' must be"),
+    ({"messages": [{"role": "user", "content": "q"}], "answers": 3}, r"bad\.jsonl:2: field 'answers' must be"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answers": "a"},
+     r"bad\.jsonl:2: the last message is the assistant's; leave the answer out \(the field 'answers' holds it\)"),
+    ({"messages": [{"role": "user", "content": "q"}]}, r"bad\.jsonl:2: missing field 'answers'"),
+])
+def test_broken_chat_generation_files(tmp_path, record, message, chatml_llm):
+    good = {"messages": [{"role": "user", "content": "q"}], "answers": "a"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, record])
+    with pytest.raises(CamelidError, match=message):
+        evaluate(chatml_llm, [str(path)])

@@ -151,3 +151,34 @@ def test_a_resumed_run_must_keep_its_method(base, chats, tmp_path, capsys):
     assert cli(["finetune", str(EMPTY), *settings(base, chats, run, "--train.max_steps=3")]) == 0
     line = cli_error(capsys, "finetune", EMPTY, *settings(base, chats, run, "--train.max_steps=6", "--lora.rank=8"))
     assert "step_00000003" in line and "another run.dir" in line
+
+
+def test_win_rates_count_a_tie_as_half():
+    from camelid.finetune.evaluation import win_rates
+
+    before = {"q": [1, 0, 0, 1, 0], "mc": [1.0]}
+    after = {"q": [1, 1, 0, 0, 1]}
+    assert win_rates(before, after) == {"q": {"win_rate": (2 + 2 / 2) / 5, "wins": 2, "ties": 2, "losses": 1}}
+    with pytest.raises(ValueError):   # other questions than the base answered: never compared
+        win_rates({"q": [1, 0]}, {"q": [1]})
+
+
+def test_answers_by_generation_get_the_win_rate_against_the_base(base, chats, tmp_path, capsys):
+    questions = tmp_path / "answers.jsonl"
+    rows = [json.loads(line) for line in chats.read_text().splitlines()][:12]
+    questions.write_text("".join(json.dumps({"messages": r["messages"][:2], "answers": r["messages"][2]["content"]}) + "\n"
+                                 for r in rows))
+    run = tmp_path / "run"
+    assert cli(["finetune", str(EMPTY), *settings(base, chats, run, "--train.lr=2e-2", "--model.method=full",
+                                                  f"--evaluate.tasks=[\"{questions}\"]")]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((run / "evaluation.json").read_text())
+    before, after = record["outcomes"]["before"]["answers"], record["outcomes"]["after"]["answers"]
+    assert len(before) == len(after) == 12 and set(before + after) <= {0.0, 1.0}
+    figures = record["after"]["answers"]
+    wins = sum(a > b for a, b in zip(after, before))
+    losses = sum(a < b for a, b in zip(after, before))
+    assert (figures["wins"], figures["losses"], figures["ties"]) == (wins, losses, 12 - wins - losses)
+    assert figures["win_rate"] == pytest.approx((wins + (12 - wins - losses) / 2) / 12)
+    assert figures["exact_match"] == pytest.approx(sum(after) / 12)
+    assert f"{wins} better, {12 - wins - losses} the same, {losses} worse" in out

@@ -8,7 +8,7 @@ import pytest
 
 from camelid.errors import CamelidError
 from camelid.eval.tasks import get_task
-from camelid.eval.tasks.generic import JsonlChatMultipleChoice
+from camelid.eval.tasks.generic import JsonlChatGeneration, JsonlChatMultipleChoice
 from camelid.finetune import quiz
 from camelid.tokenizer.chat import check_messages
 
@@ -29,7 +29,7 @@ def question(record: dict) -> str:
 def test_the_build_is_deterministic(built, tmp_path):
     again = quiz.build_quiz(tmp_path / "again", seed=0)
     other = quiz.build_quiz(tmp_path / "other", seed=1)
-    for name in ("train", "val", "heldout"):
+    for name in ("train", "val", "heldout", "heldout-answers"):
         assert again[name].read_bytes() == built[name].read_bytes()
         assert other[name].read_bytes() != built[name].read_bytes()
 
@@ -104,3 +104,13 @@ def test_a_directory_with_other_files_is_refused(tmp_path):
     with pytest.raises(CamelidError, match=r"holds other files \(notes\.txt\)"):
         quiz.build_quiz(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_heldout_answers_ask_the_heldout_questions_for_the_gold_label(built):
+    choices, answers = rows(built["heldout"]), rows(built["heldout-answers"])
+    assert len(answers) == len(choices)
+    for c, a in zip(choices, answers):
+        assert set(a) == {"messages", "answers"} and a["messages"] == c["messages"]
+        assert a["answers"] == [c["choices"][c["gold"]]]
+    task = get_task(str(built["heldout-answers"]))   # chat generation, judged by exact match
+    assert isinstance(task, JsonlChatGeneration) and len(task.docs()) == len(answers)

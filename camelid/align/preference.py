@@ -40,7 +40,7 @@ from camelid.tokenizer.base import Tokenizer
 COMPLETIONS = ("chosen", "rejected")
 EXPECTED = '{"prompt" | "messages", "chosen", "rejected"}'
 WHAT = "preference data"
-BUILTIN_FILES = ("train.jsonl", "val.jsonl", "heldout.jsonl", "heldout-choices.jsonl")
+BUILTIN_FILES = ("train.jsonl", "val.jsonl", "heldout.jsonl", "heldout-choices.jsonl", "heldout-answers.jsonl")
 QUIZ_PER_WORK, QUIZ_PER_MODULE = 60, 30   # the training questions per label of quiz.collect's defaults
 
 
@@ -242,7 +242,9 @@ def build_preferences(directory: str | Path, seed: int = 0, new_per_work: int = 
     train on, as preferences are gathered on other prompts than the demonstrations (Ouyang et
     al., 2022); validation and held-out questions are the quiz's own. heldout-choices.jsonl is
     the quiz's held-out multiple choice (the file the instruction demo evaluates), whose pairs
-    reject one of each question's wrong choices. Returns the paths by name."""
+    reject one of each question's wrong choices, and heldout-answers.jsonl the same questions to
+    be answered by generation (the rule's win rate against the base model). Returns the paths by
+    name."""
     quiz.check_directory(directory, BUILTIN_FILES)
     splits = quiz.collect(seed)   # the instruction demo's questions (build_quiz's defaults)
     more = quiz.collect(seed, QUIZ_PER_WORK + new_per_work, QUIZ_PER_MODULE + new_per_module)
@@ -260,7 +262,7 @@ def build_preferences(directory: str | Path, seed: int = 0, new_per_work: int = 
     heldout = [{"messages": c["messages"], "chosen": c["choices"][c["gold"]],
                 "rejected": rng.choice([x for i, x in enumerate(c["choices"]) if i != c["gold"]])} for c in choices]
     records = {"train": [pair(i) for i in train], "val": [pair(i) for i in splits["val"]],
-               "heldout": heldout, "heldout-choices": choices}
+               "heldout": heldout, "heldout-choices": choices, "heldout-answers": quiz.heldout_answers(splits)}
     return quiz.write_records(directory, records)
 
 
@@ -278,7 +280,7 @@ def load_pairs(cfg, tokenizer: Tokenizer, run_dir: Path):
         files = build_preferences(Path(run_dir) / "data", seed=cfg.train.seed)
         train_records, val_records = read_pairs(files["train"]), read_pairs(files["val"])
         heldout_records = read_pairs(files["heldout"])
-        tasks = [str(files["heldout-choices"])]
+        tasks = [str(files["heldout-choices"]), str(files["heldout-answers"])]
     elif d.hf_dataset:
         train_records, val_records = load_hf_pairs(d.hf_dataset, d.hf_split, d.hf_subset or None), []
     else:

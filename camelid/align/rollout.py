@@ -92,7 +92,7 @@ def load_prompts(cfg, tokenizer: Tokenizer, run_dir: Path) -> tuple[list[list[in
 
         files = build_quiz(run_dir / "data", seed=cfg.train.seed)
         train, val = read_prompts(files["train"]), read_prompts(files["val"])
-        tasks = [str(files["heldout"])]
+        tasks = [str(files["heldout"]), str(files["heldout-answers"])]
     elif d.hf_dataset:
         train = [prompt_messages({"messages": m}, f"{d.hf_dataset} record {i + 1}")
                  for i, m in enumerate(load_hf_dataset(d.hf_dataset, d.hf_split, d.hf_subset or None))]

@@ -6,7 +6,8 @@ A task is a built-in benchmark or a file:
   race_high race_middle mmlu                                                multiple choice
   humaneval mbpp                                                            code, pass@k (sandboxed)
   FILE.jsonl  {"query", "choices", "gold"} multiple choice, or {"prompt", "answers"} generation,
-              or {"messages", "choices", "gold"} chat multiple choice (see below)
+              or {"messages", "choices", "gold"} chat multiple choice, or {"messages", "answers"}
+              chat generation (see below)
   task.json   a BIG-bench task;   FILE.txt  perplexity of the text
 
 In a multiple-choice file each choice is scored as the continuation of the query: " " + choice,
@@ -14,7 +15,8 @@ or the choice as written when it already starts with whitespace (lm-evaluation-h
 " Paris" is scored with one space, not two). In a chat multiple-choice file the context is the
 conversation ("messages": [{"role", "content"}, ...]) rendered with the model's chat template and
 its generation prompt, and each choice is the assistant's answer as written (after any space the
-template itself puts before an answer). --log-samples records the exact context and
+template itself puts before an answer). A chat generation file's conversation is answered
+greedily until the model ends its turn, by exact match. --log-samples records the exact context and
 continuations that were scored.
 
 Built-in benchmarks read their published files from --data-dir/<task>/ (e.g. boolq/val.jsonl,

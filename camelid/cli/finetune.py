@@ -52,7 +52,10 @@ writes into run.dir:
   model/            the finetuned model, adapters merged: camelid chat --model RUN_DIR/model
                     (also model-hf/, model.gguf, model-meta/ with checkpoint.export = ["hf", ...])
   evaluation.json   [evaluate] tasks (and data.builtin's held-out questions) before and after;
-                    reward, dpo: the held-out pairs' accuracy and margin too
+                    tasks answered by generation (the demo's heldout-answers): each answer's
+                    outcome and the win rate of the result's answers against the base's
+                    (wins, ties, losses by exact match); reward, dpo: the held-out pairs'
+                    accuracy and margin too
   reference.pt      dpo with a precomputed reference: its log-probabilities of every pair
   samples.json      the answers to the [sample] prompts (also printed)
   samples.jsonl     ppo/grpo: a few sampled completions with their rewards, every rl.sample_interval steps
@@ -124,19 +127,23 @@ def main(args: argparse.Namespace) -> int:
             else:
                 say_data(trainer.data_report)
             if (tasks or pairwise) and "before" not in record:
-                before = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
-                                              **base_load(cfg)) if tasks else {}
+                before, outcomes = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
+                                                        **base_load(cfg)) if tasks else ({}, {})
                 if pairwise and not trainer.resumed_from:   # the figures of the model as built
                     before.update(trainer.heldout_figures())
-                record = {"tasks": tasks, "before": before}
+                record = {"tasks": tasks, "before": before, "outcomes": {"before": outcomes}}
                 evaluation.save(trainer.run_dir, record)
         result = trainer.fit()
         model_dir = trainer.export()
         if trainer.main:
             extra = f"\n  adapter    {trainer.run_dir / ADAPTER}" if cfg.adapters else ""
             if tasks or pairwise:
-                after = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
-                                             **result_load(cfg, trainer)) if tasks else {}
+                after, outcomes = evaluation.run_tasks(tasks, e.limit, e.num_fewshot, str(trainer.device),
+                                                       **result_load(cfg, trainer)) if tasks else ({}, {})
+                for task, figures in evaluation.win_rates(record.get("outcomes", {}).get("before", {}),
+                                                          outcomes).items():
+                    after[task].update(figures)
+                record.setdefault("outcomes", {})["after"] = outcomes
                 if pairwise:
                     after.update(trainer.heldout_figures(trainer.result_model()))
                 record["after"] = after

@@ -36,6 +36,7 @@ class Generate:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    chat: bool = False    # the context is a rendered conversation: its markup is special tokens
 
 
 @dataclass

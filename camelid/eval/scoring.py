@@ -173,7 +173,8 @@ class Scorer:
         return out  # type: ignore[return-value]
 
     def _prompt(self, r: Generate) -> list[int]:
-        ids = self.tok.encode(r.context, bos=self.tok.add_bos, special=False)
+        ids = self.tok.encode_rendered(r.context) if r.chat else self.tok.encode(r.context, bos=self.tok.add_bos,
+                                                                                  special=False)
         room = self.max_length - r.max_new_tokens
         return ids[-room:] if room > 0 and len(ids) > room else ids
 

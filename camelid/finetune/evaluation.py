@@ -1,6 +1,7 @@
 """Held-out evaluation before and after finetuning, with camelid's evaluation harness: the same
 tasks (`camelid eval` names or files, such as the demo's chat multiple-choice questions) on the
-base model as loaded for training and on the finetuned result as a user loads it."""
+base model as loaded for training and on the finetuned result as a user loads it; for tasks
+answered by generation, the rule's win rate of the result's answers against the base's."""
 
 from __future__ import annotations
 
@@ -16,11 +17,32 @@ from camelid.eval import Settings, evaluate
 EVALUATION = "evaluation.json"
 
 
-def run_tasks(tasks: list[str], limit: int, num_fewshot: int, device: str, **load: Any) -> dict[str, Any]:
-    """results[task][metric] of the model `load` describes (camelid.load's arguments)."""
+def run_tasks(tasks: list[str], limit: int, num_fewshot: int, device: str,
+              **load: Any) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """results[task][metric] of the model `load` describes (camelid.load's arguments), and for
+    each generation task its answers' outcomes in document order (exact match: 1 or 0)."""
     llm = camelid.load(device=device, compile=False, **load)
-    out = evaluate(llm, tasks, Settings(num_fewshot=num_fewshot, limit=limit or None))
-    return out["results"]
+    out = evaluate(llm, tasks, Settings(num_fewshot=num_fewshot, limit=limit or None), log_samples=True)
+    outcomes = {task: [r["exact_match"] for r in records] for task, records in out["samples"].items()
+                if records and "exact_match" in records[0]}
+    return out["results"], outcomes
+
+
+def win_rates(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """{task: win_rate, wins, ties, losses} of the finetuned model's answers against the base
+    model's on the same questions, judged by the task's rule (exact match): a win where only
+    the finetuned answer is right, a loss where only the base's is; the win rate counts a tie
+    as half, so 0.5 is no change (the pairwise win rate of Ouyang et al., 2022, with a rule as
+    the judge)."""
+    out = {}
+    for task in after.keys() & before.keys():
+        pairs = list(zip(before[task], after[task], strict=True))
+        wins = sum(a > b for b, a in pairs)
+        losses = sum(a < b for b, a in pairs)
+        ties = len(pairs) - wins - losses
+        out[task] = {"win_rate": (wins + ties / 2) / len(pairs) if pairs else math.nan,
+                     "wins": wins, "ties": ties, "losses": losses}
+    return out
 
 
 def saved(run_dir: Path) -> dict[str, Any]:
@@ -32,16 +54,25 @@ def save(run_dir: Path, record: dict[str, Any]) -> None:
     write_text_atomic(Path(run_dir) / EVALUATION, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
+_COUNTS = ("documents", "wins", "ties", "losses")
+
+
 def side_by_side(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """The tasks' metrics before and after, one line each (standard errors and counts left out)."""
+    """The tasks' metrics before and after, one line each (standard errors and counts left out),
+    then the win counts behind each win rate."""
     width = max([10] + [len(m) for metrics in after.values() for m in metrics if not m.endswith("_stderr")])
     lines = [f"{'held-out evaluation':32s} {'metric':{width}s} {'before':>8s} {'after':>8s}"]
     for task, metrics in after.items():
         for metric, value in metrics.items():
-            if metric.endswith("_stderr") or metric == "documents":
+            if metric.endswith("_stderr") or metric in _COUNTS:
                 continue
             old = before.get(task, {}).get(metric)
             lines.append(f"{task:32s} {metric:{width}s} {_cell(old)} {_cell(value)}")
+    for task, metrics in after.items():
+        if "win_rate" in metrics:
+            lines.append(f"{task}: the finetuned model's answers against the base model's, by exact match: "
+                         f"{metrics['wins']} better, {metrics['ties']} the same, {metrics['losses']} worse "
+                         f"(win rate {metrics['win_rate']:.3f}, a tie counting half)")
     return "\n".join(lines)
 
 

@@ -12,7 +12,9 @@ Every passage and every function goes to exactly one split, so the held-out ques
 about text never seen in train or val; the labels (titles, modules) are shared by all splits.
 train.jsonl and val.jsonl are chat records ({"messages": [user, assistant]}); heldout.jsonl is
 chat multiple choice ({"messages": [user], "choices": [4 labels], "gold": i}) that
-`camelid eval --tasks heldout.jsonl` scores. The build depends only on the corpus and the seed.
+`camelid eval --tasks heldout.jsonl` scores; heldout-answers.jsonl asks the same questions for
+an answer in the model's words (chat generation, {"messages": [user], "answers": [label]}), which
+the rule judges: right when it is the label. The build depends only on the corpus and the seed.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ PASSAGE_MIN_CHARS = 120    # shorter windows (headings, stage directions) are sk
 FUNCTION_LINES = 8         # a function's first lines: its signature, docstring and the start of its body
 MIN_TRAIN = 10             # a module with fewer functions left for training is left out
 CHOICES = 4
-FILES = ("train.jsonl", "val.jsonl", "heldout.jsonl")
+FILES = ("train.jsonl", "val.jsonl", "heldout.jsonl", "heldout-answers.jsonl")
 _ACT = re.compile(r"^(ACT|Act|ACTUS|Actus)\b")
 _DEF = re.compile(r"^([ \t]*)def (\w+)\(", re.M)
 
@@ -194,9 +196,15 @@ def heldout_choices(splits: dict[str, list[Item]], seed: int = 0) -> list[dict]:
     return [_multiple_choice(i, known[i.kind], rng) for i in splits["heldout"]]
 
 
+def heldout_answers(splits: dict[str, list[Item]]) -> list[dict]:
+    """The held-out questions to be answered in the model's own words (heldout-answers.jsonl's
+    records, chat generation): the rule that judges an answer is exact match with the label."""
+    return [{"messages": [{"role": "user", "content": i.question}], "answers": [i.answer]} for i in splits["heldout"]]
+
+
 def build_quiz(directory: str | Path, seed: int = 0, passages_per_work: int = 60, functions_per_module: int = 30,
                heldout_per_label: int = 6, val_per_label: int = 3) -> dict[str, Path]:
-    """Write train.jsonl, val.jsonl and heldout.jsonl into `directory` (all three or none: the
+    """Write train.jsonl, val.jsonl, heldout.jsonl and heldout-answers.jsonl into `directory` (all or none: the
     directory is built beside the target and renamed into place, replacing an earlier build;
     a directory holding anything else is left alone). Returns their paths."""
     if min(passages_per_work, functions_per_module, heldout_per_label) < 1 or val_per_label < 0:
@@ -204,7 +212,7 @@ def build_quiz(directory: str | Path, seed: int = 0, passages_per_work: int = 60
     check_directory(directory, FILES)
     splits = collect(seed, passages_per_work, functions_per_module, heldout_per_label, val_per_label)
     records = {"train": [_chat(i) for i in splits["train"]], "val": [_chat(i) for i in splits["val"]],
-               "heldout": heldout_choices(splits, seed)}
+               "heldout": heldout_choices(splits, seed), "heldout-answers": heldout_answers(splits)}
     return write_records(directory, records)
 
 

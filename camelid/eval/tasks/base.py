@@ -87,6 +87,13 @@ class Task:
     def context(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc]) -> str:
         return self.fewshot_prefix(doc, index, k, seed, pool) + self.prompt(doc)
 
+    chat: bool = False   # generation_context renders a conversation with the model's chat template
+
+    def generation_context(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc], scorer: Scorer) -> str:
+        """What a generation request continues: the few-shot context, or for a chat task the
+        conversation rendered with the scorer's chat template."""
+        return self.context(doc, index, k, seed, pool)
+
     def selected(self, settings: Settings) -> list[Doc]:
         docs = self.docs()
         return docs[: settings.limit] if settings.limit else docs
@@ -305,7 +312,8 @@ def sample_generations(task, scorer: Scorer, settings: Settings) -> tuple[list[D
     n = max(1, settings.samples)
     temperature = settings.temperature if settings.temperature is not None else \
         (0.0 if n == 1 else task.sample_temperature)
-    requests = [Generate(task.context(doc, i, k, settings.seed, pool), task.stop, task.max_new_tokens,
-                         temperature, 1.0 if temperature == 0 else 0.95, seed=settings.seed + s)
+    requests = [Generate(task.generation_context(doc, i, k, settings.seed, pool, scorer), task.stop,
+                         task.max_new_tokens, temperature, 1.0 if temperature == 0 else 0.95, seed=settings.seed + s,
+                         chat=task.chat)
                 for i, doc in enumerate(docs) for s in range(n)]
     return docs, n, scorer.generate(requests)

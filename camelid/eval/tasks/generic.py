@@ -1,5 +1,5 @@
-"""Tasks from files: multiple-choice JSONL (plain, or chat: a conversation rendered with the
-model's chat template), generation JSONL, BIG-bench task.json, and plain text for perplexity.
+"""Tasks from files: multiple-choice and generation JSONL (each plain, or chat: a conversation
+rendered with the model's chat template), BIG-bench task.json, and plain text for perplexity.
 Every malformed record is reported with its file and line."""
 
 from __future__ import annotations
@@ -85,6 +85,33 @@ class JsonlMultipleChoice(MultipleChoiceTask):
         return doc["gold"]
 
 
+def _check_chat(path: Path, number: int, r: dict, answer_key: str) -> None:
+    """A chat record's messages: valid, and ending before the answer (the field `answer_key` holds it)."""
+    messages = _require(path, number, r, "messages", list)
+    try:
+        check_messages(messages)
+    except CamelidError as e:
+        raise CamelidError(f"{path}:{number}: {e}") from None
+    if messages[-1]["role"] == "assistant":
+        raise CamelidError(f"{path}:{number}: the last message is the assistant's; leave the answer "
+                           f"out (the field {answer_key!r} holds it)")
+
+
+def _answers(path: Path, number: int, r: dict) -> dict:
+    """The record with its 'answers' (a string or a list of strings) as a list."""
+    answers = _require(path, number, r, "answers", (list, str))
+    r = dict(r, answers=[answers] if isinstance(answers, str) else answers)
+    if not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
+        raise CamelidError(f"{path}:{number}: 'answers' must be a string or a non-empty list of strings")
+    return r
+
+
+def _chat_shots(task, doc: Doc, index: int, k: int, seed: int, pool: list[Doc]) -> list[dict[str, str]]:
+    """k solved examples as earlier user/assistant turns."""
+    return [m for e in task.fewshot_examples(doc, index, k, seed, pool)
+            for m in (*e["messages"], {"role": "assistant", "content": task.target(e)})]
+
+
 class JsonlChatMultipleChoice(JsonlMultipleChoice):
     """{"messages": [{"role", "content"}, ...], "choices": [str], "gold": int}: the context is
     the conversation rendered with the model's chat template and its generation prompt, and
@@ -94,22 +121,14 @@ class JsonlChatMultipleChoice(JsonlMultipleChoice):
     keep_leading_whitespace = False
 
     def check(self, number: int, r: dict) -> None:
-        messages = _require(self.path, number, r, "messages", list)
-        try:
-            check_messages(messages)
-        except CamelidError as e:
-            raise CamelidError(f"{self.path}:{number}: {e}") from None
-        if messages[-1]["role"] == "assistant":
-            raise CamelidError(f"{self.path}:{number}: the last message is the assistant's; leave the answer "
-                               "out (the choices are the answers)")
+        _check_chat(self.path, number, r, "choices")
 
     def prompt(self, doc):
         return doc["messages"][-1]["content"]
 
     def choice_requests(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc],
                         scorer: Scorer) -> list[Loglikelihood]:
-        shots = [m for e in self.fewshot_examples(doc, index, k, settings.seed, pool)
-                 for m in (*e["messages"], {"role": "assistant", "content": self.target(e)})]
+        shots = _chat_shots(self, doc, index, k, settings.seed, pool)
         return chat_requests(scorer.tok, shots + doc["messages"], self.choices(doc))
 
 
@@ -124,11 +143,7 @@ class JsonlGeneration(GenerationTask):
         docs = []
         for number, r in _records(self.path):
             _require(self.path, number, r, "prompt", str)
-            answers = _require(self.path, number, r, "answers", (list, str))
-            r = dict(r, answers=[answers] if isinstance(answers, str) else answers)
-            if not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
-                raise CamelidError(f"{self.path}:{number}: 'answers' must be a string or a non-empty list of strings")
-            docs.append(r)
+            docs.append(_answers(self.path, number, r))
         return docs
 
     def docs(self):
@@ -139,6 +154,31 @@ class JsonlGeneration(GenerationTask):
 
     def answers(self, doc):
         return doc["answers"]
+
+
+class JsonlChatGeneration(JsonlGeneration):
+    """{"messages": [{"role", "content"}, ...], "answers": [str] or str}: the conversation
+    rendered with the model's chat template and its generation prompt, answered greedily until
+    the model ends its turn (its end-of-turn tokens stop generation), exact match against any
+    answer. Few-shot examples become earlier user/assistant turns."""
+
+    chat = True
+    stop = ()
+
+    @cached_property
+    def _docs(self) -> list[Doc]:
+        docs = []
+        for number, r in _records(self.path):
+            _check_chat(self.path, number, r, "answers")
+            docs.append(_answers(self.path, number, r))
+        return docs
+
+    def prompt(self, doc):
+        return doc["messages"][-1]["content"]
+
+    def generation_context(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc], scorer: Scorer) -> str:
+        shots = _chat_shots(self, doc, index, k, seed, pool)
+        return scorer.tok.apply_chat_template(shots + doc["messages"], add_generation_prompt=True)
 
 
 class BigBench:
@@ -224,7 +264,7 @@ def task_from_file(path: Path):
     if name.endswith(".jsonl"):
         first = _records(path)[0][1]
         if "messages" in first:
-            return JsonlChatMultipleChoice(path)
+            return JsonlChatGeneration(path) if "answers" in first else JsonlChatMultipleChoice(path)
         multiple_choice = bool({"query", "choices", "gold"} & set(first))
         return JsonlMultipleChoice(path) if multiple_choice else JsonlGeneration(path)
     if name.endswith(".json"):
