@@ -215,7 +215,7 @@ def _working(c: ModelConfig, method: str, ac: str, n: int, seq_len: int, a: int,
              targets: tuple[str, ...], dropout: bool, quantize: str, group_size: int, cpu: bool) -> int:
     """The largest transient beyond the saved activations: the loss's forward and backward, the
     last block's backward, and (QLoRA) a layer dequantized."""
-    d, v, f = c.dim, c.vocab_size, c.ffn_dim
+    d, v, f = c.dim, c.head_size, c.ffn_dim     # v: the head's rows (a scorer's num_labels)
     layers = block_layers(c)
     residual = n * d * a
     rope = max(seq_len, c.max_seq_len) * c.head_dim * FP32

@@ -180,8 +180,9 @@ def block_recomputed(c: ModelConfig, ac: str, n: int, a: int, tp: int) -> int:
 
 
 def loss_chunk(c: ModelConfig, n: int, a: int) -> int:
-    """Peak of the fused loss's loop over chunks of rows (camelid.train.loss)."""
-    v, bf16 = c.vocab_size, a != FP32
+    """Peak of the fused loss's loop over chunks of rows (camelid.train.loss); v is the head's
+    rows (the vocabulary, or a scorer's num_labels)."""
+    v, bf16 = c.head_size, a != FP32
     rows = min(n, max(1, LOSS_SLAB // v))
 
     def logits(r: int) -> int:
