@@ -202,9 +202,8 @@ def run_trl(args, base: str, tmp: str) -> dict:
                          processing_class=tokenizer, peft_config=lora, callbacks=[clock])
     # the tokens and completion marks TRL trains on, against camelid's rendering of the same pairs
     ours = camelid_pairs(args.pairs, read_checkpoint(base).tokenizer)
-    theirs = [[((list(ex["prompt_ids"]) + list(ex[key]))[:SEQ],
-                ([False] * len(ex["prompt_ids"]) + [True] * len(ex[key]))[:SEQ]) for key in ("chosen_ids", "rejected_ids")]
-              for ex in trainer.train_dataset]
+    theirs = [[((ex["prompt_ids"] + ex[key])[:SEQ], ([False] * len(ex["prompt_ids"]) + [True] * len(ex[key]))[:SEQ])
+               for key in ("chosen_ids", "rejected_ids")] for ex in trainer.train_dataset]
     trainer.train()
     return {"pairs_per_s": best_round(clock.ends, args.rounds, args.steps), "peak_bytes": clock.live.peak,
             "rss_bytes": clock.rss, "same_pairs": sum(a == b for a, b in zip(ours, theirs)), "pairs": len(ours)}
@@ -267,7 +266,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     trl = results.get("trl")
     if trl:
-        print(f"tokens: TRL's rows and completion marks equal camelid's for {trl['same_pairs']} of {trl['pairs']} pairs")
+        print(f"tokens: TRL's rows and completion marks equal camelid's for {trl['same_pairs']} of {trl['pairs']} "
+              "pairs")
     print("peak: live tensors over a step (weights included); rss: the process's peak resident set")
     print(f"{'engine':10s} {'pairs/s':>9s} {'tokens/s':>9s} {'vs TRL':>7s} {'peak MiB':>9s} {'vs TRL':>7s} "
           f"{'rss MiB':>8s}")
