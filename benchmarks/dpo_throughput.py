@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from finetune_throughput import peak_rss, peak_rss_reset   # this folder's: the script's own directory is on sys.path
+from finetune_throughput import peak_rss, peak_rss_reset, worker_result   # this folder's: the script's own directory is on sys.path
 
 SEQ, PAIRS, RANK, ALPHA, DROPOUT, BETA = 256, 4, 16, 32, 0.05, 0.1
 MAX_PROMPT = 192          # prompt tokens at most: every completion keeps 64 tokens or more
@@ -210,15 +209,10 @@ def run_trl(args, base: str, tmp: str) -> dict:
 
 
 def in_subprocess(engine: str, args, base: str, hf_dir: str, pairs: Path, val: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--dtype", args.dtype, "--threads", str(args.threads),
-           "--rounds", str(args.rounds), "--steps", str(args.steps), "--base", base, "--hf-dir", hf_dir,
-           "--pairs", str(pairs), "--val", str(val)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TQDM_DISABLE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode:
-        sys.exit(f"{engine} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return worker_result(__file__, engine, args, "--base", base, "--hf-dir", hf_dir, "--pairs", str(pairs),
+                         "--val", str(val), env=env)
 
 
 def main() -> None:

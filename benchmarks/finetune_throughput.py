@@ -137,13 +137,19 @@ def measure(engine: str, dtype: str, rounds: int, steps: int, base: str, hf_dir:
     return {"tokens_per_s": best, "peak_bytes": live.peak, "rss_bytes": rss}
 
 
-def in_subprocess(engine: str, args, base: str, hf_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--dtype", args.dtype, "--threads", str(args.threads),
-           "--rounds", str(args.rounds), "--steps", str(args.steps), "--base", base, "--hf-dir", hf_dir]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def worker_result(script: str, engine: str, args, *extra: str, env: dict | None = None) -> dict:
+    """Run `script --worker engine` with the shared settings in a fresh process: its result is
+    the JSON object on the last line of its output."""
+    cmd = [sys.executable, script, "--worker", engine, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--rounds", str(args.rounds), "--steps", str(args.steps), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"{engine} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def in_subprocess(engine: str, args, base: str, hf_dir: str) -> dict:
+    return worker_result(__file__, engine, args, "--base", base, "--hf-dir", hf_dir)
 
 
 def main() -> None:
