@@ -147,6 +147,9 @@ EVAL = [
     pytest.param(lambda d, m: _eval(d, tasks=d / "gone.jsonl"), ["gone.jsonl", "no such file"], id="task-file-missing"),
     pytest.param(lambda d, m: _eval(d, tasks=write_jsonl(d / "bad.jsonl", [dict(MC_ROW, gold=5)])),
                  ["bad.jsonl:1", "gold 5 is out of range"], id="task-gold-out-of-range"),
+    pytest.param(lambda d, m: _eval(d, tasks=write_jsonl(d / "gen.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answers": "a"}])),
+                 ["gen.jsonl:1", "the last message is the assistant's", "'answers'"], id="chat-generation-ends-with-answer"),
     pytest.param(lambda d, m: _eval(d, tasks=_write(d / "cut.jsonl", '{"query": "q", "choices": ["a"], "gold": 0}\n'
                                                                      '{"query": "unterminated')),
                  ["cut.jsonl:2", "Unterminated string starting at column"], id="task-json-cut"),
