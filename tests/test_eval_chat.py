@@ -178,6 +178,27 @@ def test_chat_generation_answers_the_rendered_conversation_until_the_turn_ends(c
     records = out["samples"]["gen"]
     assert [r["generations"][0] for r in records] == said
     assert [r["exact_match"] for r in records] == [1.0, 0.0] and out["results"]["gen"]["exact_match"] == 0.5
+    assert "preferred" not in records[0] and "preferred" not in out["results"]["gen"]   # no ranking in the file
+
+
+def test_preferred_answers_are_right_answers_ranked_first(chatml_llm, tmp_path):
+    """A record's "preferred" answers count as right (exact_match) and are reported as their own
+    share; an answer that is right but not preferred scores exact_match 1, preferred 0."""
+    from camelid.generate import SamplingParams
+
+    tok = chatml_llm.tokenizer
+    conversations = [m for m, _, _ in QUESTIONS[:3]]
+    said = [r.text for r in chatml_llm.generate_batch([tok.encode_chat(m) for m in conversations],
+                                                      SamplingParams(temperature=0.0, max_new_tokens=64))]
+    rows = [{"messages": conversations[0], "answers": "other", "preferred": said[0]},      # preferred, given only there
+            {"messages": conversations[1], "answers": [said[1], "other"], "preferred": ["other"]},   # right
+            {"messages": conversations[2], "answers": "other", "preferred": "another"}]              # wrong
+    out = evaluate(chatml_llm, [str(write_jsonl(tmp_path / "gen.jsonl", rows))], Settings(num_fewshot=0),
+                   log_samples=True)
+    records = out["samples"]["gen"]
+    assert [(r["exact_match"], r["preferred"]) for r in records] == [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
+    assert out["results"]["gen"]["preferred"] == pytest.approx(1 / 3)
+    assert records[0]["gold"] == ["other", said[0]]
 
 
 def test_chat_generation_fewshot_examples_are_earlier_turns(chatml_llm, tmp_path, monkeypatch):
@@ -201,6 +222,10 @@ def test_chat_generation_fewshot_examples_are_earlier_turns(chatml_llm, tmp_path
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answers": "a"},
      r"bad\.jsonl:2: the last message is the assistant's; leave the answer out \(the field 'answers' holds it\)"),
     ({"messages": [{"role": "user", "content": "q"}]}, r"bad\.jsonl:2: missing field 'answers'"),
+    ({"messages": [{"role": "user", "content": "q"}], "answers": "a", "preferred": []},
+     r"bad\.jsonl:2: 'preferred' must be a string or a non-empty list"),
+    ({"messages": [{"role": "user", "content": "q"}], "answers": "a", "preferred": [1]},
+     r"bad\.jsonl:2: 'preferred' must be a string or a non-empty list"),
 ])
 def test_broken_chat_generation_files(tmp_path, record, message, chatml_llm):
     good = {"messages": [{"role": "user", "content": "q"}], "answers": "a"}

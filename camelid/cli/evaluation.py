@@ -16,7 +16,8 @@ or the choice as written when it already starts with whitespace (lm-evaluation-h
 conversation ("messages": [{"role", "content"}, ...]) rendered with the model's chat template and
 its generation prompt, and each choice is the assistant's answer as written (after any space the
 template itself puts before an answer). A chat generation file's conversation is answered
-greedily until the model ends its turn, by exact match. --log-samples records the exact context and
+greedily until the model ends its turn, by exact match; a record's optional "preferred" names the
+right answers a grading rule ranks first, reported as the share `preferred`. --log-samples records the exact context and
 continuations that were scored.
 
 Built-in benchmarks read their published files from --data-dir/<task>/ (e.g. boolq/val.jsonl,

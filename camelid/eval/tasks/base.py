@@ -212,7 +212,9 @@ class PartialScoringTask(MultipleChoiceTask):
 
 class GenerationTask(Task):
     """Free-form answers: greedy decoding until a stop string, exact match against any alias;
-    with several samples, the majority answer (maj1@k)."""
+    with several samples, the majority answer (maj1@k). A task whose documents name preferred
+    answers (a grading rule: right, and among the right answers the preferred ones) reports
+    `preferred` too, the share of predictions that match one of them."""
 
     stop: tuple[str, ...] = ("\n",)
     max_new_tokens: int = 64
@@ -220,6 +222,10 @@ class GenerationTask(Task):
 
     def answers(self, doc: Doc) -> list[str]:
         raise NotImplementedError
+
+    def preferred(self, doc: Doc) -> list[str]:
+        """The right answers that the task's rule ranks above the others (none: no ranking)."""
+        return []
 
     def target(self, doc: Doc) -> str:
         return self.answers(doc)[0]
@@ -230,12 +236,13 @@ class GenerationTask(Task):
     def normalize(self, answer: str) -> str:
         return metrics.normalize_answer(answer)
 
-    def correct(self, prediction: str, doc: Doc) -> float:
+    def correct(self, prediction: str, doc: Doc, answers: list[str] | None = None) -> float:
         p = self.normalize(prediction)
-        return float(any(p == self.normalize(a) for a in self.answers(doc)))
+        return float(any(p == self.normalize(a) for a in (self.answers(doc) if answers is None else answers)))
 
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
         docs, n, outputs = sample_generations(self, scorer, settings)
+        ranked = any(self.preferred(doc) for doc in docs)
         records = []
         for i, doc in enumerate(docs):
             texts = outputs[i * n:(i + 1) * n]
@@ -245,8 +252,11 @@ class GenerationTask(Task):
                    "exact_match": self.correct(prediction, doc)}
             if n > 1:
                 rec[f"maj1@{n}"] = rec["exact_match"]
+            if ranked:
+                rec["preferred"] = self.correct(prediction, doc, self.preferred(doc))
             records.append(rec)
-        return summarize(records, ["exact_match"] + ([f"maj1@{n}"] if n > 1 else [])), records
+        names = ["exact_match"] + ([f"maj1@{n}"] if n > 1 else []) + (["preferred"] if ranked else [])
+        return summarize(records, names), records
 
 
 class CodeTask(Task):

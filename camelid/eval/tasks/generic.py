@@ -98,12 +98,20 @@ def _check_chat(path: Path, number: int, r: dict, answer_key: str) -> None:
 
 
 def _answers(path: Path, number: int, r: dict) -> dict:
-    """The record with its 'answers' (a string or a list of strings) as a list."""
-    answers = _require(path, number, r, "answers", (list, str))
-    r = dict(r, answers=[answers] if isinstance(answers, str) else answers)
-    if not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
-        raise CamelidError(f"{path}:{number}: 'answers' must be a string or a non-empty list of strings")
-    return r
+    """The record with its 'answers' (a string or a list of strings) as a list, and its optional
+    'preferred' (the same: right answers that the rule ranks above the other right answers) as a
+    list that 'answers' holds too."""
+    def strings(key: str) -> list[str]:
+        value = _require(path, number, r, key, (list, str))
+        value = [value] if isinstance(value, str) else value
+        if not value or not all(isinstance(a, str) for a in value):
+            raise CamelidError(f"{path}:{number}: {key!r} must be a string or a non-empty list of strings")
+        return value
+
+    answers = strings("answers")
+    preferred = strings("preferred") if "preferred" in r else []
+    answers = answers + [a for a in preferred if a not in answers]
+    return dict(r, answers=answers, preferred=preferred)
 
 
 def _chat_shots(task, doc: Doc, index: int, k: int, seed: int, pool: list[Doc]) -> list[dict[str, str]]:
@@ -133,7 +141,9 @@ class JsonlChatMultipleChoice(JsonlMultipleChoice):
 
 
 class JsonlGeneration(GenerationTask):
-    """{"prompt": str, "answers": [str] or str}: greedy until a line break, exact match."""
+    """{"prompt": str, "answers": [str] or str, "preferred"?: [str] or str}: greedy until a line
+    break, exact match; "preferred" names the right answers a grading rule ranks first (they are
+    right answers too), reported as the `preferred` metric."""
 
     def __init__(self, path: Path):
         self.path, self.name = path, path.stem
@@ -155,12 +165,16 @@ class JsonlGeneration(GenerationTask):
     def answers(self, doc):
         return doc["answers"]
 
+    def preferred(self, doc):
+        return doc["preferred"]
+
 
 class JsonlChatGeneration(JsonlGeneration):
-    """{"messages": [{"role", "content"}, ...], "answers": [str] or str}: the conversation
-    rendered with the model's chat template and its generation prompt, answered greedily until
-    the model ends its turn (its end-of-turn tokens stop generation), exact match against any
-    answer. Few-shot examples become earlier user/assistant turns."""
+    """{"messages": [{"role", "content"}, ...], "answers": [str] or str, "preferred"?: ...}: the
+    conversation rendered with the model's chat template and its generation prompt, answered
+    greedily until the model ends its turn (its end-of-turn tokens stop generation), exact match
+    against any answer (and `preferred` as JsonlGeneration's). Few-shot examples become earlier
+    user/assistant turns."""
 
     chat = True
     stop = ()
