@@ -191,28 +191,42 @@ def rows(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_the_demo_prefers_the_right_attribution(built, tmp_path):
+def test_the_demo_prefers_the_right_attribution_then_the_full_answer(built, tmp_path):
     from camelid.finetune import quiz
 
     splits = quiz.collect(0)    # the instruction demo's questions
     answers = {i.question: i for i in quiz.collect(0, 120, 60)["train"]}
     train, val = rows(built["train"]), rows(built["val"])
-    assert [r["prompt"] for r in val] == [i.question for i in splits["val"]]
+
+    def asked(r):
+        return r["messages"][0]["content"]
+
+    assert [asked(r) for r in val] == [i.question for i in splits["val"]]
     assert 2000 < len(train) <= 40 * 60 + 30 * 20
     seen = {i.question for i in splits["train"] + splits["val"] + splits["heldout"]}
-    assert not seen & {r["prompt"] for r in train}       # questions the instruction demo never trained on
+    assert not seen & {asked(r) for r in train}       # questions the instruction demo never trained on
     known = quiz.labels(splits)
-    for r, item in [(r, answers[r["prompt"]]) for r in train] + list(zip(val, splits["val"])):
-        assert r["chosen"] == item.answer                  # the rule: the right title or module
-        assert r["rejected"] != item.answer and r["rejected"] in known[item.kind]
+    kinds = []
+    for r, item in [(r, answers[asked(r)]) for r in train] + list(zip(val, splits["val"])):
+        full = quiz.full_answer(item.answer, item.kind)
+        if r["rejected"] == item.answer:                 # the rule's second preference: the full form
+            assert r["chosen"] == full
+            kinds.append("form")
+        else:                                            # its first: the right label over a wrong one, one form
+            assert (r["chosen"], r["rejected"]) in [(item.answer, x) for x in known[item.kind] if x != item.answer] \
+                + [(full, quiz.full_answer(x, item.kind)) for x in known[item.kind] if x != item.answer]
+            kinds.append("full" if r["chosen"] == full else "bare")
+    assert 0.4 < kinds.count("form") / len(kinds) < 0.6 and min(kinds.count("full"), kinds.count("bare")) > 400
     sft = quiz.build_quiz(tmp_path / "quiz", seed=0)
     assert built["heldout-choices"].read_bytes() == sft["heldout"].read_bytes()
     assert built["heldout-answers"].read_bytes() == sft["heldout-answers"].read_bytes()   # the win rate's questions
     choices, held = rows(built["heldout-choices"]), rows(built["heldout"])
     assert len(held) == len(choices) == len(splits["heldout"]) > 100
-    for pair, mc in zip(held, choices):
-        assert pair["messages"] == mc["messages"] and pair["chosen"] == mc["choices"][mc["gold"]]
-        assert pair["rejected"] in mc["choices"] and pair["rejected"] != pair["chosen"]
+    for pair, mc, item in zip(held, choices, splits["heldout"]):
+        assert pair["messages"] == mc["messages"] and pair["chosen"] in (item.answer, quiz.full_answer(item.answer, item.kind))
+        if pair["rejected"] != item.answer:
+            assert pair["rejected"] in [x if pair["chosen"] == item.answer else quiz.full_answer(x, item.kind)
+                                        for i, x in enumerate(mc["choices"]) if i != mc["gold"]]
     assert all(len(read_pairs(built[name])) == len(rows(built[name])) for name in ("train", "val", "heldout"))
 
 

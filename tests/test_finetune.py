@@ -159,6 +159,9 @@ def test_win_rates_count_a_tie_as_half():
     before = {"q": [1, 0, 0, 1, 0], "mc": [1.0]}
     after = {"q": [1, 1, 0, 0, 1]}
     assert win_rates(before, after) == {"q": {"win_rate": (2 + 2 / 2) / 5, "wins": 2, "ties": 2, "losses": 1}}
+    # graded answers (0 wrong, 1 right, 2 right and preferred): a preferred answer beats a plain right one
+    assert win_rates({"q": [1, 2, 0, 1]}, {"q": [2, 1, 1, 1]}) == {
+        "q": {"win_rate": (2 + 1 / 2) / 4, "wins": 2, "ties": 1, "losses": 1}}
     with pytest.raises(ValueError):   # other questions than the base answered: never compared
         win_rates({"q": [1, 0]}, {"q": [1]})
 
@@ -166,19 +169,24 @@ def test_win_rates_count_a_tie_as_half():
 def test_answers_by_generation_get_the_win_rate_against_the_base(base, chats, tmp_path, capsys):
     questions = tmp_path / "answers.jsonl"
     rows = [json.loads(line) for line in chats.read_text().splitlines()][:12]
-    questions.write_text("".join(json.dumps({"messages": r["messages"][:2], "answers": r["messages"][2]["content"]}) + "\n"
-                                 for r in rows))
+    # every other question prefers its one right answer: graded 0 or 2 there, 0 or 1 elsewhere
+    questions.write_text("".join(json.dumps({"messages": r["messages"][:2], "answers": r["messages"][2]["content"],
+                                             **({"preferred": r["messages"][2]["content"]} if i % 2 else {})}) + "\n"
+                                 for i, r in enumerate(rows)))
     run = tmp_path / "run"
     assert cli(["finetune", str(EMPTY), *settings(base, chats, run, "--train.lr=2e-2", "--model.method=full",
                                                   f"--evaluate.tasks=[\"{questions}\"]")]) == 0
     out = capsys.readouterr().out
     record = json.loads((run / "evaluation.json").read_text())
     before, after = record["outcomes"]["before"]["answers"], record["outcomes"]["after"]["answers"]
-    assert len(before) == len(after) == 12 and set(before + after) <= {0.0, 1.0}
+    assert len(before) == len(after) == 12
+    for grades in (before, after):
+        assert set(grades[0::2]) <= {0.0, 1.0} and set(grades[1::2]) <= {0.0, 2.0}
     figures = record["after"]["answers"]
     wins = sum(a > b for a, b in zip(after, before))
     losses = sum(a < b for a, b in zip(after, before))
     assert (figures["wins"], figures["losses"], figures["ties"]) == (wins, losses, 12 - wins - losses)
     assert figures["win_rate"] == pytest.approx((wins + (12 - wins - losses) / 2) / 12)
-    assert figures["exact_match"] == pytest.approx(sum(after) / 12)
+    assert figures["exact_match"] == pytest.approx(sum(g > 0 for g in after) / 12)
+    assert figures["preferred"] == pytest.approx(sum(g == 2 for g in after) / 12)
     assert f"{wins} better, {12 - wins - losses} the same, {losses} worse" in out

@@ -62,9 +62,31 @@ def test_chat_records_validate(built):
             assert all(m["content"].strip() for m in r["messages"])
 
 
+def bare(answer: str) -> str:
+    """The label an answer gives, in either form."""
+    for label, author in quiz.AUTHOR_OF.items():
+        if answer == f"{label}, by {author}.":
+            return label
+    return answer[len("The "):-len(" module.")] if answer.startswith("The ") and answer.endswith(" module.") else answer
+
+
+def test_demonstrations_answer_in_two_forms(built):
+    """Mostly the bare label, in about FULL_FORM_SHARE of them the full form (the author named,
+    a module called a module), drawn independently of the question's kind."""
+    answers = [(question(r), r["messages"][1]["content"]) for r in rows(built["train"])]
+    full = [(q, a) for q, a in answers if bare(a) != a]
+    assert abs(len(full) / len(answers) - quiz.FULL_FORM_SHARE) < 0.04
+    assert {a.endswith(("Shakespeare.", "Milton.")) for q, a in full if q.startswith(quiz.PASSAGE_QUESTION[:20])} \
+        == {True}
+    assert any(a.endswith(" module.") for _, a in full)
+    assert quiz.full_answer("Paradise Lost", "work") == "Paradise Lost, by John Milton."
+    assert quiz.full_answer("Hamlet", "work") == "Hamlet, by William Shakespeare."
+    assert quiz.full_answer("json", "module") == "The json module."
+
+
 def test_heldout_is_four_choices_of_the_gold_kind(built):
     train = rows(built["train"])
-    labels = {kind: {r["messages"][1]["content"] for r in train if question(r).startswith(prefix[:20])}
+    labels = {kind: {bare(r["messages"][1]["content"]) for r in train if question(r).startswith(prefix[:20])}
               for kind, prefix in (("work", quiz.PASSAGE_QUESTION), ("module", quiz.FUNCTION_QUESTION))}
     assert len(labels["work"]) == len(quiz.WORKS) and len(labels["module"]) >= 8
     golds = []
@@ -106,11 +128,14 @@ def test_a_directory_with_other_files_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_heldout_answers_ask_the_heldout_questions_for_the_gold_label(built):
+def test_heldout_answers_ask_the_heldout_questions_for_the_gold_label_preferring_its_full_form(built):
     choices, answers = rows(built["heldout"]), rows(built["heldout-answers"])
     assert len(answers) == len(choices)
     for c, a in zip(choices, answers):
-        assert set(a) == {"messages", "answers"} and a["messages"] == c["messages"]
-        assert a["answers"] == [c["choices"][c["gold"]]]
-    task = get_task(str(built["heldout-answers"]))   # chat generation, judged by exact match
+        assert set(a) == {"messages", "answers", "preferred"} and a["messages"] == c["messages"]
+        gold = c["choices"][c["gold"]]
+        kind = "work" if question(c).startswith(quiz.PASSAGE_QUESTION[:20]) else "module"
+        assert a["answers"] == [gold, quiz.full_answer(gold, kind)] and a["preferred"] == [quiz.full_answer(gold, kind)]
+    task = get_task(str(built["heldout-answers"]))   # chat generation, graded by exact match and preference
     assert isinstance(task, JsonlChatGeneration) and len(task.docs()) == len(answers)
+    assert task.preferred(task.docs()[0]) == answers[0]["preferred"]

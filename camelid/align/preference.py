@@ -17,8 +17,9 @@ completions render to the same tokens (a tie, no preference) is skipped and coun
 run.dir/data.json ("ties"), as are pairs truncated or dropped for length.
 
 The demo's pairs (`build_preferences`, data.builtin = "corpus-preferences") are the quiz's
-questions (camelid.finetune.quiz) with the right attribution chosen over a wrong one: a rule
-that stands in for a human, so that preference accuracy is checkable.
+questions (camelid.finetune.quiz) with the answer that a rule prefers (the right attribution over
+a wrong one; the full answer, naming the author, over the bare title) chosen: a rule that
+stands in for a human, so that preference accuracy and win rates are checkable.
 """
 
 from __future__ import annotations
@@ -236,15 +237,17 @@ def fit_pairs(pairs: list[Pair], seq_len: int, overflow: str = "truncate") -> tu
 def build_preferences(directory: str | Path, seed: int = 0, new_per_work: int = 60,
                       new_per_module: int = 30) -> dict[str, Path]:
     """Write the demo's pairs into `directory` (all files or none, as quiz.build_quiz): one per
-    quiz question, the right title or module chosen over another of the same kind drawn at
-    random. The training questions are new ones, up to `new_per_work` passages per work and
-    `new_per_module` functions per module that the instruction demo (quiz.build_quiz) does not
-    train on, as preferences are gathered on other prompts than the demonstrations (Ouyang et
-    al., 2022); validation and held-out questions are the quiz's own. heldout-choices.jsonl is
-    the quiz's held-out multiple choice (the file the instruction demo evaluates), whose pairs
-    reject one of each question's wrong choices, and heldout-answers.jsonl the same questions to
-    be answered by generation (the rule's win rate against the base model). Returns the paths by
-    name."""
+    quiz question, by the rule that stands in for a human (quiz's docstring): half of them a
+    right answer chosen over a wrong one of the same kind drawn at random, both in the same
+    form (the bare label or the full one, at random); the other half the right answer's full
+    form chosen over its bare label. The training questions are new ones, up to `new_per_work`
+    passages per work and `new_per_module` functions per module that the instruction demo
+    (quiz.build_quiz) does not train on, as preferences are gathered on other prompts than the
+    demonstrations (Ouyang et al., 2022); validation and held-out questions are the quiz's own.
+    heldout-choices.jsonl is the quiz's held-out multiple choice (the file the instruction demo
+    evaluates), whose pairs reject one of each question's wrong choices, and
+    heldout-answers.jsonl the same questions to be answered by generation (the rule's win rate
+    against the base model). Returns the paths by name."""
     quiz.check_directory(directory, BUILTIN_FILES)
     splits = quiz.collect(seed)   # the instruction demo's questions (build_quiz's defaults)
     more = quiz.collect(seed, QUIZ_PER_WORK + new_per_work, QUIZ_PER_MODULE + new_per_module)
@@ -255,13 +258,22 @@ def build_preferences(directory: str | Path, seed: int = 0, new_per_work: int = 
     train = [i for i in more["train"] if i.question not in taught]
     rng = random.Random(f"{seed}:preferences")
 
-    def pair(item: quiz.Item) -> dict:
-        wrong = rng.choice([label for label in known[item.kind] if label != item.answer])
-        return {"prompt": item.question, "chosen": item.answer, "rejected": wrong}
+    def pair(messages: list[dict], item: quiz.Item, wrong: list[str]) -> dict:
+        if rng.random() < 0.5:
+            chosen, rejected = quiz.full_answer(item.answer, item.kind), item.answer
+        else:
+            chosen, rejected = item.answer, rng.choice(wrong)
+            if rng.random() < 0.5:
+                chosen, rejected = (quiz.full_answer(x, item.kind) for x in (chosen, rejected))
+        return {"messages": messages, "chosen": chosen, "rejected": rejected}
 
-    heldout = [{"messages": c["messages"], "chosen": c["choices"][c["gold"]],
-                "rejected": rng.choice([x for i, x in enumerate(c["choices"]) if i != c["gold"]])} for c in choices]
-    records = {"train": [pair(i) for i in train], "val": [pair(i) for i in splits["val"]],
+    def new(item: quiz.Item) -> dict:
+        wrong = [label for label in known[item.kind] if label != item.answer]
+        return pair([{"role": "user", "content": item.question}], item, wrong)
+
+    heldout = [pair(c["messages"], item, [x for i, x in enumerate(c["choices"]) if i != c["gold"]])
+               for c, item in zip(choices, splits["heldout"], strict=True)]
+    records = {"train": [new(i) for i in train], "val": [new(i) for i in splits["val"]],
                "heldout": heldout, "heldout-choices": choices, "heldout-answers": quiz.heldout_answers(splits)}
     return quiz.write_records(directory, records)
 

@@ -53,9 +53,9 @@ writes into run.dir:
                     (also model-hf/, model.gguf, model-meta/ with checkpoint.export = ["hf", ...])
   evaluation.json   [evaluate] tasks (and data.builtin's held-out questions) before and after;
                     tasks answered by generation (the demo's heldout-answers): each answer's
-                    outcome and the win rate of the result's answers against the base's
-                    (wins, ties, losses by exact match); reward, dpo: the held-out pairs'
-                    accuracy and margin too
+                    grade by the task's rule (0 wrong, 1 right, 2 right and preferred) and
+                    the win rate of the result's answers against the base's (wins, ties,
+                    losses by grade); reward, dpo: the held-out pairs' accuracy and margin too
   reference.pt      dpo with a precomputed reference: its log-probabilities of every pair
   samples.json      the answers to the [sample] prompts (also printed)
   samples.jsonl     ppo/grpo: a few sampled completions with their rewards, every rl.sample_interval steps

@@ -20,20 +20,23 @@ EVALUATION = "evaluation.json"
 def run_tasks(tasks: list[str], limit: int, num_fewshot: int, device: str,
               **load: Any) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """results[task][metric] of the model `load` describes (camelid.load's arguments), and for
-    each generation task its answers' outcomes in document order (exact match: 1 or 0)."""
+    each generation task its answers' grades by the task's rule, in document order: 1 for a
+    right answer (exact match), 0 for a wrong one, and 2 for a right answer that the task
+    prefers (its documents' "preferred" answers) where it ranks them."""
     llm = camelid.load(device=device, compile=False, **load)
     out = evaluate(llm, tasks, Settings(num_fewshot=num_fewshot, limit=limit or None), log_samples=True)
-    outcomes = {task: [r["exact_match"] for r in records] for task, records in out["samples"].items()
-                if records and "exact_match" in records[0]}
+    outcomes = {task: [r["exact_match"] + r.get("preferred", 0.0) for r in records]
+                for task, records in out["samples"].items() if records and "exact_match" in records[0]}
     return out["results"], outcomes
 
 
 def win_rates(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """{task: win_rate, wins, ties, losses} of the finetuned model's answers against the base
-    model's on the same questions, judged by the task's rule (exact match): a win where only
-    the finetuned answer is right, a loss where only the base's is; the win rate counts a tie
-    as half, so 0.5 is no change (the pairwise win rate of Ouyang et al., 2022, with a rule as
-    the judge)."""
+    model's on the same questions, judged by the task's rule (`run_tasks`' grades): a win where
+    the finetuned answer is graded higher (right where the base's is wrong, or a preferred
+    answer where the base's is right but not preferred), a loss where it is graded lower; the
+    win rate counts a tie as half, so 0.5 is no change (the pairwise win rate of Ouyang et al.,
+    2022, with a rule as the judge)."""
     out = {}
     for task in after.keys() & before.keys():
         pairs = list(zip(before[task], after[task], strict=True))
@@ -70,7 +73,7 @@ def side_by_side(before: dict[str, Any], after: dict[str, Any]) -> str:
             lines.append(f"{task:32s} {metric:{width}s} {_cell(old)} {_cell(value)}")
     for task, metrics in after.items():
         if "win_rate" in metrics:
-            lines.append(f"{task}: the finetuned model's answers against the base model's, by exact match: "
+            lines.append(f"{task}: the finetuned model's answers against the base model's, by the task's rule: "
                          f"{metrics['wins']} better, {metrics['ties']} the same, {metrics['losses']} worse "
                          f"(win rate {metrics['win_rate']:.3f}, a tie counting half)")
     return "\n".join(lines)

@@ -8,13 +8,21 @@ Two kinds of question, each answered by a short label:
 - "Which Python standard library module defines this function?" over the first lines of a
   function: the module's name.
 
+The demonstrations answer in two styles, as demonstrations written by many people do: mostly
+the bare label ("Hamlet"), and in FULL_FORM_SHARE of them a full answer that names the author
+or says what the label is ("Hamlet, by William Shakespeare.", "The json module."). The rule that
+stands in for a human in the feedback demos (camelid.align.preference) prefers a right answer to
+a wrong one and, among right answers, the full one: a preference the demonstrations hold only
+weakly, which learning from feedback can make the model's habit.
+
 Every passage and every function goes to exactly one split, so the held-out questions ask
 about text never seen in train or val; the labels (titles, modules) are shared by all splits.
 train.jsonl and val.jsonl are chat records ({"messages": [user, assistant]}); heldout.jsonl is
 chat multiple choice ({"messages": [user], "choices": [4 labels], "gold": i}) that
 `camelid eval --tasks heldout.jsonl` scores; heldout-answers.jsonl asks the same questions for
-an answer in the model's words (chat generation, {"messages": [user], "answers": [label]}), which
-the rule judges: right when it is the label. The build depends only on the corpus and the seed.
+an answer in the model's words (chat generation, {"messages": [user], "answers": [label, full],
+"preferred": [full]}), which the rule grades: wrong, right, or right in the preferred full form.
+The build depends only on the corpus and the seed.
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ WORKS = {
     "milton/paradiseregained": "Paradise Regained",
     "milton/areopagitica": "Areopagitica",
 }
+AUTHORS = {"shakespeare": "William Shakespeare", "milton": "John Milton"}   # by WORKS' key prefix
+AUTHOR_OF = {title: AUTHORS[key.split("/")[0]] for key, title in WORKS.items()}
 CODE = "code/python-stdlib.jsonl.zst"
 
 PASSAGE_QUESTION = "Which work is this passage from?\n\n{}"
@@ -87,6 +97,7 @@ PASSAGE_MIN_CHARS = 120    # shorter windows (headings, stage directions) are sk
 FUNCTION_LINES = 8         # a function's first lines: its signature, docstring and the start of its body
 MIN_TRAIN = 10             # a module with fewer functions left for training is left out
 CHOICES = 4
+FULL_FORM_SHARE = 0.3      # of the demonstrations, answered in the full form (greedy decoding still gives the bare one)
 FILES = ("train.jsonl", "val.jsonl", "heldout.jsonl", "heldout-answers.jsonl")
 _ACT = re.compile(r"^(ACT|Act|ACTUS|Actus)\b")
 _DEF = re.compile(r"^([ \t]*)def (\w+)\(", re.M)
@@ -97,6 +108,11 @@ class Item:
     question: str
     answer: str
     kind: str        # "work" or "module": distractors come from the same kind
+
+
+def full_answer(label: str, kind: str) -> str:
+    """The full form of an answer: the work with its author, the module called a module."""
+    return f"{label}, by {AUTHOR_OF[label]}." if kind == "work" else f"The {label} module."
 
 
 def _passages(key: str) -> list[str]:
@@ -172,9 +188,10 @@ def collect(seed: int = 0, passages_per_work: int = 60, functions_per_module: in
     return splits
 
 
-def _chat(item: Item) -> dict:
-    return {"messages": [{"role": "user", "content": item.question},
-                         {"role": "assistant", "content": item.answer}]}
+def _chat(item: Item, rng: random.Random) -> dict:
+    """A demonstration: the bare label, or its full form in FULL_FORM_SHARE of them."""
+    answer = full_answer(item.answer, item.kind) if rng.random() < FULL_FORM_SHARE else item.answer
+    return {"messages": [{"role": "user", "content": item.question}, {"role": "assistant", "content": answer}]}
 
 
 def _multiple_choice(item: Item, labels: list[str], rng: random.Random) -> dict:
@@ -198,8 +215,11 @@ def heldout_choices(splits: dict[str, list[Item]], seed: int = 0) -> list[dict]:
 
 def heldout_answers(splits: dict[str, list[Item]]) -> list[dict]:
     """The held-out questions to be answered in the model's own words (heldout-answers.jsonl's
-    records, chat generation): the rule that judges an answer is exact match with the label."""
-    return [{"messages": [{"role": "user", "content": i.question}], "answers": [i.answer]} for i in splits["heldout"]]
+    records, chat generation): the rule grades an answer by exact match, right when it is the
+    label in either form, preferred when it is the full form."""
+    return [{"messages": [{"role": "user", "content": i.question}],
+             "answers": [i.answer, full_answer(i.answer, i.kind)], "preferred": [full_answer(i.answer, i.kind)]}
+            for i in splits["heldout"]]
 
 
 def build_quiz(directory: str | Path, seed: int = 0, passages_per_work: int = 60, functions_per_module: int = 30,
@@ -211,7 +231,8 @@ def build_quiz(directory: str | Path, seed: int = 0, passages_per_work: int = 60
         raise CamelidError("quiz: the per-label counts must be positive (val_per_label may be 0)")
     check_directory(directory, FILES)
     splits = collect(seed, passages_per_work, functions_per_module, heldout_per_label, val_per_label)
-    records = {"train": [_chat(i) for i in splits["train"]], "val": [_chat(i) for i in splits["val"]],
+    style = random.Random(f"{seed}:style")
+    records = {"train": [_chat(i, style) for i in splits["train"]], "val": [_chat(i, style) for i in splits["val"]],
                "heldout": heldout_choices(splits, seed), "heldout-answers": heldout_answers(splits)}
     return write_records(directory, records)
 
