@@ -4,12 +4,13 @@ chosen and rejected rows padded together, and the demo's pairs built from the qu
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
-from camelid.align.preference import (Pair, PairLoader, PairRecord, build_preferences, encode_pair, fit_pairs,
-                                      load_hf_pairs, read_pairs)
+from camelid.align.preference import (FORM_PAIRS, Pair, PairLoader, PairRecord, build_preferences, encode_pair,
+                                      fit_pairs, load_hf_pairs, read_pairs)
 from camelid.errors import CamelidError
 from camelid.finetune.data import IGNORE, Example
 from camelid.finetune.records import read_records
@@ -212,11 +213,15 @@ def test_the_demo_prefers_the_right_attribution_then_the_full_answer(built, tmp_
         if r["rejected"] == item.answer:                 # the rule's second preference: the full form
             assert r["chosen"] == full
             kinds.append("form")
-        else:                                            # its first: the right label over a wrong one, one form
-            assert (r["chosen"], r["rejected"]) in [(item.answer, x) for x in known[item.kind] if x != item.answer] \
-                + [(full, quiz.full_answer(x, item.kind)) for x in known[item.kind] if x != item.answer]
-            kinds.append("full" if r["chosen"] == full else "bare")
-    assert 0.4 < kinds.count("form") / len(kinds) < 0.6 and min(kinds.count("full"), kinds.count("bare")) > 400
+        else:                                            # its first: the right label over a wrong one, any forms
+            assert r["chosen"] in (item.answer, full)
+            wrong = [x for x in known[item.kind] if x != item.answer]
+            assert r["rejected"] in wrong + [quiz.full_answer(x, item.kind) for x in wrong]
+            kinds.append((r["chosen"] == full, r["rejected"] in wrong))
+    share = kinds.count("form") / len(kinds)
+    assert abs(share - FORM_PAIRS) < 0.04
+    for forms in itertools.product((True, False), repeat=2):   # a bare right answer beats a full wrong one too
+        assert abs(kinds.count(forms) / len(kinds) - (1 - FORM_PAIRS) / 4) < 0.04
     sft = quiz.build_quiz(tmp_path / "quiz", seed=0)
     assert built["heldout-choices"].read_bytes() == sft["heldout"].read_bytes()
     assert built["heldout-answers"].read_bytes() == sft["heldout-answers"].read_bytes()   # the win rate's questions
@@ -225,8 +230,8 @@ def test_the_demo_prefers_the_right_attribution_then_the_full_answer(built, tmp_
     for pair, mc, item in zip(held, choices, splits["heldout"]):
         assert pair["messages"] == mc["messages"] and pair["chosen"] in (item.answer, quiz.full_answer(item.answer, item.kind))
         if pair["rejected"] != item.answer:
-            assert pair["rejected"] in [x if pair["chosen"] == item.answer else quiz.full_answer(x, item.kind)
-                                        for i, x in enumerate(mc["choices"]) if i != mc["gold"]]
+            wrong = [x for i, x in enumerate(mc["choices"]) if i != mc["gold"]]
+            assert pair["rejected"] in wrong + [quiz.full_answer(x, item.kind) for x in wrong]
     assert all(len(read_pairs(built[name])) == len(rows(built[name])) for name in ("train", "val", "heldout"))
 
 

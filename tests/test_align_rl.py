@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from camelid.align import rl
+from camelid.cli.main import main as cli
 from camelid.align.ppo import PPOTrainer
 from camelid.align.rewards import TokenReward, same_tokenizer
 from camelid.align.rollout import Sequences, prompt_messages, token_figures
@@ -295,6 +296,19 @@ def test_kill_9_during_a_ppo_run_then_resume_gives_the_same_figures(policy, prom
     assert {s: [r[k] for k in keys] for s, r in a.items()} == {s: [r[k] for k in keys] for s, r in b.items()}
     assert len({r["kl_coef"] for r in a.values()}) > 1     # the adaptive coefficient moved, and resumed
     assert (straight / "samples.jsonl").read_text() == (broken / "samples.jsonl").read_text()
+
+
+def test_rerunning_a_finished_run_exports_again_without_a_step(policy, prompts, tokenizer, tmp_path, capsys):
+    """The run's last checkpoint is at train.max_steps: the rerun takes no step, says so in the
+    usual summary and exits 0 (it used to fail formatting the reward of a step it never took)."""
+    args = settings(policy, prompts, tmp_path / "run", "--train.max_steps=2", "--checkpoint.interval=2",
+                    f"--rl.reward_model={write_scorer(tmp_path / 'rm', tokenizer)}")
+    assert cli(["finetune", str(EMPTY), *args]) == 0
+    capsys.readouterr()
+    assert cli(["finetune", str(EMPTY), *args]) == 0
+    out, err = capsys.readouterr()
+    assert "done: step 2" in out + err and "Traceback" not in err and "reward:" not in err
+    assert list(metrics(tmp_path / "run")) == [1, 2]
 
 
 def test_a_reward_model_with_another_tokenizer_is_refused_in_one_line(policy, prompts, tmp_path, capsys):

@@ -2,6 +2,8 @@
 exact resume after kill -9, and the refusals of its settings."""
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -158,10 +160,15 @@ def test_win_rates_count_a_tie_as_half():
 
     before = {"q": [1, 0, 0, 1, 0], "mc": [1.0]}
     after = {"q": [1, 1, 0, 0, 1]}
-    assert win_rates(before, after) == {"q": {"win_rate": (2 + 2 / 2) / 5, "wins": 2, "ties": 2, "losses": 1}}
+    scores = [1, 1, 1 / 2, 0, 1 / 2]   # per question: a win 1, a tie 1/2, a loss 0
+    stderr = statistics.stdev(scores) / math.sqrt(5)
+    assert win_rates(before, after) == {"q": {"win_rate": pytest.approx(statistics.mean(scores)),
+                                              "win_rate_stderr": pytest.approx(stderr), "wins": 2, "ties": 2,
+                                              "losses": 1}}
     # graded answers (0 wrong, 1 right, 2 right and preferred): a preferred answer beats a plain right one
-    assert win_rates({"q": [1, 2, 0, 1]}, {"q": [2, 1, 1, 1]}) == {
-        "q": {"win_rate": (2 + 1 / 2) / 4, "wins": 2, "ties": 1, "losses": 1}}
+    figures = win_rates({"q": [1, 2, 0, 1]}, {"q": [2, 1, 1, 1]})["q"]
+    assert (figures["win_rate"], figures["wins"], figures["ties"], figures["losses"]) == ((2 + 1 / 2) / 4, 2, 1, 1)
+    assert win_rates({"q": [1]}, {"q": [2]})["q"]["win_rate_stderr"] is None   # one question: no spread to measure
     with pytest.raises(ValueError):   # other questions than the base answered: never compared
         win_rates({"q": [1, 0]}, {"q": [1]})
 

@@ -43,6 +43,7 @@ EXPECTED = '{"prompt" | "messages", "chosen", "rejected"}'
 WHAT = "preference data"
 BUILTIN_FILES = ("train.jsonl", "val.jsonl", "heldout.jsonl", "heldout-choices.jsonl", "heldout-answers.jsonl")
 QUIZ_PER_WORK, QUIZ_PER_MODULE = 60, 30   # the training questions per label of quiz.collect's defaults
+FORM_PAIRS = 1 / 3     # of the demo's pairs, the full answer over the bare one (the rest: right over wrong)
 
 
 @dataclass
@@ -237,10 +238,12 @@ def fit_pairs(pairs: list[Pair], seq_len: int, overflow: str = "truncate") -> tu
 def build_preferences(directory: str | Path, seed: int = 0, new_per_work: int = 60,
                       new_per_module: int = 30) -> dict[str, Path]:
     """Write the demo's pairs into `directory` (all files or none, as quiz.build_quiz): one per
-    quiz question, by the rule that stands in for a human (quiz's docstring): half of them a
-    right answer chosen over a wrong one of the same kind drawn at random, both in the same
-    form (the bare label or the full one, at random); the other half the right answer's full
-    form chosen over its bare label. The training questions are new ones, up to `new_per_work`
+    quiz question, by the rule that stands in for a human (quiz's docstring), which ranks a
+    right answer above a wrong one whatever their forms, and the full form of a right answer
+    above its bare label: FORM_PAIRS of them prefer the right answer's full form to its bare
+    label, the others a right answer to a wrong one of the same kind drawn at random, each in
+    either form at random (so that a full wrong answer loses to a bare right one, and a reward
+    model learns that the form never buys a wrong answer anything). The training questions are new ones, up to `new_per_work`
     passages per work and `new_per_module` functions per module that the instruction demo
     (quiz.build_quiz) does not train on, as preferences are gathered on other prompts than the
     demonstrations (Ouyang et al., 2022); validation and held-out questions are the quiz's own.
@@ -258,13 +261,14 @@ def build_preferences(directory: str | Path, seed: int = 0, new_per_work: int = 
     train = [i for i in more["train"] if i.question not in taught]
     rng = random.Random(f"{seed}:preferences")
 
+    def form(label: str, kind: str) -> str:
+        return quiz.full_answer(label, kind) if rng.random() < 0.5 else label
+
     def pair(messages: list[dict], item: quiz.Item, wrong: list[str]) -> dict:
-        if rng.random() < 0.5:
+        if rng.random() < FORM_PAIRS:
             chosen, rejected = quiz.full_answer(item.answer, item.kind), item.answer
-        else:
-            chosen, rejected = item.answer, rng.choice(wrong)
-            if rng.random() < 0.5:
-                chosen, rejected = (quiz.full_answer(x, item.kind) for x in (chosen, rejected))
+        else:   # each answer's form drawn on its own: a right bare label is preferred to a full wrong answer
+            chosen, rejected = form(item.answer, item.kind), form(rng.choice(wrong), item.kind)
         return {"messages": messages, "chosen": chosen, "rejected": rejected}
 
     def new(item: quiz.Item) -> dict:

@@ -151,8 +151,9 @@ def main(args: argparse.Namespace) -> int:
                 print(evaluation.side_by_side(record.get("before", {}), record["after"]), flush=True)
                 extra += f"\n  evaluation {trainer.run_dir / evaluation.EVALUATION}"
             if "reward_mean" in result:
-                val = f", validation {result['val_reward_mean']:.4f}" if "val_reward_mean" in result else ""
-                print(f"reward: {result['reward_mean']:.4f} at the last step{val}", file=sys.stderr)
+                if result["reward_mean"] is not None:   # None: a finished run rerun, no step taken
+                    val = f", validation {result['val_reward_mean']:.4f}" if "val_reward_mean" in result else ""
+                    print(f"reward: {result['reward_mean']:.4f} at the last step{val}", file=sys.stderr)
                 extra += f"\n  rollouts   {trainer.run_dir / 'samples.jsonl'}"
             report_done(trainer, result, model_dir, extra)
         trainer.runtime.barrier()  # the other ranks wait while rank 0 evaluates and samples

@@ -31,7 +31,7 @@ def run_tasks(tasks: list[str], limit: int, num_fewshot: int, device: str,
 
 
 def win_rates(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """{task: win_rate, wins, ties, losses} of the finetuned model's answers against the base
+    """{task: win_rate, win_rate_stderr, wins, ties, losses} of the finetuned model's answers against the base
     model's on the same questions, judged by the task's rule (`run_tasks`' grades): a win where
     the finetuned answer is graded higher (right where the base's is wrong, or a preferred
     answer where the base's is right but not preferred), a loss where it is graded lower; the
@@ -43,7 +43,11 @@ def win_rates(before: dict[str, list[float]], after: dict[str, list[float]]) -> 
         wins = sum(a > b for b, a in pairs)
         losses = sum(a < b for b, a in pairs)
         ties = len(pairs) - wins - losses
-        out[task] = {"win_rate": (wins + ties / 2) / len(pairs) if pairs else math.nan,
+        n = len(pairs)
+        rate = (wins + ties / 2) / n if n else math.nan
+        # the standard error of the mean of the per-question scores (1, 1/2, 0)
+        spread = (wins + ties / 4) / n - rate ** 2 if n else math.nan
+        out[task] = {"win_rate": rate, "win_rate_stderr": math.sqrt(max(spread, 0.0) / (n - 1)) if n > 1 else None,
                      "wins": wins, "ties": ties, "losses": losses}
     return out
 
@@ -75,8 +79,13 @@ def side_by_side(before: dict[str, Any], after: dict[str, Any]) -> str:
         if "win_rate" in metrics:
             lines.append(f"{task}: the finetuned model's answers against the base model's, by the task's rule: "
                          f"{metrics['wins']} better, {metrics['ties']} the same, {metrics['losses']} worse "
-                         f"(win rate {metrics['win_rate']:.3f}, a tie counting half)")
+                         f"(win rate {metrics['win_rate']:.3f}{_plus_minus(metrics['win_rate_stderr'])}, a tie "
+                         "counting half)")
     return "\n".join(lines)
+
+
+def _plus_minus(stderr: float | None) -> str:
+    return f" ± {stderr:.3f}" if stderr is not None else ""
 
 
 def _cell(value: float | None) -> str:
