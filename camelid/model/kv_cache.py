@@ -82,3 +82,95 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+# ---- paged: blocks of one pool, lent to rows through a block table --------------------------------
+
+class PagedLayerKVCache(nn.Module):
+    """One layer's share of a PagedKVCache: the pool's blocks [num_blocks, block_size, K, D] and
+    the rows' block table [B, blocks] (a row's slot s lives in block table[row, s // block_size]
+    at offset s % block_size). `update` is LayerKVCache's, so the model cannot tell the two apart:
+    a row's keys come back in slot order, [B, K, blocks * block_size, D]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.table = table
+        self.block_size = k.size(1)
+
+    def update(self, positions: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = k.size(0), k.size(2)
+        table = self.table[:B]
+        prefill = positions is None
+        if prefill:
+            if T > table.size(1) * self.block_size:
+                raise ValueError(f"KV cache overflow: {T} tokens for {table.size(1)} blocks of {self.block_size}")
+            positions = torch.arange(T, device=k.device).unsqueeze(0)
+        positions = positions.expand(B, T)
+        blocks = table.gather(1, torch.div(positions, self.block_size, rounding_mode="floor"))
+        offsets = positions % self.block_size
+        self.k.index_put_((blocks, offsets), k.transpose(1, 2))
+        self.v.index_put_((blocks, offsets), v.transpose(1, 2))
+        keys, values = (self._rows(pool, table) for pool in (self.k, self.v))
+        return (keys[:, :, :T], values[:, :, :T]) if prefill else (keys, values)
+
+    def _rows(self, pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Each row's blocks gathered in slot order: [B, K, blocks * block_size, D]."""
+        B, n = table.shape
+        return pool[table].view(B, n * self.block_size, *pool.shape[2:]).transpose(1, 2)
+
+
+class PagedKVCache(nn.Module):
+    """A KV cache whose memory is a pool of fixed-size blocks shared by all rows: a row holds
+    the blocks its table names, so memory follows what each sequence uses rather than rows x
+    context, and rows may share blocks (a common prefix computed once). Block 0 is scratch: a
+    table entry no block was lent to points there, and an idle row's throw-away writes land
+    there. Which blocks a row gets is the caller's business (`camelid.generate.paging.BlockPool`);
+    this only stores and gathers them."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, rows: int, max_blocks: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        if num_blocks < 2 or block_size < 1 or rows < 1 or max_blocks < 1:
+            raise ValueError("a paged cache needs at least 2 blocks (block 0 is scratch), a block size, rows and "
+                             "blocks per row of at least 1")
+        shape = (num_blocks, block_size, config.kv_heads, config.head_dim)
+        self.table = torch.zeros(rows, max_blocks, dtype=torch.long, device=device)
+        self.layers = nn.ModuleList(
+            PagedLayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                              torch.zeros(shape, dtype=dtype, device=device), self.table)
+            for _ in range(config.n_layers))
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @property
+    def batch(self) -> int:
+        return self.table.size(0)
+
+    @property
+    def max_len(self) -> int:
+        """The slots a row's table addresses (the model masks each row's slots beyond its position)."""
+        return self.table.size(1) * self.block_size
+
+    def assign(self, row: int, blocks: list[int]) -> None:
+        """Lend `blocks` to `row`, in slot order; its other entries point at the scratch block."""
+        if len(blocks) > self.table.size(1):
+            raise ValueError(f"{len(blocks)} blocks for a row of at most {self.table.size(1)}")
+        self.table[row] = 0
+        if blocks:
+            self.table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+
+    def view(self, rows: slice, length: int) -> "PagedKVCache":
+        """The same pool seen by `rows` through the first blocks that hold `length` slots: a step
+        gathers only the blocks in use."""
+        n = min(self.table.size(1), -(-length // self.block_size))
+        cache = PagedKVCache.__new__(PagedKVCache)
+        nn.Module.__init__(cache)
+        cache.table = self.table[rows, :n]
+        cache.layers = nn.ModuleList(PagedLayerKVCache(layer.k, layer.v, cache.table) for layer in self.layers)
+        cache.num_blocks, cache.block_size = self.num_blocks, self.block_size
+        return cache
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
