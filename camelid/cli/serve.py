@@ -5,7 +5,11 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 Requests are batched continuously: up to --max-batch of them decode together, one token each
 per step, and a new request joins between two steps. A request takes a free slot if there is
 one; when all are taken, up to --max-queue more wait for one, and beyond that the server
-answers 503. The KV cache for --max-batch x --context tokens is allocated once at start-up.
+answers 503. The KV cache is a pool of blocks of 16 tokens, allocated once at start-up (as
+many as --max-batch requests of a whole --context hold) and lent to requests as they grow;
+requests that start with the same tokens (a system prompt, a chat's earlier turns) share the
+blocks that hold them, so a follow-up computes only its new tokens. Should the pool run out,
+the newest request waits and resumes later, its answer unchanged.
 A request's max_tokens must be below --context; text that is not valid UTF-8 is read as U+FFFD.
 
 examples:
@@ -40,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, metavar="ID",
                    help="the model id in /v1/models and the one requests must name (default: the file's stem)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
-                   help="requests decoded together (default 8); each holds a --context slice of the KV cache")
+                   help="requests decoded together (default 8); the KV cache holds this many whole contexts")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests that may wait when every slot is taken; more get HTTP 503 (default 64)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
@@ -66,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     batcher = Batcher(llm.engine, llm.tokenizer, max_batch=args.max_batch, context=context,
                       max_queue=args.max_queue)
     print(f"camelid serve: {model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1); "
-          f"{args.max_batch} slots x {context} tokens, KV cache {batcher.cache.nbytes() / 2**20:.0f} MiB",
+          f"{args.max_batch} slots of up to {context} tokens, KV cache {batcher.cache.nbytes() / 2**20:.0f} MiB "
+          f"({batcher.pool.capacity} blocks of {batcher.pool.block_size} tokens)",
           file=sys.stderr, flush=True)
     _log_like_uvicorn(args.log_level)
     app = create_app(llm, batcher, model_name)

@@ -1,4 +1,4 @@
-"""The compiled decode step: one new token per row over a static KV cache, under torch.compile
+"""The compiled decode step: one new token per row over a static or paged KV cache, under torch.compile
 (the gpt-fast recipe), built in the background and kept on disk.
 
 Decoding one token is a chain of matrix-vector products bound by memory bandwidth. On CPU,
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camelid.model import KVCache, RotaryTable, Transformer
+from camelid.model import KVCache, PagedKVCache, RotaryTable, Transformer
 from camelid.model.inductor import use_inductor_layers
 from camelid.quant.fuse import FuseSharedInputProducts
 
@@ -92,15 +92,43 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
 class StepShape:
     rows: int
     slots: int
-    strides: tuple[int, ...]   # of the cache's key tensors: a view of a larger cache has its parent's
+    layout: tuple              # the cache's memory: `cache_layout`
     cache_dtype: torch.dtype
     token_dtype: torch.dtype
     device: str
 
     @classmethod
-    def of(cls, tokens: torch.Tensor, cache: KVCache) -> "StepShape":
+    def of(cls, tokens: torch.Tensor, cache: KVCache | PagedKVCache) -> "StepShape":
         k = cache.layers[0].k
-        return cls(tokens.size(0), k.size(2), tuple(k.stride()), k.dtype, tokens.dtype, str(k.device))
+        return cls(tokens.size(0), cache.max_len, cache_layout(cache), k.dtype, tokens.dtype, str(k.device))
+
+
+def cache_layout(cache: KVCache | PagedKVCache) -> tuple:
+    """How a cache lies in memory, all a compiling process needs to rebuild one like it
+    (`rebuild_cache`): a static cache's key tensors are views of a parent [rows, K, slots, D]
+    buffer, whose strides they keep; a paged cache has its pools' shape and its block table, a
+    view of the batcher's whole table."""
+    if isinstance(cache, PagedKVCache):
+        return ("paged", tuple(cache.layers[0].k.shape), _view_layout(cache.table))
+    return ("static", _view_layout(cache.layers[0].k))
+
+
+def _view_layout(t: torch.Tensor) -> tuple:
+    return t.untyped_storage().nbytes() // t.element_size(), tuple(t.shape), tuple(t.stride()), t.storage_offset()
+
+
+def rebuild_cache(layout: tuple, layers: int, dtype: torch.dtype) -> KVCache | PagedKVCache:
+    """A cache laid out as `layout` says, over uninitialised memory (for tracing: never read).
+    Each tensor gets a buffer of its own: the compiler must see no aliasing."""
+    def view(spec: tuple, kind: torch.dtype) -> torch.Tensor:
+        numel, shape, stride, offset = spec
+        return torch.empty(numel, dtype=kind).as_strided(shape, stride, offset)
+
+    if layout[0] == "paged":
+        _, pool, table = layout
+        return PagedKVCache.over([(torch.empty(pool, dtype=dtype), torch.empty(pool, dtype=dtype))
+                                  for _ in range(layers)], view(table, torch.long))
+    return KVCache.over([(view(layout[1], dtype), view(layout[1], dtype)) for _ in range(layers)])
 
 
 class CompiledDecoder:
@@ -350,14 +378,12 @@ def _skeleton(model: Transformer) -> bytes:
     return buffer.getvalue()
 
 
-def _job(skeleton: bytes, path: Path, tokens: torch.Tensor, cache: KVCache, mode: str | None) -> dict:
+def _job(skeleton: bytes, path: Path, tokens: torch.Tensor, cache: KVCache | PagedKVCache, mode: str | None) -> dict:
     """What a compiling process needs to know: the model's skeleton and the step's inputs as
-    shapes, dtypes and strides (the cache's key tensors are views of a parent [rows, K, slots, D]
-    buffer: the process rebuilds it, so that the view has the same strides)."""
-    k = cache.layers[0].k
-    return {"skeleton": skeleton, "path": str(path), "rows": tokens.size(0), "mode": mode, "dtype": k.dtype,
-            "parent": (k.untyped_storage().nbytes() // k.element_size(), tuple(k.shape), tuple(k.stride()),
-                       k.storage_offset())}
+    shapes, dtypes and the cache's layout (`cache_layout`: the process rebuilds it with the
+    same strides)."""
+    return {"skeleton": skeleton, "path": str(path), "rows": tokens.size(0), "mode": mode,
+            "dtype": cache.layers[0].k.dtype, "layout": cache_layout(cache), "slots": cache.max_len}
 
 
 class _Build:
@@ -457,16 +483,10 @@ def _compile_from(job: dict) -> None:
     if any(isinstance(m, QuantizedLinear) and m.fused for m in model.modules()):
         kernels.available()  # camelid's operators, registered before tracing meets them
     decoder = CompiledDecoder(model, mode=job["mode"])
-    numel, shape, stride, offset = job["parent"]
-
-    def view() -> torch.Tensor:  # a buffer of its own for each: the compiler must see no aliasing
-        return torch.empty(numel, dtype=job["dtype"]).as_strided(shape, stride, offset)
-
-    cache = KVCache.over([(view(), view()) for _ in model.layers])
-    rows = job["rows"]
-    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    cache = rebuild_cache(job["layout"], len(model.layers), job["dtype"])
+    tokens = torch.zeros(job["rows"], 1, dtype=torch.long)
     with torch.inference_mode():
-        model.rope.table(torch.device("cpu"), shape[2])
+        model.rope.table(torch.device("cpu"), job["slots"])
         compile_step((decoder.model, tokens, tokens.clone(), cache), decoder.options, Path(job["path"]))
 
 

@@ -1,4 +1,5 @@
-"""The generation core: a model stepping over a static KV cache, each row at its own position.
+"""The generation core: a model stepping over a KV cache (static, or paged for the server), each
+row at its own position.
 
 Every inference user of a model runs it through one `Engine`:
 
@@ -6,7 +7,8 @@ Every inference user of a model runs it through one `Engine`:
   decode steps;
 - speculative decoding: the target checks a chunk of drafted tokens, the draft decodes;
 - evaluation scoring: hidden states of contexts, then of their continuations;
-- the server: each request prefilled into its own row, then decode steps over all rows.
+- the server: each request prefilled into its own row's blocks of a paged cache (after the
+  blocks of a prefix it shares with earlier requests), then decode steps over all rows.
 
 A row's tokens occupy its cache slots 0, 1, 2, ... (a token's slot is its position,
 `Transformer.hidden`), so rows decode side by side at different positions. Prompts of different

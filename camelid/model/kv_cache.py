@@ -137,7 +137,8 @@ class PagedKVCache(nn.Module):
             raise ValueError("a paged cache needs at least 2 blocks (block 0 is scratch), a block size, rows and "
                              "blocks per row of at least 1")
         shape = (num_blocks, block_size, config.kv_heads, config.head_dim)
-        self.table = torch.zeros(rows, max_blocks, dtype=torch.long, device=device)
+        with torch.inference_mode(False):   # a caller assigns blocks in and out of inference mode
+            self.table = torch.zeros(rows, max_blocks, dtype=torch.long, device=device)
         self.layers = nn.ModuleList(
             PagedLayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
                               torch.zeros(shape, dtype=dtype, device=device), self.table)
@@ -165,11 +166,17 @@ class PagedKVCache(nn.Module):
         """The same pool seen by `rows` through the first blocks that hold `length` slots: a step
         gathers only the blocks in use."""
         n = min(self.table.size(1), -(-length // self.block_size))
-        cache = PagedKVCache.__new__(PagedKVCache)
+        return PagedKVCache.over([(layer.k, layer.v) for layer in self.layers], self.table[rows, :n])
+
+    @classmethod
+    def over(cls, pools: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> "PagedKVCache":
+        """A cache over existing pools [num_blocks, block_size, K, D] (a key and a value pool per
+        layer) and a block table [rows, blocks]."""
+        cache = cls.__new__(cls)
         nn.Module.__init__(cache)
-        cache.table = self.table[rows, :n]
-        cache.layers = nn.ModuleList(PagedLayerKVCache(layer.k, layer.v, cache.table) for layer in self.layers)
-        cache.num_blocks, cache.block_size = self.num_blocks, self.block_size
+        cache.table = table
+        cache.layers = nn.ModuleList(PagedLayerKVCache(k, v, table) for k, v in pools)
+        cache.num_blocks, cache.block_size = pools[0][0].shape[:2]
         return cache
 
     def nbytes(self) -> int:

@@ -2,16 +2,24 @@
 step, admitting and evicting requests between steps, through the generation core
 (`camelid.generate.core`): the same prefill and the same (compiled) decode step as `LLM.generate`.
 
-The KV cache is static, [max_batch, kv_heads, context, head_dim], one row per request slot, and
-a request keeps its row from admission to its last token. Its prompt is prefilled alone into
-that row. A decode step then feeds every row its last token at the row's own position (a row's
-slot is its position, so no row needs padding).
+The KV cache is paged (`camelid.model.PagedKVCache`): one pool of blocks of `block_size` slots,
+lent to requests by a `camelid.generate.paging.BlockPool`, so memory follows what each request
+holds rather than rows x context. A request is admitted when the blocks for its prompt are
+available; it takes one more block each time it fills its last, and when none is left the
+newest request gives its blocks back and waits at the head of the line, to be recomputed and
+resumed later (its output unchanged: its sampler's state is kept), so the pool running out
+never fails anyone. Requests that start with the same tokens share the blocks that hold them
+(the prefix cache): a long system prompt, a chat's earlier turns or few-shot examples are
+computed once, and a request computes only the tokens after the blocks it finds. A finished
+request leaves its prompt's and answer's blocks in the cache, so the next turn of a chat finds
+them.
 
-Rows are not compacted: a step runs rows 0..(highest active row), rounded up to a power of two
-so that the compiled step sees few shapes; an idle row among them computes a throw-away token at
-slot 0, and admission fills the lowest free row so that active rows gather at the top. Likewise
-a step reads only the slots in use, rounded up to a bucket (`compiled.bucket`), not the whole
-context.
+A decode step feeds every row its last token at the row's own position. Rows are not
+compacted: a step runs rows 0..(highest active row), rounded up to a power of two so that the
+compiled step sees few shapes; an idle row among them computes a throw-away token into the
+scratch block, and admission fills the lowest free row so that active rows gather at the top.
+Likewise a step reads only the blocks in use, rounded up to a bucket (`compiled.bucket`), not
+the whole context.
 """
 
 from __future__ import annotations
@@ -19,14 +27,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from camelid.generate import Engine, SamplingParams, TextStream, sample
 from camelid.generate.compiled import bucket
-from camelid.model import KVCache
+from camelid.generate.paging import BlockPool
+from camelid.model import PagedKVCache
 from camelid.tokenizer import Tokenizer
 
 log = logging.getLogger("camelid.serve")
@@ -57,6 +66,7 @@ class Job:
     sampling: SamplingParams  # with the request's max_new_tokens, stop strings and seed
     deliver: Callable[[Event], None]
     cancelled: bool = False
+    suspended: "Row | None" = None   # pre-empted: its decoding state, to resume from
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -73,19 +83,36 @@ class Row:
     position: int       # slot (and RoPE position) of the next token fed to the model
     last: int = 0       # that token
     produced: int = 0   # new tokens so far, stop tokens not counted
+    fed: list[int] = field(default_factory=list)     # the tokens in the cache, in slot order
+    blocks: list[int] = field(default_factory=list)  # the pool's blocks that hold them, in slot order
+    admitted: int = 0   # admission order: the newest row is pre-empted first
 
 
 class Batcher:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_batch: int = 8, context: int = 2048,
-                 max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1 or context < 2:
-            raise ValueError("max_batch and max_queue must be >= 1 and context >= 2")
+                 max_queue: int = 64, block_size: int = 16, num_blocks: int | None = None):
+        """`num_blocks` (the scratch block included) defaults to what max_batch requests of a
+        full context each would hold; fewer make a smaller pool that pre-empts requests when
+        they all grow long, but never fewer than one full-context request needs."""
+        if max_batch < 1 or max_queue < 1 or context < 2 or block_size < 1:
+            raise ValueError("max_batch, max_queue and block_size must be >= 1 and context >= 2")
+        per_row = -(-context // block_size)
+        num_blocks = num_blocks or max_batch * per_row + 1
+        if num_blocks < per_row + 1:
+            raise ValueError(f"a pool of {num_blocks} blocks of {block_size} cannot hold one request of the whole "
+                             f"context ({context} tokens: {per_row} blocks and the scratch block)")
         self.engine, self.tokenizer = engine, tokenizer
         self.context = context
         self.stop_ids = tokenizer.stop_ids
         self.device = engine.device
-        self.cache = engine.allocate(max_batch, context)
-        self.views: dict[tuple[int, int], KVCache] = {}  # of the cache, by (rows, slots), for decode steps
+        self.pool = BlockPool(num_blocks, block_size)
+        with torch.inference_mode():
+            self.cache = PagedKVCache(engine.config, num_blocks, block_size, max_batch, per_row, engine.dtype,
+                                      engine.device)
+        self.views: dict[tuple[int, int], PagedKVCache] = {}  # of the cache, by (rows, slots), for decode steps
+        self.computed_tokens = 0   # prompt tokens run through the model (those found in the prefix cache are not)
+        self.preempted = 0         # requests that gave their blocks back to let others go on
+        self._admissions = 0
         self.rows: list[Row | None] = [None] * max_batch
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
@@ -153,7 +180,7 @@ class Batcher:
         `wait` seconds when nothing is running), then one decode step for all active rows."""
         for i, row in enumerate(self.rows):
             if row is not None and row.job.cancelled:
-                self.rows[i] = None
+                self._vacate(i)
                 self._release(row.job)
         while None in self.rows:
             job = self._next_job(wait if not self.active else 0.0)
@@ -161,12 +188,18 @@ class Batcher:
                 break
             index = self.rows.index(None)
             try:
-                self._prefill(index, job)
+                admitted = self._prefill(index, job)
             except Exception as e:  # this request alone fails; the others keep their rows
                 log.exception("prefill failed")
-                self.rows[index] = None
+                self._vacate(index)
                 self._end(job, Event(error=f"internal error: {type(e).__name__}: {e}"))
+                continue
+            if not admitted:   # its blocks are not available yet: it waits at the head of the line
+                with self._waiting_changed:
+                    self.waiting.appendleft(job)
+                break
         if self.active:
+            self._grow()
             self._decode()
 
     def _next_job(self, wait: float) -> Job | None:
@@ -180,16 +213,73 @@ class Batcher:
                     return job
         return None
 
-    def _prefill(self, index: int, job: Job) -> None:
-        s = job.sampling
-        generator = None
-        if s.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(s.seed)
-        row = Row(job, TextStream(self.tokenizer, job.prompt, s.stop), generator,
-                  limit=min(s.max_new_tokens, self.context - len(job.prompt)), position=len(job.prompt))
+    def _prefill(self, index: int, job: Job) -> bool:
+        """Put `job` in row `index`: its prompt (a pre-empted job: everything it had fed) into
+        blocks found in the prefix cache and new ones, computing only the tokens after the
+        blocks found. False, with nothing taken, when the blocks are not available."""
+        row, resumed = job.suspended, job.suspended is not None
+        if not resumed:
+            s = job.sampling
+            generator = None
+            if s.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(s.seed)
+            row = Row(job, TextStream(self.tokenizer, job.prompt, s.stop), generator,
+                      limit=min(s.max_new_tokens, self.context - len(job.prompt)), position=len(job.prompt),
+                      fed=list(job.prompt))
+        found = self.pool.match(row.fed[:-1])   # the last token is computed: its logits are needed
+        own = self.pool.allocate(self.pool.blocks_for(len(row.fed)) - len(found))
+        if own is None:
+            self.pool.release(found)
+            return False
+        job.suspended = None
+        row.blocks, row.admitted = found + own, self._admissions
+        self._admissions += 1
         self.rows[index] = row
-        logits = self.engine.prefill([job.prompt], self.cache.view(slice(index, index + 1), self.context))
-        self._accept(index, self._sample(logits, [row])[0])
+        self.cache.assign(index, row.blocks)
+        start = len(found) * self.pool.block_size
+        tokens = torch.tensor([row.fed[start:]], device=self.device)
+        positions = torch.arange(start, len(row.fed), device=self.device).unsqueeze(0)
+        h = self.engine.extend(tokens, positions, self.cache.view(slice(index, index + 1), len(row.fed)))
+        self.computed_tokens += len(row.fed) - start
+        self.pool.register(row.fed, row.blocks)
+        if not resumed:   # a resumed job has its next token already
+            self._accept(index, self._sample(self.engine.head(h[:, -1]), [row])[0])
+        return True
+
+    def _grow(self) -> None:
+        """A block more for each row whose next token starts one; while none is left, the
+        newest row is pre-empted (which may be the row itself)."""
+        size = self.pool.block_size
+        for index, row in enumerate(self.rows):
+            while row is not None and row.position >= len(row.blocks) * size:
+                block = self.pool.allocate(1)
+                if block is not None:
+                    row.blocks += block
+                    self.cache.assign(index, row.blocks)
+                    break
+                newest = max((i for i, r in enumerate(self.rows) if r is not None), key=lambda i: self.rows[i].admitted)
+                self._preempt(newest)
+                row = self.rows[index]
+
+    def _preempt(self, index: int) -> None:
+        """Row `index` gives its blocks back (left in the prefix cache, so that resuming may find
+        them) and its job waits at the head of the line with its state."""
+        row = self.rows[index]
+        self._vacate(index)
+        row.job.suspended = row
+        self.preempted += 1
+        with self._waiting_changed:
+            self.waiting.appendleft(row.job)
+
+    def _vacate(self, index: int) -> None:
+        """Empty row `index`, its full blocks registered in the prefix cache and given back."""
+        row = self.rows[index]
+        self.rows[index] = None
+        if row is not None and row.blocks:
+            self.pool.register(row.fed, row.blocks)
+            self.pool.release(row.blocks)
+            row.blocks = []
+        self.cache.assign(index, [])
 
     def _decode(self) -> None:
         n = 1 + max(i for i, r in enumerate(self.rows) if r is not None)
@@ -205,6 +295,7 @@ class Batcher:
         next_ids = self._sample(logits, rows)
         for i, row in enumerate(rows):
             if row is not None:
+                row.fed.append(row.last)
                 row.position += 1
                 self._accept(i, next_ids[i])
 
@@ -234,7 +325,7 @@ class Batcher:
 
     def _finish(self, index: int, reason: str) -> None:
         row = self.rows[index]
-        self.rows[index] = None
+        self._vacate(index)
         self.engine.pause()  # a compiled step asked for meanwhile starts building
         rest = row.text.finish()
         self._end(row.job, Event(text=rest, finish_reason=reason, prompt_tokens=len(row.job.prompt),
@@ -242,7 +333,8 @@ class Batcher:
 
     def _fail_all(self, message: str, status: int, waiting: bool) -> None:
         jobs = [r.job for r in self.rows if r is not None]
-        self.rows = [None] * len(self.rows)
+        for index in range(len(self.rows)):
+            self._vacate(index)
         if waiting:
             with self._waiting_changed:
                 jobs += self.waiting
