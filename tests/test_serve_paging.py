@@ -120,3 +120,29 @@ def test_a_small_pool_preempts_and_resumes_without_changing_outputs(long_llm):
 def test_a_pool_too_small_for_one_whole_context_is_refused(long_llm):
     with pytest.raises(ValueError, match="cannot hold one request of the whole context"):
         Batcher(long_llm.engine, long_llm.tokenizer, context=64, block_size=8, num_blocks=8)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(long_llm):
+    """A 600-token prompt with chunks of 64 takes ten steps to prefill; a stream already
+    decoding gets a token at each of them, and both answer exactly as alone."""
+    short, long = ids(30, 5), ids(31, 600)
+    batcher = Batcher(long_llm.engine, long_llm.tokenizer, max_batch=2, context=1024, prefill_chunk=64)
+    a, b = Collector(), Collector()
+    short_job = Job(short, GREEDY.updated(max_new_tokens=30), a)
+    long_job = Job(long, GREEDY.updated(max_new_tokens=4), b)
+    batcher.submit(short_job)
+    batcher.step()
+    batcher.submit(long_job)
+
+    def row(job):
+        return next(r for r in batcher.rows if r is not None and r.job is job)
+
+    before, steps = row(short_job).produced, 0
+    while steps == 0 or row(long_job).computed < len(long):
+        batcher.step()
+        steps += 1
+        assert min(row(long_job).computed, len(long)) == min(len(long), 64 * steps)   # then its own decode
+    assert steps == -(-600 // 64) and row(short_job).produced - before == steps   # a token each step
+    run_to_completion(batcher, [a, b])
+    assert batcher.computed_tokens == len(short) + len(long)
+    assert outcome(a) == alone(long_llm, short, 30) and outcome(b) == alone(long_llm, long, 4)

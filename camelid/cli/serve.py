@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait when every slot is taken; more get HTTP 503 (default 64)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help=f"tokens per request, prompt plus reply (default: the model's, at most {DEFAULT_CONTEXT})")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                   help="prompt tokens prefilled per step (default 512): a longer prompt is prefilled over several "
+                        "steps, the other requests decoding between them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default info: one line per request)")
 
@@ -58,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
 
     from camelid.serve import Batcher, create_app
 
-    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--prefill-chunk", args.prefill_chunk)):
         if value < 1:
             raise CamelidError(f"{flag} must be >= 1 (got {value})")
     if args.context is not None and args.context < 2:  # the model's own bound is checked once it is loaded
@@ -68,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     context = _context(args.context, llm.config.max_seq_len)
     model_name = args.model_name or Path(args.model).stem
     batcher = Batcher(llm.engine, llm.tokenizer, max_batch=args.max_batch, context=context,
-                      max_queue=args.max_queue)
+                      max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     print(f"camelid serve: {model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1); "
           f"{args.max_batch} slots of up to {context} tokens, KV cache {batcher.cache.nbytes() / 2**20:.0f} MiB "
           f"({batcher.pool.capacity} blocks of {batcher.pool.block_size} tokens)",

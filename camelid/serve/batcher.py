@@ -14,7 +14,9 @@ computed once, and a request computes only the tokens after the blocks it finds.
 request leaves its prompt's and answer's blocks in the cache, so the next turn of a chat finds
 them.
 
-A decode step feeds every row its last token at the row's own position. Rows are not
+A prompt is prefilled in chunks of at most `prefill_chunk` tokens a step, each step's decode of
+the other requests between two chunks, so a long prompt slows the streams around it rather than
+stopping them. A decode step feeds every row its last token at the row's own position. Rows are not
 compacted: a step runs rows 0..(highest active row), rounded up to a power of two so that the
 compiled step sees few shapes; an idle row among them computes a throw-away token into the
 scratch block, and admission fills the lowest free row so that active rows gather at the top.
@@ -83,26 +85,32 @@ class Row:
     position: int       # slot (and RoPE position) of the next token fed to the model
     last: int = 0       # that token
     produced: int = 0   # new tokens so far, stop tokens not counted
-    fed: list[int] = field(default_factory=list)     # the tokens in the cache, in slot order
+    fed: list[int] = field(default_factory=list)     # the tokens in the cache (or going there), in slot order
+    computed: int = 0   # how many of them the cache holds: fewer while the prompt is prefilled in chunks
+    shared: int = -1    # blocks found in the prefix cache when its prefill began (-1: not begun)
     blocks: list[int] = field(default_factory=list)  # the pool's blocks that hold them, in slot order
     admitted: int = 0   # admission order: the newest row is pre-empted first
 
 
 class Batcher:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_batch: int = 8, context: int = 2048,
-                 max_queue: int = 64, block_size: int = 16, num_blocks: int | None = None):
+                 max_queue: int = 64, block_size: int = 16, num_blocks: int | None = None,
+                 prefill_chunk: int = 512):
         """`num_blocks` (the scratch block included) defaults to what max_batch requests of a
         full context each would hold; fewer make a smaller pool that pre-empts requests when
-        they all grow long, but never fewer than one full-context request needs."""
-        if max_batch < 1 or max_queue < 1 or context < 2 or block_size < 1:
-            raise ValueError("max_batch, max_queue and block_size must be >= 1 and context >= 2")
+        they all grow long, but never fewer than one full-context request needs. A step
+        prefills at most `prefill_chunk` prompt tokens, so that a long prompt is prefilled over
+        several steps, each followed by the other requests' decode step, instead of stalling
+        them all."""
+        if min(max_batch, max_queue, block_size, prefill_chunk) < 1 or context < 2:
+            raise ValueError("max_batch, max_queue, block_size and prefill_chunk must be >= 1 and context >= 2")
         per_row = -(-context // block_size)
         num_blocks = num_blocks or max_batch * per_row + 1
         if num_blocks < per_row + 1:
             raise ValueError(f"a pool of {num_blocks} blocks of {block_size} cannot hold one request of the whole "
                              f"context ({context} tokens: {per_row} blocks and the scratch block)")
         self.engine, self.tokenizer = engine, tokenizer
-        self.context = context
+        self.context, self.prefill_chunk = context, prefill_chunk
         self.stop_ids = tokenizer.stop_ids
         self.device = engine.device
         self.pool = BlockPool(num_blocks, block_size)
@@ -198,7 +206,8 @@ class Batcher:
                 with self._waiting_changed:
                     self.waiting.appendleft(job)
                 break
-        if self.active:
+        self._prefill_chunks()
+        if any(r is not None and r.computed == len(r.fed) for r in self.rows):
             self._grow()
             self._decode()
 
@@ -215,8 +224,8 @@ class Batcher:
 
     def _prefill(self, index: int, job: Job) -> bool:
         """Put `job` in row `index`: its prompt (a pre-empted job: everything it had fed) into
-        blocks found in the prefix cache and new ones, computing only the tokens after the
-        blocks found. False, with nothing taken, when the blocks are not available."""
+        blocks found in the prefix cache and new ones; `_prefill_chunks` computes the tokens
+        after the blocks found. False, with nothing taken, when the blocks are not available."""
         row, resumed = job.suspended, job.suspended is not None
         if not resumed:
             s = job.sampling
@@ -233,18 +242,47 @@ class Batcher:
             return False
         job.suspended = None
         row.blocks, row.admitted = found + own, self._admissions
+        row.computed, row.shared = len(found) * self.pool.block_size, -1
         self._admissions += 1
         self.rows[index] = row
         self.cache.assign(index, row.blocks)
-        start = len(found) * self.pool.block_size
-        tokens = torch.tensor([row.fed[start:]], device=self.device)
-        positions = torch.arange(start, len(row.fed), device=self.device).unsqueeze(0)
-        h = self.engine.extend(tokens, positions, self.cache.view(slice(index, index + 1), len(row.fed)))
-        self.computed_tokens += len(row.fed) - start
-        self.pool.register(row.fed, row.blocks)
-        if not resumed:   # a resumed job has its next token already
-            self._accept(index, self._sample(self.engine.head(h[:, -1]), [row])[0])
         return True
+
+    def _prefill_chunks(self) -> None:
+        """Up to prefill_chunk prompt tokens of the rows being prefilled, oldest admission first;
+        a row whose prompt is all in takes its first token (a resumed one has it already)."""
+        budget = self.prefill_chunk
+        for index in sorted((i for i, r in enumerate(self.rows) if r is not None and r.computed < len(r.fed)),
+                            key=lambda i: self.rows[i].admitted):
+            row = self.rows[index]
+            if row.shared < 0:
+                self._share_more(index, row)
+            start, end = row.computed, min(len(row.fed), row.computed + budget)
+            tokens = torch.tensor([row.fed[start:end]], device=self.device)
+            positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+            h = self.engine.extend(tokens, positions, self.cache.view(slice(index, index + 1), end))
+            row.computed, budget = end, budget - (end - start)
+            self.computed_tokens += end - start
+            self.pool.register(row.fed[:end], row.blocks)   # findable by the rows admitted with it
+            if end == len(row.fed):
+                if row.produced == 0 and row.position == len(row.job.prompt):   # not resumed
+                    self._accept(index, self._sample(self.engine.head(h[:, -1]), [row])[0])
+            if budget == 0:
+                break
+
+    def _share_more(self, index: int, row: Row) -> None:
+        """As a row's prefill begins, look its prompt up again: a row admitted in the same step
+        as others with the same prefix finds the blocks their first chunks have just computed,
+        and gives back its own blocks that those replace."""
+        held = row.computed // self.pool.block_size
+        found = self.pool.match(row.fed[:-1])
+        self.pool.release(found[:held])          # held since admission: not twice
+        if len(found) > held:
+            self.pool.release(row.blocks[held:len(found)])
+            row.blocks = found + row.blocks[len(found):]
+            row.computed = len(found) * self.pool.block_size
+            self.cache.assign(index, row.blocks)
+        row.shared = max(len(found), held)
 
     def _grow(self) -> None:
         """A block more for each row whose next token starts one; while none is left, the
@@ -276,7 +314,7 @@ class Batcher:
         row = self.rows[index]
         self.rows[index] = None
         if row is not None and row.blocks:
-            self.pool.register(row.fed, row.blocks)
+            self.pool.register(row.fed[:row.computed], row.blocks)   # what the cache holds
             self.pool.release(row.blocks)
             row.blocks = []
         self.cache.assign(index, [])
@@ -284,9 +322,11 @@ class Batcher:
     def _decode(self) -> None:
         n = 1 + max(i for i, r in enumerate(self.rows) if r is not None)
         n = min(len(self.rows), 1 << (n - 1).bit_length())
-        rows = self.rows[:n]
+        # a row still being prefilled sits this step out: its throw-away token goes to its last
+        # prompt slot, which the prefill has yet to write; an empty row's to the scratch block
+        rows = [r if r is not None and r.computed == len(r.fed) else None for r in self.rows[:n]]
         tokens = torch.tensor([r.last if r else 0 for r in rows], device=self.device)
-        positions = [r.position if r else 0 for r in rows]
+        positions = [r.position if r else (len(p.fed) - 1 if p else 0) for r, p in zip(rows, self.rows[:n])]
         window = bucket(max(positions) + 1, self.context)
         view = self.views.get((n, window))
         if view is None:  # a handful of (rows, window) pairs: each view made once
@@ -296,6 +336,7 @@ class Batcher:
         for i, row in enumerate(rows):
             if row is not None:
                 row.fed.append(row.last)
+                row.computed += 1
                 row.position += 1
                 self._accept(i, next_ids[i])
 
