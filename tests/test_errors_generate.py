@@ -129,6 +129,7 @@ def test_chat_matrix(extra, words, before_load, model_dir, tmp_path, capsys, mon
     (["serve", "--port", "0", "--context", "0"], ["--context 0", "at least 2"]),
     (["serve", "--port", "0", "--max-batch", "0"], ["--max-batch", ">= 1"]),
     (["serve", "--port", "0", "--prefill-chunk", "0"], ["--prefill-chunk", ">= 1"]),
+    (["serve", "--port", "0", "--api-key", " "], ["--api-key is empty"]),
     (["eval", "--tasks", "boolq", "--output", "TMP/out.json", "--group-size", "64"], ["--group-size"]),
     (["eval", "--tasks", "boolq", "--output", "TMP/out.json", "--quantize", "int4", "--group-size", "7"],
      ["--group-size", "32, 64, 128"]),

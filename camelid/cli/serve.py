@@ -1,7 +1,8 @@
 """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
-(`"stream": true` answers with server-sent events), and GET / for a chat page in the browser.
+(`"stream": true` answers with server-sent events), POST /tokenize ({"prompt"} or {"messages"}:
+the token ids) and /detokenize ({"tokens"}: the text), and GET / for a chat page in the browser.
 Requests are batched continuously: up to --max-batch of them decode together, one token each
 per step, and a new request joins between two steps. A request takes a free slot if there is
 one; when all are taken, up to --max-queue more wait for one, and beyond that the server
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait when every slot is taken; more get HTTP 503 (default 64)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help=f"tokens per request, prompt plus reply (default: the model's, at most {DEFAULT_CONTEXT})")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but / and /health (401 otherwise); "
+                        "OpenAI clients send it as their api_key")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
                    help="prompt tokens prefilled per step (default 512): a longer prompt is prefilled over several "
                         "steps, the other requests decoding between them")
@@ -65,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
                         ("--prefill-chunk", args.prefill_chunk)):
         if value < 1:
             raise CamelidError(f"{flag} must be >= 1 (got {value})")
+    if args.api_key is not None and not args.api_key.strip():
+        raise CamelidError("--api-key is empty; give the key clients must send, or leave the option out")
     if args.context is not None and args.context < 2:  # the model's own bound is checked once it is loaded
         raise CamelidError(f"--context {args.context}: must be at least 2 tokens")
     _check_port_free(args.host, args.port)
@@ -78,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
           f"({batcher.pool.capacity} blocks of {batcher.pool.block_size} tokens)",
           file=sys.stderr, flush=True)
     _log_like_uvicorn(args.log_level)
-    app = create_app(llm, batcher, model_name)
+    app = create_app(llm, batcher, model_name, api_key=args.api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     try:

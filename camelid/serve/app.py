@@ -14,6 +14,7 @@ fault gets its own message.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -31,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from camelid.errors import CamelidError
 from camelid.generate import LLM, SamplingParams
 from camelid.serve.batcher import Batcher, Event, Job, QueueFull
-from camelid.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, valid_text
+from camelid.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
+                                    TokenizeRequest, valid_text)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DISCONNECT_POLL_S = 0.5         # how often a non-streaming request checks that its client is there
@@ -54,8 +56,9 @@ def error_response(status: int, message: str, param: str | None = None,
     return JSONResponse(body, status_code=status)
 
 
-def create_app(llm: LLM, batcher: Batcher, model_name: str) -> FastAPI:
-    """The application; its lifespan starts and stops the batcher's worker thread."""
+def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The application; its lifespan starts and stops the batcher's worker thread. With
+    `api_key`, every route but the chat page and /health wants `Authorization: Bearer KEY`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +70,8 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str) -> FastAPI:
     created = int(time.time())
     chat_page = (resources.files("camelid.serve") / "static" / "chat.html").read_text(encoding="utf-8")
     _install_error_handlers(app)
+    if api_key:
+        _require_key(app, api_key)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -104,7 +109,52 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str) -> FastAPI:
         limit = body.max_completion_tokens or body.max_tokens or batcher.context  # up to the context
         return await _answer(request, body, prompt, limit, batcher, model_name, chat=True)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await _read_body(request, TokenizeRequest)
+        _check_model(body, model_name)
+        if body.messages is not None:
+            try:
+                ids = llm.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
+            except CamelidError as e:
+                raise ApiError(400, str(e), "messages") from None
+        else:
+            ids = llm.encode_prompt(body.prompt) if body.add_special_tokens else \
+                llm.tokenizer.encode(body.prompt, bos=False, eos=False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": batcher.context}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await _read_body(request, DetokenizeRequest)
+        _check_model(body, model_name)
+        vocab = llm.model.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens")
+        return {"prompt": llm.tokenizer.decode(body.tokens)}
+
     return app
+
+
+OPEN_PATHS = ("/", "/health")   # the chat page (which then sends the key itself) and liveness probes
+
+
+def _require_key(app: FastAPI, key: str) -> None:
+    """401 with OpenAI's error body for a request without `Authorization: Bearer KEY`; the
+    comparison takes the same time whatever the guess (hmac.compare_digest)."""
+    expected = key.encode()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            message = ("no API key: send the header 'Authorization: Bearer KEY' (this server was started with "
+                       "--api-key)" if not given else "the API key is wrong")
+            return error_response(401, message, kind="invalid_request_error", code="invalid_api_key")
+        return await call_next(request)
 
 
 # ---- checks ---------------------------------------------------------------------------------------

@@ -160,3 +160,23 @@ class ChatCompletionRequest(SamplingFields):
         if value:
             raise ValueError("logprobs is not supported by this server; leave it out")
         return value
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a completion's prompt, or a conversation rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True   # a prompt: the beginning-of-text token where the model adds one
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either 'prompt' (text) or 'messages' (a conversation), not both or neither")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
