@@ -68,3 +68,41 @@ def test_the_api_key_is_required_where_the_server_has_one(tiny_llm):
         assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
     with app(tiny_llm) as client:   # no key set: nothing asked for
         assert client.get("/v1/models").status_code == 200
+
+
+def test_metrics_in_prometheus_format_count_what_the_server_did(tiny_llm):
+    """After two completions sharing a prompt: requests by route and status, tokens in and out,
+    the latency histograms and the prefix cache's hits, in the text format a Prometheus server
+    parses."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with app(tiny_llm, api_key=KEY) as client:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        prompt = list(range(5, 45))                     # 40 tokens: two full blocks of 16, then 8
+        for _ in range(2):
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0},
+                            headers=auth)
+            assert r.status_code == 200
+        assert client.post("/v1/completions", json={"prompt": prompt}).status_code == 401
+        client.get("/no/such/route", headers=auth)
+        assert client.get("/metrics").status_code == 401       # behind the key like the API
+        r = client.get("/metrics", headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    def value(name, **labels):
+        return samples[name, tuple(sorted((k, str(v)) for k, v in labels.items()))]
+
+    assert value("camelid_http_requests_total", path="/v1/completions", status=200) == 2
+    assert value("camelid_http_requests_total", path="/v1/completions", status=401) == 1
+    assert value("camelid_http_requests_total", path="other", status=404) == 1
+    assert value("camelid_prompt_tokens_total") == 80
+    assert value("camelid_prompt_tokens_computed_total") == 40 + 8       # the second found two blocks
+    assert value("camelid_prefix_cache_hits_total") == 2 and value("camelid_prefix_cache_queries_total") == 4
+    assert value("camelid_prefix_cache_hit_rate") == 0.5
+    assert 2 <= value("camelid_generation_tokens_total") <= 6
+    assert value("camelid_time_to_first_token_seconds_count") == 2
+    assert value("camelid_time_per_output_token_seconds_count") == value("camelid_generation_tokens_total") - 2
+    assert value("camelid_requests_running") == 0 and value("camelid_requests_waiting") == 0
+    assert value("camelid_kv_cache_blocks_used") == 0 and value("camelid_kv_cache_blocks") == 2 * 4

@@ -2,7 +2,8 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`"stream": true` answers with server-sent events), POST /tokenize ({"prompt"} or {"messages"}:
-the token ids) and /detokenize ({"tokens"}: the text), and GET / for a chat page in the browser.
+the token ids) and /detokenize ({"tokens"}: the text), GET /metrics (Prometheus's text format),
+and GET / for a chat page in the browser.
 Requests are batched continuously: up to --max-batch of them decode together, one token each
 per step, and a new request joins between two steps. A request takes a free slot if there is
 one; when all are taken, up to --max-queue more wait for one, and beyond that the server

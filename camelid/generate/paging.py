@@ -78,19 +78,20 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
-    def match(self, tokens: Sequence[int]) -> list[int]:
+    def match(self, tokens: Sequence[int], count: bool = True) -> list[int]:
         """The blocks holding the longest run of `tokens`' leading full blocks that the cache
         knows, each now held once more by the caller (release them with the rest). A caller that
         needs the logits after a prompt's last token passes the prompt without it, so that at
-        least that token is computed, in a block of its own rather than a shared one."""
+        least that token is computed, in a block of its own rather than a shared one. `count`
+        False leaves the hit-rate counters alone (a second look for the same request)."""
         out: list[int] = []
         keys = self._keys(tokens)
-        self.queried += len(keys)
+        self.queried += len(keys) if count else 0
         for key in keys:
             block = self._block_of.get(key)
             if block is None:
                 break
-            self.hits += 1
+            self.hits += count
             if self.refs[block] == 0:
                 del self._idle[block]
             self.refs[block] += 1

@@ -25,13 +25,14 @@ from typing import AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camelid.errors import CamelidError
 from camelid.generate import LLM, SamplingParams
 from camelid.serve.batcher import Batcher, Event, Job, QueueFull
+from camelid.serve.metrics import CONTENT_TYPE, ServerMetrics
 from camelid.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                     TokenizeRequest, valid_text)
 
@@ -70,8 +71,9 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     created = int(time.time())
     chat_page = (resources.files("camelid.serve") / "static" / "chat.html").read_text(encoding="utf-8")
     _install_error_handlers(app)
+    metrics = ServerMetrics(batcher)
     if api_key:
-        _require_key(app, api_key)
+        app.add_middleware(RequireKey, key=api_key)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -80,6 +82,10 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -133,28 +139,54 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens")
         return {"prompt": llm.tokenizer.decode(body.tokens)}
 
+    # added last, so it runs first: it sees the key check's 401s too
+    app.add_middleware(CountResponses, metrics=metrics, routes={getattr(r, "path", "") for r in app.routes})
     return app
+
+
+# Plain ASGI middleware: Starlette's BaseHTTPMiddleware (@app.middleware) would hide a client's
+# disconnect from the routes, which must see it to free the request's row.
+
+class CountResponses:
+    """Each response by route and status (a path no route serves counts as "other", so that
+    stray requests cannot grow the metrics without bound)."""
+
+    def __init__(self, app, metrics: ServerMetrics, routes: set[str]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                self.metrics.responded(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 OPEN_PATHS = ("/", "/health")   # the chat page (which then sends the key itself) and liveness probes
 
 
-def _require_key(app: FastAPI, key: str) -> None:
+class RequireKey:
     """401 with OpenAI's error body for a request without `Authorization: Bearer KEY`; the
     comparison takes the same time whatever the guess (hmac.compare_digest)."""
-    expected = key.encode()
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if request.url.path in OPEN_PATHS:
-            return await call_next(request)
-        given = request.headers.get("authorization", "")
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            message = ("no API key: send the header 'Authorization: Bearer KEY' (this server was started with "
-                       "--api-key)" if not given else "the API key is wrong")
-            return error_response(401, message, kind="invalid_request_error", code="invalid_api_key")
-        return await call_next(request)
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
+            return await self.app(scope, receive, send)
+        message = ("no API key: send the header 'Authorization: Bearer KEY' (this server was started with "
+                   "--api-key)" if not given else "the API key is wrong")
+        await error_response(401, message, code="invalid_api_key")(scope, receive, send)
 
 
 # ---- checks ---------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -69,6 +70,7 @@ class Job:
     deliver: Callable[[Event], None]
     cancelled: bool = False
     suspended: "Row | None" = None   # pre-empted: its decoding state, to resume from
+    submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -90,6 +92,15 @@ class Row:
     shared: int = -1    # blocks found in the prefix cache when its prefill began (-1: not begun)
     blocks: list[int] = field(default_factory=list)  # the pool's blocks that hold them, in slot order
     admitted: int = 0   # admission order: the newest row is pre-empted first
+    token_at: float = 0.0   # when its last token came (perf_counter)
+
+
+class Timings(Protocol):
+    """Where the batcher reports its latencies (the server's /metrics)."""
+
+    def first_token(self, seconds: float) -> None: ...    # from submission to a request's first token
+
+    def next_token(self, seconds: float) -> None: ...     # between two tokens of a request
 
 
 class Batcher:
@@ -118,7 +129,10 @@ class Batcher:
             self.cache = PagedKVCache(engine.config, num_blocks, block_size, max_batch, per_row, engine.dtype,
                                       engine.device)
         self.views: dict[tuple[int, int], PagedKVCache] = {}  # of the cache, by (rows, slots), for decode steps
+        self.prompt_tokens = 0     # of the requests admitted
         self.computed_tokens = 0   # prompt tokens run through the model (those found in the prefix cache are not)
+        self.generated_tokens = 0
+        self.timings: Timings | None = None
         self.preempted = 0         # requests that gave their blocks back to let others go on
         self._admissions = 0
         self.rows: list[Row | None] = [None] * max_batch
@@ -235,12 +249,14 @@ class Batcher:
             row = Row(job, TextStream(self.tokenizer, job.prompt, s.stop), generator,
                       limit=min(s.max_new_tokens, self.context - len(job.prompt)), position=len(job.prompt),
                       fed=list(job.prompt))
-        found = self.pool.match(row.fed[:-1])   # the last token is computed: its logits are needed
+        # the last token is computed (its logits are needed); `_share_more` looks again, and counts
+        found = self.pool.match(row.fed[:-1], count=False)
         own = self.pool.allocate(self.pool.blocks_for(len(row.fed)) - len(found))
         if own is None:
             self.pool.release(found)
             return False
         job.suspended = None
+        self.prompt_tokens += 0 if resumed else len(job.prompt)
         row.blocks, row.admitted = found + own, self._admissions
         row.computed, row.shared = len(found) * self.pool.block_size, -1
         self._admissions += 1
@@ -275,7 +291,7 @@ class Batcher:
         as others with the same prefix finds the blocks their first chunks have just computed,
         and gives back its own blocks that those replace."""
         held = row.computed // self.pool.block_size
-        found = self.pool.match(row.fed[:-1])
+        found = self.pool.match(row.fed[:-1])   # counted here, once per prefill (the hit rate's figures)
         self.pool.release(found[:held])          # held since admission: not twice
         if len(found) > held:
             self.pool.release(row.blocks[held:len(found)])
@@ -353,9 +369,17 @@ class Batcher:
         """Hand a row's new token to its request; evict the row when the request is complete."""
         row = self.rows[index]
         row.last = token
+        now = time.perf_counter()
+        if self.timings is not None:
+            if row.produced == 0:
+                self.timings.first_token(now - row.job.submitted)
+            else:
+                self.timings.next_token(now - row.token_at)
+        row.token_at = now
         if token in self.stop_ids:
             return self._finish(index, "stop")
         row.produced += 1
+        self.generated_tokens += 1
         text = row.text.push(token)
         if text:
             row.job.deliver(Event(text=text))
