@@ -138,12 +138,9 @@ class PagedKVCache(nn.Module):
                              "blocks per row of at least 1")
         shape = (num_blocks, block_size, config.kv_heads, config.head_dim)
         with torch.inference_mode(False):   # a caller assigns blocks in and out of inference mode
-            self.table = torch.zeros(rows, max_blocks, dtype=torch.long, device=device)
-        self.layers = nn.ModuleList(
-            PagedLayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
-                              torch.zeros(shape, dtype=dtype, device=device), self.table)
-            for _ in range(config.n_layers))
-        self.num_blocks, self.block_size = num_blocks, block_size
+            table = torch.zeros(rows, max_blocks, dtype=torch.long, device=device)
+        self._wire([(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                    for _ in range(config.n_layers)], table)
 
     @property
     def batch(self) -> int:
@@ -174,10 +171,13 @@ class PagedKVCache(nn.Module):
         layer) and a block table [rows, blocks]."""
         cache = cls.__new__(cls)
         nn.Module.__init__(cache)
-        cache.table = table
-        cache.layers = nn.ModuleList(PagedLayerKVCache(k, v, table) for k, v in pools)
-        cache.num_blocks, cache.block_size = pools[0][0].shape[:2]
+        cache._wire(pools, table)
         return cache
+
+    def _wire(self, pools: list[tuple[torch.Tensor, torch.Tensor]], table: torch.Tensor) -> None:
+        self.table = table
+        self.layers = nn.ModuleList(PagedLayerKVCache(k, v, table) for k, v in pools)
+        self.num_blocks, self.block_size = pools[0][0].shape[:2]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

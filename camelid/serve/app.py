@@ -108,10 +108,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
         _check_model(body, model_name)
         for name in ("max_completion_tokens", "max_tokens"):
             _check_max_tokens(getattr(body, name), name, batcher.context)
-        try:
-            prompt = llm.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
-        except CamelidError as e:
-            raise ApiError(400, str(e), "messages") from None
+        prompt = _chat_ids(body.messages, llm)
         limit = body.max_completion_tokens or body.max_tokens or batcher.context  # up to the context
         return await _answer(request, body, prompt, limit, batcher, model_name, chat=True)
 
@@ -120,10 +117,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
         body = await _read_body(request, TokenizeRequest)
         _check_model(body, model_name)
         if body.messages is not None:
-            try:
-                ids = llm.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
-            except CamelidError as e:
-                raise ApiError(400, str(e), "messages") from None
+            ids = _chat_ids(body.messages, llm)
         else:
             ids = llm.encode_prompt(body.prompt) if body.add_special_tokens else \
                 llm.tokenizer.encode(body.prompt, bos=False, eos=False)
@@ -133,10 +127,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     async def detokenize(request: Request) -> dict:
         body = await _read_body(request, DetokenizeRequest)
         _check_model(body, model_name)
-        vocab = llm.model.config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens")
+        _check_token_ids(body.tokens, llm, "tokens")
         return {"prompt": llm.tokenizer.decode(body.tokens)}
 
     # added last, so it runs first: it sees the key check's 401s too
@@ -257,6 +248,21 @@ def _check_model(body: SamplingFields, model_name: str) -> None:
                             "(see /v1/models)", "model", code="model_not_found")
 
 
+def _chat_ids(messages, llm: LLM) -> list[int]:
+    """A conversation rendered with the model's chat template and its generation prompt."""
+    try:
+        return llm.tokenizer.encode_chat([m.as_template_input() for m in messages])
+    except CamelidError as e:
+        raise ApiError(400, str(e), "messages") from None
+
+
+def _check_token_ids(ids: list[int], llm: LLM, param: str) -> None:
+    vocab = llm.model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param)
+
+
 def _completion_prompt(body: CompletionRequest, llm: LLM) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -266,10 +272,7 @@ def _completion_prompt(body: CompletionRequest, llm: LLM) -> list[int]:
     if isinstance(prompt, str):
         ids = llm.encode_prompt(prompt)
     else:
-        vocab = llm.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        _check_token_ids(prompt, llm, "prompt")
         ids = list(prompt)
     if not ids:
         raise ApiError(400, "the prompt is empty", "prompt")

@@ -89,7 +89,7 @@ class Row:
     produced: int = 0   # new tokens so far, stop tokens not counted
     fed: list[int] = field(default_factory=list)     # the tokens in the cache (or going there), in slot order
     computed: int = 0   # how many of them the cache holds: fewer while the prompt is prefilled in chunks
-    shared: int = -1    # blocks found in the prefix cache when its prefill began (-1: not begun)
+    looked_up: bool = False   # the prefix cache was searched again as its prefill began (`_share_more`)
     blocks: list[int] = field(default_factory=list)  # the pool's blocks that hold them, in slot order
     admitted: int = 0   # admission order: the newest row is pre-empted first
     token_at: float = 0.0   # when its last token came (perf_counter)
@@ -258,7 +258,7 @@ class Batcher:
         job.suspended = None
         self.prompt_tokens += 0 if resumed else len(job.prompt)
         row.blocks, row.admitted = found + own, self._admissions
-        row.computed, row.shared = len(found) * self.pool.block_size, -1
+        row.computed, row.looked_up = len(found) * self.pool.block_size, False
         self._admissions += 1
         self.rows[index] = row
         self.cache.assign(index, row.blocks)
@@ -271,7 +271,7 @@ class Batcher:
         for index in sorted((i for i, r in enumerate(self.rows) if r is not None and r.computed < len(r.fed)),
                             key=lambda i: self.rows[i].admitted):
             row = self.rows[index]
-            if row.shared < 0:
+            if not row.looked_up:
                 self._share_more(index, row)
             start, end = row.computed, min(len(row.fed), row.computed + budget)
             tokens = torch.tensor([row.fed[start:end]], device=self.device)
@@ -280,9 +280,8 @@ class Batcher:
             row.computed, budget = end, budget - (end - start)
             self.computed_tokens += end - start
             self.pool.register(row.fed[:end], row.blocks)   # findable by the rows admitted with it
-            if end == len(row.fed):
-                if row.produced == 0 and row.position == len(row.job.prompt):   # not resumed
-                    self._accept(index, self._sample(self.engine.head(h[:, -1]), [row])[0])
+            if end == len(row.fed) and row.produced == 0:   # its first token (a resumed row has its next)
+                self._accept(index, self._sample(self.engine.head(h[:, -1]), [row])[0])
             if budget == 0:
                 break
 
@@ -298,7 +297,7 @@ class Batcher:
             row.blocks = found + row.blocks[len(found):]
             row.computed = len(found) * self.pool.block_size
             self.cache.assign(index, row.blocks)
-        row.shared = max(len(found), held)
+        row.looked_up = True
 
     def _grow(self) -> None:
         """A block more for each row whose next token starts one; while none is left, the
