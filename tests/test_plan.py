@@ -19,8 +19,8 @@ from camelid.generate import Engine, TokenGenerator
 from camelid.generate.sampling import SamplingParams
 from camelid.model import Transformer
 from camelid.platform import native_bf16
-from camelid.plan import (AC_MODES, Layout, LiveTensorBytes, TrainRow, best, measure_training_step, parse_size, plan,
-                          plan_training, weight_bytes)
+from camelid.plan import (AC_MODES, Layout, LiveTensorBytes, TrainRow, best, gib_bytes, kv_pool, measure_training_step,
+                          parse_size, plan, plan_training, weight_bytes)
 from camelid.quant import quantize_model
 from camelid.train.config import DataSection, ModelSection, RunSection, TrainConfig, TrainSection
 from camelid.train.trainer import Trainer
@@ -82,6 +82,8 @@ def test_parse_size_rejects(bad):
                                         (["7B", "--memory", "24GB", "--batch", "0"], "--batch"),
                                         (["7B", "--memory", "24GB", "--context", "0"], "--context"),
                                         (["7B", "--memory", "24GB", "--context", "4096"], "--context"),
+                                        (["7B", "--memory", "24GB", "--block-size", "0"], "--block-size"),
+                                        (["7B", "--train", "--memory", "80GB", "--block-size", "16"], "--block-size"),
                                         (["7C", "--memory", "24GB"], "7C")])
 def test_bad_input_exits_2_with_one_line(capsys, argv, flag):
     assert main(["plan", *argv]) == 2
@@ -130,6 +132,57 @@ def test_options_that_cost_more():
     assert math.activations - fused.activations > 2 * 32 * 8192**2 * 4 * 0.9   # fp32 scores and softmax
     assert all_logits.activations > 8192 * 128256 * 4                         # a row of logits per token
     assert plan(config, group_size=128)[3].weights < plan(config)[3].weights
+
+
+# ---- serving: camelid serve's paged KV pool ------------------------------------------------------
+
+def test_kv_pool_of_the_tiny_config_by_hand():
+    config = get_size("tiny")                  # 2 layers, 2 KV heads of 16
+    assert (config.n_layers, config.kv_heads, config.head_dim) == (2, 2, 16)
+    pool = kv_pool(config, 2**20, context=256)  # bfloat16, blocks of 16 tokens
+    assert pool.block_bytes == 2 * 2 * 16 * 2 * 16 * 2 == 4096
+    assert pool.num_blocks == 256 and pool.blocks == 255 and pool.tokens == 255 * 16
+    assert pool.request_blocks == 16 and pool.requests == 15      # 255 // 16
+    assert pool.nbytes == 2**20 and pool.min_bytes == 17 * 4096
+    odd = kv_pool(config, 2**20 - 1, context=250, kv_dtype="float32", block_size=7)
+    assert odd.block_bytes == 2 * 2 * 7 * 2 * 16 * 4 == 3584
+    assert odd.num_blocks == (2**20 - 1) // 3584 == 292 and odd.tokens == 291 * 7
+    assert odd.request_blocks == 36 and odd.requests == 8          # ceil(250 / 7); 291 // 36
+    assert kv_pool(config, 4095, context=256).num_blocks == 0 and kv_pool(config, -5, context=256).requests == 0
+
+
+def test_kv_pool_of_smollm2_135m_by_hand():
+    config = get_size("smollm2-135M")          # 30 layers, 3 KV heads of 64
+    assert (config.n_layers, config.kv_heads, config.head_dim) == (30, 3, 64)
+    pool = kv_pool(config, 4 * 2**30, context=2048)
+    assert pool.block_bytes == 2 * 30 * 16 * 3 * 64 * 2 == 368_640
+    assert pool.num_blocks == 4 * 2**30 // 368_640 == 11_650
+    assert pool.blocks == 11_649 and pool.tokens == 186_384
+    assert pool.request_blocks == 128 and pool.requests == 91 and pool.min_bytes == 129 * 368_640
+    assert kv_pool(config, 4 * 2**30, 2048, "float32", 32).block_bytes == 2 * 30 * 32 * 3 * 64 * 4
+    with pytest.raises(CamelidError, match="--block-size"):
+        kv_pool(config, 2**30, 2048, block_size=0)
+
+
+def test_the_plan_gives_each_precision_the_pool_it_leaves_room_for(capsys):
+    out = plan_json(capsys, "7B", "--memory", "24GB", "--block-size", "32")
+    config, memory = get_size("7B"), out["memory_bytes"]
+    assert out["block_size"] == 32
+    for r in out["rows"]:
+        p, rest = r["kv_pool"], r["weights_bytes"] + r["activations_bytes"] + r["overhead_bytes"]
+        # the pool takes the KV cache's place with 10% of the card spare; --kv-memory has two decimals
+        assert rest + p["kv_memory_gib"] * 2**30 <= 0.9 * memory < rest + (p["kv_memory_gib"] + 0.01) * 2**30 \
+            or p["kv_memory_gib"] == 0
+        pool = kv_pool(config, gib_bytes(p["kv_memory_gib"]), 2048, r["activation_dtype"], 32)
+        assert (p["num_blocks"], p["tokens"], p["requests"]) == (pool.num_blocks, pool.tokens, pool.requests)
+    rows = {r["precision"]: r["kv_pool"] for r in out["rows"]}
+    assert rows["float32"]["requests"] == 0                        # 7B's fp32 weights do not fit 24GB
+    # bfloat16: 12.55 GiB of weights, 178 MiB of activations and 1 GiB leave 6.39 GiB of the 20.12
+    assert rows["bfloat16"]["kv_memory_gib"] == 6.39 and rows["bfloat16"]["block_bytes"] == 2 * 32 * 32 * 4096 * 2
+    assert rows["bfloat16"]["requests"] == 6 and rows["int4"]["requests"] > rows["int8"]["requests"] > 6
+    assert main(["plan", "7B", "--memory", "24GB"]) == 0
+    text = capsys.readouterr().out
+    assert "--kv-memory 6.39" in text and "requests of 2048 tokens" in text and "too small (one request" in text
 
 
 def measured_peak(model, batch: int, context: int, new_tokens: int = 4) -> tuple[int, int]:

@@ -9,7 +9,11 @@ generation (camelid plan MODEL): at each precision (float32, bfloat16, int8, int
 the KV cache for --context tokens (prompt plus generated ones) of --batch rows, the peak
 activations of a prefill that fills the context, a fixed overhead and the total; the verdict
 names the best precision that fits with 10% to spare (with less, allocator fragmentation can
-still end in out-of-memory).
+still end in out-of-memory). Below it, serving: what each precision leaves of the card for
+camelid serve's paged KV cache (the weights, the prefill's activations and the overhead taken,
+10% of the card kept spare), as the --kv-memory to give camelid serve, the pool's blocks of
+--block-size tokens, the tokens they hold, and how many requests of the whole --context fit at
+once (shorter requests take fewer blocks, so more of them fit).
 
 training (camelid plan MODEL --train): per device, for a micro-batch of --micro-batch sequences
 of --seq-len tokens under --dp-replicate x --dp-shard x --tp devices (FSDP2 shards over dp_shard,
@@ -39,6 +43,7 @@ examples:
   camelid plan 65B --memory 80GB --group-size 128
   camelid plan path/to/model.gguf --memory 8GiB --json
   camelid plan smollm2-135M --memory 512MB --activation-dtype float32 --overhead 0
+  camelid plan llama3-8B --memory 24GB --context 8192 --block-size 32
   camelid plan 7B --train --memory 80GB --dp-shard 8
   camelid plan 65B --train --memory 80GB --dp-shard 64 --tp 8 --ac selective
   camelid plan recipes/llama-13b.toml --train --memory 80GB --dp-shard 16
@@ -55,8 +60,8 @@ import argparse
 import json
 
 from camelid.errors import CamelidError
-from camelid.plan import (AC_MODES, DTYPE_BYTES, HEADROOM, TRAIN_DTYPES, Budget, GenerationReport, Layout,
-                          TrainingReport, TrainRow, generation_report, gib, training_report)
+from camelid.plan import (AC_MODES, DEFAULT_BLOCK_SIZE, DTYPE_BYTES, HEADROOM, TRAIN_DTYPES, Budget, GenerationReport,
+                          Layout, TrainingReport, TrainRow, generation_report, gib, training_report)
 from camelid.plan.finetune import METHODS
 from camelid.plan.report import FinetuneReport, finetune_report
 from camelid.quant import GROUP_SIZES
@@ -98,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="plan for this machine's CPU, where camelid's kernels run the int8/int4 layers: "
                             "prefill dequantizes in one pass (into bfloat16 where the CPU multiplies it "
                             "natively) and the head reads the codes directly"),
+        g.add_argument("--block-size", type=int, metavar="TOKENS",
+                       help=f"tokens per block of camelid serve's KV pool, as its --block-size (default "
+                            f"{DEFAULT_BLOCK_SIZE}); a request's last block is partly empty"),
     ]
     t = p.add_argument_group("training options (with --train)")
     t.add_argument("--train", action="store_true", help="plan a training step per device instead of generation")
@@ -197,6 +205,20 @@ def print_generation(r: GenerationReport) -> None:
     print("float16 needs what bfloat16 does.")
     print_tight_legend(r.rows, r.memory, r.memory_text)
     print(f"verdict: {r.verdict}.")
+    print_serving(r)
+
+
+def print_serving(r: GenerationReport) -> None:
+    """camelid serve's KV pool in what each precision leaves of the card."""
+    print(f"\nserving (camelid serve): the KV pool in what each row leaves of {r.memory_text} beside its weights,\n"
+          f"activations and overhead, with {HEADROOM:.0%} kept spare; blocks of {r.block_size} tokens (--block-size), "
+          f"{r.pools[0][1].request_blocks:,} to a request of {r.context} tokens")
+    table = [("precision", "camelid serve", "KV pool", "blocks", "tokens", f"requests of {r.context} tokens")]
+    for row, (kv_gib, pool) in zip(r.rows, r.pools):
+        flag = f"--kv-memory {kv_gib:.2f}" if pool.requests else f"too small (one request needs {gib(pool.min_bytes)})"
+        table.append((row.precision, flag, gib(pool.nbytes), f"{pool.blocks:,}", f"{pool.tokens:,}",
+                      f"{pool.requests:,}"))
+    print_table(table)
 
 
 def print_tight_legend(rows: list[Budget], memory: int, memory_text: str) -> None:

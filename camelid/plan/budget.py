@@ -38,6 +38,11 @@ def parse_memory(text: str) -> int:
     return memory
 
 
+def gib_bytes(gib: float) -> int:
+    """Bytes in a number of GiB (2^30 bytes), as options that take GiB (camelid serve --kv-memory) read it."""
+    return int(gib * 2**30)
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
 

@@ -32,6 +32,11 @@ generation is the prefill, taken here as a prompt of all T tokens in one forward
 
 camelid.plan.live.LiveTensorBytes measures the same quantity on a real run, and
 tests/test_plan.py holds the two together; training is planned in camelid.plan.training.
+
+`kv_pool()` sizes camelid serve's paged KV cache (camelid.model.PagedKVCache) to a memory
+budget: blocks of `block_size` tokens, each 2 (K and V) * layers * block_size * kv_heads *
+head_dim * bytes of the cache's dtype, block 0 kept as scratch; `serving_pool()` is the pool in
+what a plan's row leaves of a card beside its weights, activations and overhead.
 """
 
 from __future__ import annotations
@@ -40,12 +45,13 @@ from dataclasses import dataclass
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
-from camelid.plan.budget import DTYPE_BYTES, Budget
+from camelid.plan.budget import DTYPE_BYTES, HEADROOM, Budget, gib_bytes
 from camelid.quant import GROUP_SIZES
 from camelid.quant.layers import FUSED_ROWS, NATIVE_BF16
 
 PRECISIONS = ("float32", "bfloat16", "int8", "int4")  # best first; float16 costs what bfloat16 does
 DEFAULT_OVERHEAD = 2**30    # CUDA context, cuBLAS workspaces, caching-allocator slack
+DEFAULT_BLOCK_SIZE = 16     # tokens per block of camelid serve's KV pool (camelid.serve.Batcher's default)
 
 
 @dataclass(frozen=True)
@@ -185,3 +191,73 @@ def best(rows: list[Row], memory: int) -> tuple[Row | None, bool]:
             if wanted(row, memory):
                 return row, wanted is Row.comfortable
     return None, False
+
+
+# ---- serving: camelid serve's paged KV pool ------------------------------------------------------
+
+@dataclass(frozen=True)
+class KVPool:
+    """A paged KV cache of `num_blocks` blocks of `block_size` tokens, block 0 the scratch block
+    that is never lent (`num_blocks` counts it, as camelid.serve.Batcher's num_blocks does), for
+    requests of up to `context` tokens."""
+    block_size: int
+    block_bytes: int
+    num_blocks: int
+    context: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def blocks(self) -> int:
+        """Blocks that can be lent to requests: all but the scratch block."""
+        return max(self.num_blocks - 1, 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def request_blocks(self) -> int:
+        """Blocks one request of the whole context holds."""
+        return -(-self.context // self.block_size)
+
+    @property
+    def requests(self) -> int:
+        """Requests of the whole context the pool holds at once (shorter ones: more)."""
+        return self.blocks // self.request_blocks
+
+    @property
+    def min_bytes(self) -> int:
+        """The smallest pool the server takes: one request of the whole context and the scratch block."""
+        return (self.request_blocks + 1) * self.block_bytes
+
+    def to_dict(self) -> dict:
+        return {"block_size": self.block_size, "block_bytes": self.block_bytes, "num_blocks": self.num_blocks,
+                "blocks": self.blocks, "tokens": self.tokens, "context": self.context, "requests": self.requests,
+                "pool_bytes": self.nbytes, "min_bytes": self.min_bytes}
+
+
+def kv_pool(config: ModelConfig, memory: int, context: int, kv_dtype: str = "bfloat16",
+            block_size: int = DEFAULT_BLOCK_SIZE) -> KVPool:
+    """The pool of blocks that `memory` bytes hold for a KV cache in `kv_dtype` (a block is
+    `config.kv_cache_bytes` of one row of `block_size` tokens); a budget below one block holds
+    none."""
+    if block_size < 1:
+        raise CamelidError(f"--block-size must be at least 1 token (got {block_size})")
+    if context < 1:
+        raise CamelidError(f"--context must be at least 1 token (got {context})")
+    block = config.kv_cache_bytes(1, block_size, DTYPE_BYTES[kv_dtype])
+    return KVPool(block_size, block, max(memory, 0) // block, context)
+
+
+def serving_pool(row: Row, config: ModelConfig, memory: int, context: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[float, KVPool]:
+    """What `row` leaves of a card of `memory` bytes for camelid serve's KV pool, HEADROOM of the
+    card kept spare: the pool takes the place of the row's KV cache beside its weights, its
+    prefill's activations and the overhead. Returns the budget in GiB, rounded down to what
+    `camelid serve --kv-memory` takes (two decimals), and the pool that exactly that holds."""
+    budget = memory - int(HEADROOM * memory) - (row.total - row.kv_cache)
+    kv_gib = max(budget, 0) * 100 // 2**30 / 100
+    return kv_gib, kv_pool(config, gib_bytes(kv_gib), context, row.activation_dtype, block_size)

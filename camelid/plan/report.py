@@ -18,7 +18,8 @@ from camelid.config import SIZES, ModelConfig, get_size
 from camelid.errors import CamelidError
 from camelid.plan.budget import HEADROOM, gib, parse_memory, parse_size
 from camelid.plan.finetune import DEFAULT_TARGETS, FinetuneRow, plan_finetune
-from camelid.plan.inference import DEFAULT_OVERHEAD, Row, best, int4_problem, plan
+from camelid.plan.inference import (DEFAULT_BLOCK_SIZE, DEFAULT_OVERHEAD, KVPool, Row, best, int4_problem, plan,
+                                   serving_pool)
 from camelid.plan.training import AC_MODES, TRAIN_OVERHEAD, Layout, TrainRow, plan_training
 from camelid.platform import native_bf16
 from camelid.train.config import load_train_config
@@ -83,7 +84,8 @@ def _short_name(model: str, source: str) -> str:
 
 @dataclass(frozen=True)
 class GenerationReport:
-    """`camelid plan MODEL`: a row per precision and the one to use."""
+    """`camelid plan MODEL`: a row per precision and the one to use, and beside each row the KV
+    pool camelid serve gets in what the row leaves of the card (--kv-memory in GiB, the pool)."""
     model: str
     source: str
     config: ModelConfig
@@ -100,14 +102,19 @@ class GenerationReport:
     notes: list[str]
     choice: Row | None
     verdict: str
+    block_size: int = DEFAULT_BLOCK_SIZE
+    pools: list[tuple[float, KVPool]] | None = None   # one per row: serving_pool()
 
     def to_dict(self) -> dict:
+        rows = [r.to_dict(self.memory) for r in self.rows]
+        for row, (kv_gib, pool) in zip(rows, self.pools or []):
+            row["kv_pool"] = {"kv_memory_gib": kv_gib, **pool.to_dict()}
         return {
             "model": self.model, "source": self.source, "params": self.config.num_params(),
             "config": self.config.to_dict(), "batch": self.batch, "context": self.context,
             "memory_bytes": self.memory, "headroom": HEADROOM, "group_size": self.group_size,
             "activation_dtype": self.activation_dtype, "attention": self.attention, "all_logits": self.all_logits,
-            "cpu": self.cpu, "rows": [r.to_dict(self.memory) for r in self.rows], "notes": self.notes,
+            "cpu": self.cpu, "block_size": self.block_size, "rows": rows, "notes": self.notes,
             "verdict": {"precision": self.choice.precision if self.choice else None,
                         "comfortable": bool(self.choice and self.choice.comfortable(self.memory)),
                         "text": self.verdict}}
@@ -115,8 +122,10 @@ class GenerationReport:
 
 def generation_report(model: str, memory: str, overhead: str | None = None, batch: int = 1,
                     context: int | None = None, group_size: int = 32, activation_dtype: str = "bfloat16",
-                    attention: str = "fused", all_logits: bool = False, cpu: bool = False) -> GenerationReport:
-    """Plan generating with `model` on a card of `memory` (a size as written: "24GB")."""
+                    attention: str = "fused", all_logits: bool = False, cpu: bool = False,
+                    block_size: int = DEFAULT_BLOCK_SIZE) -> GenerationReport:
+    """Plan generating with `model` on a card of `memory` (a size as written: "24GB"), and serving
+    it: the KV pool of blocks of `block_size` tokens in what each precision leaves."""
     memory_bytes = parse_memory(memory)
     overhead_bytes = DEFAULT_OVERHEAD if overhead is None else parse_size(overhead, "--overhead")
     config, source = read_config(model)
@@ -124,10 +133,11 @@ def generation_report(model: str, memory: str, overhead: str | None = None, batc
     if context > config.max_seq_len:
         raise CamelidError(f"--context {context}: {model} has a context of {config.max_seq_len} tokens")
     rows = plan(config, batch, context, activation_dtype, group_size, overhead_bytes, attention, all_logits, cpu)
+    pools = [serving_pool(row, config, memory_bytes, context, block_size) for row in rows]
     notes = [n for n in [int4_problem(config, group_size)] if n]
     choice, text = generation_verdict(_short_name(model, source), rows, memory_bytes, memory)
     return GenerationReport(model, source, config, memory_bytes, memory, batch, context, group_size, activation_dtype,
-                          attention, all_logits, cpu, rows, notes, choice, text)
+                          attention, all_logits, cpu, rows, notes, choice, text, block_size, pools)
 
 
 def generation_verdict(name: str, rows: list[Row], memory: int, memory_text: str) -> tuple[Row | None, str]:
