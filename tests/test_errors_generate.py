@@ -40,7 +40,10 @@ def tiny_llm(bpe_tokenizer):
 
 def run(capsys, *argv):
     capsys.readouterr()
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own refusals (a bad number) exit from inside main
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -130,6 +133,13 @@ def test_chat_matrix(extra, words, before_load, model_dir, tmp_path, capsys, mon
     (["serve", "--port", "0", "--max-batch", "0"], ["--max-batch", ">= 1"]),
     (["serve", "--port", "0", "--prefill-chunk", "0"], ["--prefill-chunk", ">= 1"]),
     (["serve", "--port", "0", "--api-key", " "], ["--api-key is empty"]),
+    (["serve", "--port", "0", "--kv-memory", "0"], ["--kv-memory 0", "above 0"]),
+    (["serve", "--port", "0", "--kv-memory", "-2"], ["--kv-memory -2", "above 0"]),
+    (["serve", "--port", "0", "--kv-memory", "nan"], ["--kv-memory nan", "above 0"]),
+    (["serve", "--port", "0", "--kv-memory", "lots"], ["--kv-memory", "'lots'", "camelid serve --help"]),
+    (["serve", "--port", "0", "--block-size", "0"], ["--block-size", ">= 1"]),
+    (["serve", "--port", "0", "--block-size", "-16"], ["--block-size", ">= 1"]),
+    (["serve", "--port", "0", "--block-size", "16.5"], ["--block-size", "'16.5'"]),
     (["eval", "--tasks", "boolq", "--output", "TMP/out.json", "--group-size", "64"], ["--group-size"]),
     (["eval", "--tasks", "boolq", "--output", "TMP/out.json", "--quantize", "int4", "--group-size", "7"],
      ["--group-size", "32, 64, 128"]),
@@ -137,6 +147,18 @@ def test_chat_matrix(extra, words, before_load, model_dir, tmp_path, capsys, mon
 def test_other_commands_check_model_options_before_loading(argv, words, model_dir, tmp_path, capsys, monkeypatch):
     no_loading(monkeypatch)
     one_line_error(capsys, _argv(argv, model_dir, tmp_path) + ["--model", str(model_dir)], words)
+
+
+@pytest.mark.parametrize("kv_memory", ["0.00001", "0.0001"])
+def test_serve_refuses_a_kv_pool_too_small_for_one_whole_context(kv_memory, model_dir, capsys):
+    """Known once the model is: its shape, dtype and context. The model of model_dir: 2 layers, 2
+    KV heads of 16, float32 on CPU, context 256: a request of 16 blocks of 16 tokens and the
+    scratch block take 17 * 8 KiB = 0.0001297 GiB, said rounded up so that giving it works."""
+    argv = ["serve", "--port", "0", "--model", str(model_dir), "--device", "cpu", "--no-compile",
+            "--kv-memory", kv_memory]
+    one_line_error(capsys, argv, [f"--kv-memory {float(kv_memory):g}", "too small", "256 tokens in float32",
+                                  "need 0.00013 GiB", "give --kv-memory 0.00013 or more",
+                                  "lower --context"])
 
 
 # ---- text that is not valid UTF-8 -----------------------------------------------------------------

@@ -7,16 +7,19 @@ and GET / for a chat page in the browser.
 Requests are batched continuously: up to --max-batch of them decode together, one token each
 per step, and a new request joins between two steps. A request takes a free slot if there is
 one; when all are taken, up to --max-queue more wait for one, and beyond that the server
-answers 503. The KV cache is a pool of blocks of 16 tokens, allocated once at start-up (as
-many as --max-batch requests of a whole --context hold) and lent to requests as they grow;
-requests that start with the same tokens (a system prompt, a chat's earlier turns) share the
-blocks that hold them, so a follow-up computes only its new tokens. Should the pool run out,
-the newest request waits and resumes later, its answer unchanged.
+answers 503. The KV cache is a pool of blocks of --block-size tokens (16), allocated once at
+start-up and lent to requests as they grow: as many blocks as --max-batch requests of a whole
+--context hold, or as --kv-memory GiB hold (`camelid plan MODEL --memory SIZE` says what a card
+leaves for it beside the weights). Requests that start with the same tokens (a system prompt,
+a chat's earlier turns) share the blocks that hold them, so a follow-up computes only its new
+tokens. Should the pool run out, the newest request waits and resumes later, its answer
+unchanged.
 A request's max_tokens must be below --context; text that is not valid UTF-8 is read as U+FFFD.
 
 examples:
   camelid serve --model smollm2-135m-instruct
   camelid serve --model model.gguf --host 0.0.0.0 --port 8080 --max-batch 16 --context 4096
+  camelid serve --model llama-7b --max-batch 32 --kv-memory 6.39   # `camelid plan 7B --memory 24GB`, bfloat16
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 64}'
   python -c 'import openai; c = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x");
@@ -28,12 +31,14 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import socket
 import sys
 from pathlib import Path
 
-from camelid.cli.common import add_model_arguments, load_llm
+from camelid.cli.common import DTYPES, add_model_arguments, load_llm
 from camelid.errors import CamelidError
+from camelid.plan import DEFAULT_BLOCK_SIZE, gib_bytes, kv_pool
 
 DEFAULT_CONTEXT = 2048  # the paper's context; longer ones cost cache memory for every slot
 
@@ -57,6 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
                    help="prompt tokens prefilled per step (default 512): a longer prompt is prefilled over several "
                         "steps, the other requests decoding between them")
+    p.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                   help="GiB (2^30 bytes; e.g. 4 or 0.5) for the KV cache's pool of blocks (default: what "
+                        "--max-batch requests of a whole --context take); more keeps more shared prefixes cached, less makes "
+                        "requests that grow long wait their turn and resume; at least one request of the whole "
+                        "--context. `camelid plan MODEL --memory SIZE` says what a card leaves for it")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="TOKENS",
+                   help=f"tokens per block of the KV pool (default {DEFAULT_BLOCK_SIZE}): requests share whole blocks "
+                        "of a common prefix, and a request's last block is partly empty")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default info: one line per request)")
 
@@ -67,9 +80,12 @@ def main(args: argparse.Namespace) -> int:
     from camelid.serve import Batcher, create_app
 
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--prefill-chunk", args.prefill_chunk)):
+                        ("--prefill-chunk", args.prefill_chunk), ("--block-size", args.block_size)):
         if value < 1:
             raise CamelidError(f"{flag} must be >= 1 (got {value})")
+    if args.kv_memory is not None and not (math.isfinite(args.kv_memory) and args.kv_memory > 0):
+        raise CamelidError(f"--kv-memory {args.kv_memory:g}: must be a number of GiB above 0 (e.g. 4 or 0.5), or "
+                           "left out for --max-batch whole contexts")
     if args.api_key is not None and not args.api_key.strip():
         raise CamelidError("--api-key is empty; give the key clients must send, or leave the option out")
     if args.context is not None and args.context < 2:  # the model's own bound is checked once it is loaded
@@ -79,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
     context = _context(args.context, llm.config.max_seq_len)
     model_name = args.model_name or Path(args.model).stem
     batcher = Batcher(llm.engine, llm.tokenizer, max_batch=args.max_batch, context=context,
-                      max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+                      max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, block_size=args.block_size,
+                      num_blocks=_num_blocks(args.kv_memory, llm, context, args.block_size))
     print(f"camelid serve: {model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1); "
           f"{args.max_batch} slots of up to {context} tokens, KV cache {batcher.cache.nbytes() / 2**20:.0f} MiB "
           f"({batcher.pool.capacity} blocks of {batcher.pool.block_size} tokens)",
@@ -119,6 +136,28 @@ def _log_like_uvicorn(level: str) -> None:
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
+
+
+def _num_blocks(kv_memory: float | None, llm, context: int, block_size: int) -> int | None:
+    """The blocks (scratch included) that --kv-memory GiB hold for the model's KV cache; None,
+    the Batcher's default, without it."""
+    if kv_memory is None:
+        return None
+    dtype = {v: k for k, v in DTYPES.items()}[llm.engine.dtype]
+    pool = kv_pool(llm.config, gib_bytes(kv_memory), context, dtype, block_size)
+    if pool.requests < 1:
+        least = _gib_up(pool.min_bytes)
+        raise CamelidError(f"--kv-memory {kv_memory:g}: too small for one request of the whole context ({context} "
+                           f"tokens in {dtype} need {least:g} GiB, the scratch block included); give --kv-memory "
+                           f"{least:g} or more, lower --context, or leave --kv-memory out")
+    return pool.num_blocks
+
+
+def _gib_up(n: int) -> float:
+    """n bytes in GiB to three significant digits, rounded up: given as --kv-memory, it holds n."""
+    digits = max(0, 2 - math.floor(math.log10(n / 2**30)))
+    least = math.ceil(n / 2**30 * 10**digits) / 10**digits
+    return least if gib_bytes(least) >= n else least + 10**-digits
 
 
 def _context(requested: int | None, model_max: int) -> int:
