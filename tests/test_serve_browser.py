@@ -5,7 +5,6 @@ side is read from its /metrics."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
