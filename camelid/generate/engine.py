@@ -11,7 +11,7 @@ import torch
 
 from camelid.errors import CamelidError
 from camelid.generate.core import Engine
-from camelid.generate.sampling import SamplingParams, sample
+from camelid.generate.sampling import SamplingParams, sample, shape_logits
 
 # Generations shorter than this never start a compilation: its cost would not pay back.
 COMPILE_AFTER = 32
@@ -65,7 +65,11 @@ class TokenGenerator:
         if longest >= limit:
             raise CamelidError(f"generate: the prompt has {longest} tokens but the model's context is {limit}")
         self.max_new_tokens = max(0, min(self.max_new_tokens, limit - longest))
+        vocab = self.engine.config.vocab_size
+        if any(t >= vocab for t, _ in self.sampling.logit_bias):
+            raise CamelidError(f"generate: logit_bias names a token id outside the vocabulary (0..{vocab - 1})")
         self.done = [False] * len(self.prompts)
+        self.generated: list[list[int]] = [[] for _ in self.prompts]  # what the penalties count
 
     def finish(self, row: int) -> None:
         self.done[row] = True
@@ -79,7 +83,7 @@ class TokenGenerator:
         if self.seed is not None:
             generator = torch.Generator(device=engine.device).manual_seed(self.seed)
         try:
-            next_tokens = sample(engine.prefill(self.prompts, cache, self.pad_id), self.sampling, generator)
+            next_tokens = self._sample(engine.prefill(self.prompts, cache, self.pad_id), generator)
         except BaseException:
             engine.release(cache)
             raise
@@ -102,13 +106,16 @@ class TokenGenerator:
                 if engine.warmup.steps != warmup_steps:  # this step's tokens came with the warm-up
                     self.stats.warmup_tokens += self.done.count(False)
                 positions = [p + 1 for p in positions]
-                next_tokens = sample(logits, self.sampling, generator)
+                next_tokens = self._sample(logits, generator)
                 ids = next_tokens.tolist()
         finally:
             warmup_s = engine.warmup.seconds - warmup_s
             self.stats.warmup_s += warmup_s
             self.stats.decode_s += time.perf_counter() - t0 - warmup_s
             engine.release(cache)
+
+    def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return sample(shape_logits(logits, self.sampling, self.generated), self.sampling, generator)
 
     def _emit(self, ids: list[int], last: bool) -> list[int | None]:
         out: list[int | None] = []
@@ -117,6 +124,8 @@ class TokenGenerator:
                 out.append(None)
                 continue
             out.append(tok)
+            if self.sampling.shapes:
+                self.generated[b].append(tok)
             self.stats.new_tokens += 1
             if tok in self.stop_ids or last:
                 self.done[b] = True

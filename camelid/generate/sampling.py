@@ -4,11 +4,15 @@ Temperature 0 is greedy (argmax). Otherwise softmax(logits / T), optionally cut 
 tokens, then to the nucleus with Meta's `sample_top_p` rule: sort descending, and drop each
 token whose preceding cumulative probability already exceeds p (so the token that crosses p
 is kept), renormalise, draw.
+
+Before either, `shape_logits` applies OpenAI's logit_bias and presence/frequency penalties,
+which depend on what a row has generated so far.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Sequence
 
 import torch
 
@@ -27,6 +31,11 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's definitions: a token's logit is lowered by presence_penalty once it has been
+    # generated and by frequency_penalty for each time; logit_bias adds to given tokens' logits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs; a dict is accepted
 
     def __post_init__(self) -> None:
         if not (0 <= self.temperature < float("inf")):
@@ -41,10 +50,23 @@ class SamplingParams:
         if not all(isinstance(s, str) for s in stop):
             raise CamelidError(f"stop must be a string or a list of strings (got {self.stop!r})")
         object.__setattr__(self, "stop", stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise CamelidError(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias = tuple(sorted((int(t), float(b)) for t, b in bias))
+        if any(not -100 <= b <= 100 for _, b in bias) or any(t < 0 for t, _ in bias):
+            raise CamelidError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def shapes(self) -> bool:
+        """Whether `shape_logits` changes anything."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty)
 
     def updated(self, **changes) -> "SamplingParams":
         """A copy with `changes` (the keyword arguments of the LLM methods), checked."""
@@ -53,6 +75,48 @@ class SamplingParams:
             raise CamelidError(f"unknown generation setting(s) {', '.join(unknown)}; "
                                f"choose among {', '.join(f.name for f in fields(self))}")
         return replace(self, **changes) if changes else self
+
+
+def shape_logits(logits: torch.Tensor, params: SamplingParams, generated: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits [B, V] (float32, a new tensor) with `params`' logit_bias added and its penalties
+    applied, each row's from the tokens it has `generated` (its prompt's do not count, as in
+    vLLM and OpenAI); `logits` itself as it is when nothing applies."""
+    if not params.shapes:
+        return logits
+    logits = logits.float().clone()
+    vocab = logits.size(-1)
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], device=logits.device)
+        logits[:, ids] += torch.tensor([b for _, b in params.logit_bias], device=logits.device)
+    if params.presence_penalty or params.frequency_penalty:
+        for row, tokens in enumerate(generated):
+            if tokens:
+                counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=vocab)[:vocab].float()
+                logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (its raw distribution: before temperature,
+    penalties or a grammar, as vLLM reports them and as evaluation scores), with the `top` most
+    likely tokens at that step as (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """For logits [T, V] and the token that followed at each of the T steps."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device).view(-1, 1)).squeeze(-1).tolist()
+    best = logp.topk(top, dim=-1) if top > 0 else None
+    out = []
+    for t, token in enumerate(tokens):
+        ranked = tuple(zip(best.indices[t].tolist(), best.values[t].tolist())) if best is not None else ()
+        out.append(TokenLogprob(int(token), chosen[t], ranked))
+    return out
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -70,6 +70,9 @@ class SpeculativeGenerator:
             raise CamelidError("speculative decoding takes one non-empty prompt at a time")
         if self.num_draft < 1:
             raise CamelidError(f"draft tokens per round must be >= 1 (got {self.num_draft})")
+        if self.sampling.shapes:  # the acceptance rule compares the two models' own distributions
+            raise CamelidError("speculative decoding does not take logit_bias or presence/frequency penalties; "
+                               "generate without a draft model to use them")
         limit = min(self.target.config.max_seq_len, self.draft.config.max_seq_len)
         if len(self.prompts[0]) >= limit:
             raise CamelidError(f"generate: the prompt has {len(self.prompts[0])} tokens but the context is {limit}")

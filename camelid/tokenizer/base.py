@@ -21,6 +21,8 @@ from camelid.tokenizer.text import encodable
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
                       "<end_of_turn>", "<|eom_id|>")
 
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
 # GGUF / SentencePiece token types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -95,6 +97,24 @@ class Tokenizer(ABC):
             elif part:
                 parts.append((part, None))
         return parts
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in decoded text, for consumers that work on bytes (a grammar's
+        matcher): a byte-fallback piece <0xE2> is that one byte, SentencePiece's "▁" a space;
+        control tokens as their text (`control_ids` says which they are). Computed once."""
+        cached = getattr(self, "_token_bytes", None)
+        if cached is None:
+            cached = self._token_bytes = [self._piece_bytes(self.id_to_piece(i)) for i in range(self.vocab_size)]
+        return cached
+
+    def _piece_bytes(self, piece: str) -> bytes:
+        byte = BYTE_PIECE.fullmatch(piece)
+        return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+
+    def control_ids(self) -> frozenset[int]:
+        """Ids that never stand for text (BOS, EOS, chat markup, unknown)."""
+        ids = {i for i in (self.bos_id, self.eos_id, self.unk_id) if i is not None}
+        return frozenset(ids | set(self.special_tokens().values()))
 
     def token(self, i: int | None) -> str | None:
         return None if i is None else self.id_to_piece(i)

@@ -36,6 +36,20 @@ PRE_TOKENIZERS: dict[str, list[str]] = {
 }
 
 
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: printable Latin-1
+    stays itself, the other bytes are shifted to 256 and up (the `bytes_to_unicode` table)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+_UNICODE_TO_BYTE = _gpt2_byte_alphabet()
+
+
 def byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre not in PRE_TOKENIZERS:
         warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to camelid; using GPT-2's. "
@@ -63,6 +77,7 @@ class HFTokenizer(Tokenizer):
         self.pre = pre or detect_pre(backend)
         self._specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
         self._special_flag = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
 
     @classmethod
     def from_file(cls, path: Path) -> "HFTokenizer":
@@ -122,6 +137,16 @@ class HFTokenizer(Tokenizer):
 
     def special_tokens(self) -> dict[str, int]:
         return self._specials
+
+    def control_ids(self) -> frozenset[int]:
+        # added tokens that are not marked special (USER_DEFINED in GGUF) are ordinary text
+        return frozenset(i for t, i in self._specials.items() if t in self._special_flag) | \
+            frozenset(i for i in (self.bos_id, self.eos_id, self.unk_id) if i is not None)
+
+    def _piece_bytes(self, piece: str) -> bytes:
+        if piece in self._specials or not self._byte_level:
+            return super()._piece_bytes(piece)
+        return bytes(_UNICODE_TO_BYTE[c] for c in piece)
 
     def save(self, directory: Path) -> None:
         self.backend.save(str(directory / "tokenizer.json"))

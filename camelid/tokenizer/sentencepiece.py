@@ -105,6 +105,9 @@ class SentencePieceTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, int]:
         return self._specials
 
+    def control_ids(self) -> frozenset[int]:
+        return frozenset(i for i, p in enumerate(self.proto.pieces) if p.type in (CONTROL, UNKNOWN))
+
     def save(self, directory: Path) -> None:
         (directory / "tokenizer.model").write_bytes(self.proto.SerializeToString())
         self._write_config(directory, "LlamaTokenizer", {"legacy": True, "sp_model_kwargs": {}})
