@@ -345,11 +345,11 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 100}, 400, "n"),
     ("completions", {"prompt": "hi", "seed": 2**70}, 400, "seed"),
     ("completions", {"prompt": [1, 10**9]}, 400, "prompt"),                                  # not a token id
     ("completions", {"prompt": "hi", "stop": 3}, 400, "stop"),
-    ("completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"prompt": ["a", ""]}, 400, "prompt"),
     ("completions", {"max_tokens": 4}, 400, "prompt"),                                      # no prompt
     ("chat/completions", {"messages": []}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),

@@ -17,8 +17,9 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
-import uuid
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import AsyncIterator, TypeVar
@@ -31,13 +32,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camelid.errors import CamelidError
 from camelid.generate import LLM, SamplingParams
+from camelid.generate.constrained import GrammarVocabulary
 from camelid.serve.batcher import Batcher, Event, Job, QueueFull
 from camelid.serve.metrics import CONTENT_TYPE, ServerMetrics
+from camelid.serve.responses import ChatFormat, Choice, CompletionFormat, Format
 from camelid.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                     TokenizeRequest, valid_text)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DISCONNECT_POLL_S = 0.5         # how often a non-streaming request checks that its client is there
+BODY_TIMEOUT_S = 30.0           # how long a request's body may take to arrive
 
 log = logging.getLogger("camelid.serve")
 Body = TypeVar("Body", bound=BaseModel)
@@ -72,6 +76,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     chat_page = (resources.files("camelid.serve") / "static" / "chat.html").read_text(encoding="utf-8")
     _install_error_handlers(app)
     metrics = ServerMetrics(batcher)
+    server = _Server(llm, batcher, model_name)
     if api_key:
         app.add_middleware(RequireKey, key=api_key)
 
@@ -98,9 +103,12 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
         body = await _read_body(request, CompletionRequest)
         _check_model(body, model_name)
         _check_max_tokens(body.max_tokens, "max_tokens", batcher.context)
-        prompt = _completion_prompt(body, llm)
-        return await _answer(request, body, prompt, body.max_tokens or DEFAULT_COMPLETION_TOKENS,
-                             batcher, model_name, chat=False)
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens is 0: no completion, which only makes sense with echo (the prompt's "
+                                "log-probabilities); ask for at least 1 token", "max_tokens")
+        prompts, texts = _completion_prompts(body, llm)
+        limit = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+        return await _answer(request, body, prompts, limit, server, chat=False, echo=texts if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -108,9 +116,13 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
         _check_model(body, model_name)
         for name in ("max_completion_tokens", "max_tokens"):
             _check_max_tokens(getattr(body, name), name, batcher.context)
+        if body.max_tokens == 0:
+            raise ApiError(400, "max_tokens is 0: ask for at least 1 token", "max_tokens")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         prompt = _chat_ids(body.messages, llm)
         limit = body.max_completion_tokens or body.max_tokens or batcher.context  # up to the context
-        return await _answer(request, body, prompt, limit, batcher, model_name, chat=True)
+        return await _answer(request, body, [prompt], limit, server, chat=True)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
@@ -180,10 +192,48 @@ class RequireKey:
         await error_response(401, message, code="invalid_api_key")(scope, receive, send)
 
 
+class _Server:
+    """What the answering routes share: the model, its batcher, and for structured output the
+    vocabulary as the grammar engine reads it (built on first use) and the grammars compiled."""
+
+    GRAMMARS_KEPT = 64   # compiled grammars kept, by schema: clients tend to send the same few
+
+    def __init__(self, llm: LLM, batcher: Batcher, model_name: str):
+        self.llm, self.batcher, self.model_name = llm, batcher, model_name
+        self._vocabulary: GrammarVocabulary | None = None
+        self._grammars: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def vocabulary(self) -> GrammarVocabulary:
+        with self._lock:
+            if self._vocabulary is None:
+                self._vocabulary = GrammarVocabulary(self.llm.tokenizer, self.llm.model.config.vocab_size)
+            return self._vocabulary
+
+    def grammar(self, schema: dict | None) -> str:
+        """The grammar for `schema` (None: any JSON object); CamelidError for a schema that is not usable."""
+        key = json.dumps(schema, sort_keys=True)
+        with self._lock:
+            if key in self._grammars:
+                self._grammars.move_to_end(key)
+                return self._grammars[key]
+        grammar = self.vocabulary.json_grammar(schema)
+        with self._lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > self.GRAMMARS_KEPT:
+                self._grammars.popitem(last=False)
+        return grammar
+
+
 # ---- checks ---------------------------------------------------------------------------------------
 
 async def _read_body(request: Request, model: type[Body]) -> Body:
-    raw = await request.body()
+    try:  # a client that sends its body slowly, or never, holds a connection but not for ever
+        raw = await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive in full within {BODY_TIMEOUT_S:g} s; "
+                            "send it at once, with its Content-Length", code="request_timeout") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -263,172 +313,184 @@ def _check_token_ids(ids: list[int], llm: LLM, param: str) -> None:
         raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param)
 
 
-def _completion_prompt(body: CompletionRequest, llm: LLM) -> list[int]:
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise ApiError(400, f"one prompt per request, please (got a list of {len(prompt)})", "prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = llm.encode_prompt(prompt)
-    else:
-        _check_token_ids(prompt, llm, "prompt")
-        ids = list(prompt)
-    if not ids:
-        raise ApiError(400, "the prompt is empty", "prompt")
-    return ids
+def _completion_prompts(body: CompletionRequest, llm: LLM) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids, and its text (what echo puts first)."""
+    prompts, texts = [], []
+    for i, prompt in enumerate(body.prompts):
+        where = "the prompt" if len(body.prompts) == 1 else f"prompt {i}"
+        if isinstance(prompt, str):
+            ids = llm.encode_prompt(prompt)
+        else:
+            _check_token_ids(prompt, llm, "prompt")
+            ids = list(prompt)
+        if not ids:
+            raise ApiError(400, f"{where} is empty", "prompt")
+        prompts.append(ids)
+        texts.append(prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids))
+    return prompts, texts
 
 
 # ---- answering ----------------------------------------------------------------------------------
 
-async def _answer(request: Request, body: SamplingFields, prompt: list[int], max_tokens: int,
-                  batcher: Batcher, model_name: str, chat: bool):
+async def _answer(request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens: int,
+                  server: "_Server", chat: bool, echo: list[str] | None = None):
+    """Submit a job per prompt and per n (its choices), and answer with all of them, as one JSON
+    body or as one stream of server-sent events."""
     param = "messages" if chat else "prompt"
-    if len(prompt) >= batcher.context:
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens but this server's context is "
-                            f"{batcher.context} tokens (camelid serve --context); shorten the prompt", param,
-                       code="context_length_exceeded")
+    batcher = server.batcher
+    for prompt in prompts:
+        if len(prompt) >= batcher.context:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens but this server's context is "
+                                f"{batcher.context} tokens (camelid serve --context); shorten the prompt", param,
+                           code="context_length_exceeded")
+    _check_choices(len(prompts), body.n, batcher)
+    bias = _logit_bias(body, server.llm)
+    grammar = await _grammar(body, server)
+    top = _top_logprobs(body)
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    def deliver(event: Event) -> None:  # on the worker thread
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed: the server is going down
-            pass
+    def deliverer(index: int):
+        def deliver(event: Event) -> None:  # on the worker thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            except RuntimeError:  # the event loop has closed: the server is going down
+                pass
+        return deliver
 
-    sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, max_new_tokens=max_tokens,
-                              seed=body.seed, stop=tuple(body.stops))
-    job = Job(prompt, sampling, deliver)
+    jobs, choices = [], []
+    for p, prompt in enumerate(prompts):
+        for j in range(body.n):
+            index = p * body.n + j
+            seed = None if body.seed is None else (body.seed + j) % 2**64   # n different draws, reproducibly
+            sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, max_new_tokens=max_tokens,
+                                      seed=seed, stop=tuple(body.stops), presence_penalty=body.presence_penalty,
+                                      frequency_penalty=body.frequency_penalty, logit_bias=bias)
+            jobs.append(Job(prompt, sampling, deliverer(index), logprobs=top,
+                            prompt_logprobs=top if echo is not None else None,
+                            constraint=server.vocabulary.constraint(grammar) if grammar else None))
+            choices.append(Choice(index, prompt, echo[p] if echo is not None else None))
     try:
-        batcher.submit(job)
+        for job in jobs:
+            batcher.submit(job)
     except QueueFull as e:
+        for job in jobs:
+            job.cancel()
         raise ApiError(503, str(e), kind="server_overloaded", code="queue_full") from None
-    formatter = _ChatFormat(model_name) if chat else _CompletionFormat(model_name)
+    formatter = (ChatFormat if chat else CompletionFormat)(server.model_name, server.llm.tokenizer, top is not None)
     if body.stream:
-        return _JobStream(job, _stream(events, formatter, body.include_usage))
-    return await _collect(request, job, events, formatter)
+        return _JobStream(jobs, _stream(events, formatter, choices, prompts, body.include_usage))
+    return await _collect(request, jobs, events, formatter, choices, prompts)
+
+
+def _check_choices(prompts: int, n: int, batcher: Batcher) -> None:
+    """A request may ask for as many choices as the server holds at once (rows and waiting line)."""
+    most = len(batcher.rows) + batcher.max_queue
+    if prompts * n > most:
+        what = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
+        raise ApiError(400, f"{what} asks for {prompts * n} choices, more than this server holds at once ({most}: "
+                            "camelid serve --max-batch and --max-queue); ask for fewer", "n")
+
+
+def _logit_bias(body: SamplingFields, llm: LLM) -> dict[int, float]:
+    bias = body.logit_bias or {}
+    _check_token_ids(list(bias), llm, "logit_bias")
+    return bias
+
+
+def _top_logprobs(body: SamplingFields) -> int | None:
+    """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
+async def _grammar(body: SamplingFields, server: "_Server") -> str | None:
+    """The compiled grammar of the request's response_format, if it asks for JSON."""
+    form = body.response_format
+    if form is None or not form.constrained:
+        return None
+    try:  # off the event loop: a large schema takes a moment to compile
+        return await asyncio.to_thread(server.grammar, form.schema)
+    except CamelidError as e:
+        raise ApiError(400, f"response_format: {e}", "response_format") from None
 
 
 class _JobStream(StreamingResponse):
-    """Server-sent events for a job, which is cancelled however the response ends: Starlette
-    cancels the response when the client disconnects, possibly before the first chunk."""
+    """Server-sent events for a request's jobs, which are cancelled however the response ends:
+    Starlette cancels the response when the client disconnects, possibly before the first chunk."""
 
-    def __init__(self, job: Job, chunks: AsyncIterator[str]):
+    def __init__(self, jobs: list[Job], chunks: AsyncIterator[str]):
         super().__init__(chunks, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.job = job
+        self.jobs = jobs
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel()  # a no-op once the job has finished
+            for job in self.jobs:
+                job.cancel()  # a no-op once the job has finished
 
 
-async def _collect(request: Request, job: Job, events: asyncio.Queue[Event], formatter: "_Format"):
-    pieces = []
+async def _collect(request: Request, jobs: list[Job], events: asyncio.Queue[tuple[int, Event]], formatter: Format,
+                   choices: list[Choice], prompts: list[list[int]]):
     next_check = time.monotonic() + DISCONNECT_POLL_S
+    unfinished = len(choices)
     try:
-        while True:
+        while unfinished:
             try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 event = None
             if time.monotonic() >= next_check:  # on a clock: tokens may arrive faster than the poll
                 next_check = time.monotonic() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
-                    job.cancel()  # nobody will read the answer: give the row to someone else
                     log.info("%s %s: the client went away; request cancelled", request.method, request.url.path)
                     return error_response(499, "client closed the request")
             if event is None:
                 continue
             if event.error:
                 return error_response(event.status, event.error, kind="server_error")
-            pieces.append(event.text)
-            if event.finish_reason:
-                return formatter.whole("".join(pieces), event)
+            choices[index].add(event)
+            unfinished -= bool(event.finish_reason)
+        return formatter.whole(choices, prompts)
     finally:
-        job.cancel()  # a no-op once the job has finished
+        for job in jobs:
+            job.cancel()  # nobody will read the rest: give the rows to others (a no-op once finished)
 
 
-async def _stream(events: asyncio.Queue[Event], formatter: "_Format", include_usage: bool) -> AsyncIterator[str]:
-    first = formatter.opening()
-    if first:
-        yield _sse(first)
-    while True:
-        event = await events.get()
+async def _stream(events: asyncio.Queue[tuple[int, Event]], formatter: Format, choices: list[Choice],
+                  prompts: list[list[int]], include_usage: bool) -> AsyncIterator[str]:
+    for choice in choices:
+        first = formatter.opening(choice)
+        if first:
+            yield _sse(first)
+    unfinished = len(choices)
+    while unfinished:
+        index, event = await events.get()
         if event.error:
             yield _sse({"error": {"message": event.error, "type": "server_error", "param": None, "code": None}})
             break
-        if event.text:
-            yield _sse(formatter.chunk(event.text, None))
+        choice = choices[index]
+        text, logprobs = event.text, choice.new_logprobs(event)
+        if choice.echo is not None:   # the prompt comes first, with its own log-probabilities
+            text, choice.echo = choice.echo + text, None
+        if text or logprobs:
+            yield _sse(formatter.chunk(choice, text, logprobs, None))
+            choice.offset += len(text)
         if event.finish_reason:
-            yield _sse(formatter.chunk("", event.finish_reason))
-            if include_usage:
-                yield _sse(formatter.usage_chunk(event))
-            break
+            choice.add(Event(finish_reason=event.finish_reason, completion_tokens=event.completion_tokens))
+            unfinished -= 1
+            yield _sse(formatter.chunk(choice, "", [], event.finish_reason))
+    else:
+        if include_usage:
+            yield _sse(formatter.usage_chunk(choices, prompts))
     yield "data: [DONE]\n\n"
 
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _usage(event: Event) -> dict:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
-
-
-class _Format:
-    """OpenAI's response and chunk objects for one endpoint; all chunks share one id."""
-
-    prefix = object_name = chunk_name = ""
-
-    def __init__(self, model_name: str):
-        self.model = model_name
-        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def _envelope(self, object_name: str, choices: list) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "choices": choices}
-
-    def opening(self) -> dict | None:
-        return None
-
-    def usage_chunk(self, event: Event) -> dict:
-        return {**self._envelope(self.chunk_name, []), "usage": _usage(event)}
-
-    def whole(self, text: str, event: Event) -> dict:
-        return {**self._envelope(self.object_name, [self.choice(text, event.finish_reason)]), "usage": _usage(event)}
-
-
-class _CompletionFormat(_Format):
-    prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
-
-    def choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        return self._envelope(self.chunk_name, [self.choice(text, finish_reason)])
-
-
-class _ChatFormat(_Format):
-    prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
-
-    def choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-
-    def opening(self) -> dict:
-        return self._envelope(self.chunk_name, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}])
-
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        delta = {"content": text} if text else {}
-        return self._envelope(self.chunk_name, [{"index": 0, "delta": delta, "logprobs": None,
-                                                 "finish_reason": finish_reason}])
 
 
 # ---- errors in OpenAI's shape -------------------------------------------------------------------

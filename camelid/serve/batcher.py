@@ -37,7 +37,9 @@ import torch
 
 from camelid.generate import Engine, SamplingParams, TextStream, sample
 from camelid.generate.compiled import bucket
+from camelid.generate.constrained import Constraint
 from camelid.generate.paging import BlockPool
+from camelid.generate.sampling import TokenLogprob, shape_logits, token_logprobs
 from camelid.model import PagedKVCache
 from camelid.tokenizer import Tokenizer
 
@@ -58,6 +60,8 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     status: int = 500  # the HTTP status that fits the error: 503 when shutting down
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # of the tokens this event's text came with
+    prompt_logprobs: list[TokenLogprob | None] | None = None     # once, before the first token (echo)
 
 
 @dataclass
@@ -68,6 +72,9 @@ class Job:
     prompt: list[int]
     sampling: SamplingParams  # with the request's max_new_tokens, stop strings and seed
     deliver: Callable[[Event], None]
+    logprobs: int | None = None          # report each new token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None   # report the prompt's too (computed in full: no prefix reuse)
+    constraint: Constraint | None = None  # the grammar its output must follow
     cancelled: bool = False
     suspended: "Row | None" = None   # pre-empted: its decoding state, to resume from
     submitted: float = field(default_factory=time.perf_counter)
@@ -93,6 +100,11 @@ class Row:
     blocks: list[int] = field(default_factory=list)  # the pool's blocks that hold them, in slot order
     admitted: int = 0   # admission order: the newest row is pre-empted first
     token_at: float = 0.0   # when its last token came (perf_counter)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # as its prefill goes
+
+    def generated(self) -> list[int]:
+        """The tokens produced so far (what presence and frequency penalties count)."""
+        return self.fed[len(self.job.prompt):] + ([self.last] if self.produced else [])
 
 
 class Timings(Protocol):
@@ -249,8 +261,10 @@ class Batcher:
             row = Row(job, TextStream(self.tokenizer, job.prompt, s.stop), generator,
                       limit=min(s.max_new_tokens, self.context - len(job.prompt)), position=len(job.prompt),
                       fed=list(job.prompt))
-        # the last token is computed (its logits are needed); `_share_more` looks again, and counts
-        found = self.pool.match(row.fed[:-1], count=False)
+        # the last token is computed (its logits are needed); `_share_more` looks again, and counts.
+        # A prompt whose log-probabilities are asked for is computed in full: they come from its logits.
+        scored = job.prompt_logprobs is not None and row.produced == 0
+        found = [] if scored else self.pool.match(row.fed[:-1], count=False)
         own = self.pool.allocate(self.pool.blocks_for(len(row.fed)) - len(found))
         if own is None:
             self.pool.release(found)
@@ -258,7 +272,8 @@ class Batcher:
         job.suspended = None
         self.prompt_tokens += 0 if resumed else len(job.prompt)
         row.blocks, row.admitted = found + own, self._admissions
-        row.computed, row.looked_up = len(found) * self.pool.block_size, False
+        row.computed, row.looked_up = len(found) * self.pool.block_size, scored
+        row.prompt_logprobs = []
         self._admissions += 1
         self.rows[index] = row
         self.cache.assign(index, row.blocks)
@@ -280,10 +295,24 @@ class Batcher:
             row.computed, budget = end, budget - (end - start)
             self.computed_tokens += end - start
             self.pool.register(row.fed[:end], row.blocks)   # findable by the rows admitted with it
+            # the logits at slot j score token j + 1, the prompt's own up to its last
+            scored = min(end, len(row.fed) - 1) - start
+            if row.job.prompt_logprobs is not None and row.produced == 0 and scored > 0:
+                row.prompt_logprobs += token_logprobs(self.engine.head(h[0, :scored]),
+                                                      row.fed[start + 1:start + 1 + scored], row.job.prompt_logprobs)
             if end == len(row.fed) and row.produced == 0:   # its first token (a resumed row has its next)
-                self._accept(index, self._sample(self.engine.head(h[:, -1]), [row])[0])
+                self._first_token(index, row, h[:, -1])
             if budget == 0:
                 break
+
+    def _first_token(self, index: int, row: Row, h: torch.Tensor) -> None:
+        if row.job.prompt_logprobs is not None:   # the first prompt token has no log-probability
+            row.job.deliver(Event(prompt_logprobs=[None, *row.prompt_logprobs]))
+            row.prompt_logprobs = []
+        if row.limit == 0:   # the prompt's log-probabilities were all that was asked for
+            return self._finish(index, "length")
+        ids, logprobs = self._sample(self.engine.head(h), [row])
+        self._accept(index, ids[0], logprobs[0])
 
     def _share_more(self, index: int, row: Row) -> None:
         """As a row's prefill begins, look its prompt up again: a row admitted in the same step
@@ -347,24 +376,36 @@ class Batcher:
         if view is None:  # a handful of (rows, window) pairs: each view made once
             view = self.views[n, window] = self.cache.view(slice(0, n), window)
         logits = self.engine.decode(tokens, positions, view)
-        next_ids = self._sample(logits, rows)
+        next_ids, logprobs = self._sample(logits, rows)
         for i, row in enumerate(rows):
             if row is not None:
                 row.fed.append(row.last)
                 row.computed += 1
                 row.position += 1
-                self._accept(i, next_ids[i])
+                self._accept(i, next_ids[i], logprobs[i])
 
-    def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> list[int]:
-        """One token per row of logits [n, V]: one argmax for the batch, then a draw from its own
-        generator for each row that samples."""
+    def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row of logits [n, V]: one argmax for the batch; for a row with logit
+        bias, penalties or a grammar, its own shaped logits; a draw from its own generator for
+        each row that samples. With each token its log-probability, where the request asks."""
         ids = logits.argmax(dim=-1).tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
         for i, row in enumerate(rows):
-            if row is not None and not row.job.sampling.greedy:
-                ids[i] = int(sample(logits[i:i + 1], row.job.sampling, row.generator))
-        return ids
+            if row is None:
+                continue
+            params, constraint = row.job.sampling, row.job.constraint
+            shaped = shape_logits(logits[i:i + 1], params, [row.generated()])[0] if params.shapes else logits[i]
+            if constraint is not None:
+                shaped = constraint.restrict(shaped)
+            if not params.greedy:
+                ids[i] = int(sample(shaped.unsqueeze(0), params, row.generator))
+            elif params.shapes or constraint is not None:
+                ids[i] = int(shaped.argmax())
+            if row.job.logprobs is not None:
+                logprobs[i] = token_logprobs(logits[i:i + 1], ids[i:i + 1], row.job.logprobs)[0]
+        return ids, logprobs
 
-    def _accept(self, index: int, token: int) -> None:
+    def _accept(self, index: int, token: int, logprob: TokenLogprob | None = None) -> None:
         """Hand a row's new token to its request; evict the row when the request is complete."""
         row = self.rows[index]
         row.last = token
@@ -379,10 +420,13 @@ class Batcher:
             return self._finish(index, "stop")
         row.produced += 1
         self.generated_tokens += 1
+        constraint = row.job.constraint
+        if constraint is not None:
+            constraint.accept(token)
         text = row.text.push(token)
-        if text:
-            row.job.deliver(Event(text=text))
-        if row.text.stopped:
+        if text or logprob:
+            row.job.deliver(Event(text=text, logprobs=[logprob] if logprob else []))
+        if row.text.stopped or (constraint is not None and constraint.finished):
             self._finish(index, "stop")
         elif row.produced >= row.limit:
             self._finish(index, "length")

@@ -2,8 +2,8 @@
 
 Ranges follow OpenAI's documentation, so a request that OpenAI would refuse is refused here too,
 with the field named. Fields we do not implement but that change nothing when left at their
-defaults (presence_penalty, user, ...) are ignored; the few that would silently change the
-meaning of the answer (n > 1, logprobs, echo, suffix) are refused instead.
+defaults (user, ...) are ignored; one that would silently change the meaning of the answer
+(a completion's suffix) is refused instead.
 
 Text that is not valid Unicode is not an error (the project's rule for all text): JSON may
 carry lone surrogates ("\\ud800"), which no tokenizer or UTF-8 encoder takes, so every string
@@ -48,14 +48,48 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchema(_Request):
+    name: str = Field("response", max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")   # None: any JSON object
+    strict: bool | None = None   # the output always follows the schema, strict or not
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a "json_schema" object: {"name": ..., "schema": {...}}')
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The schema the output must follow; None for any JSON object."""
+        return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else None
+
+
+MAX_TOP_LOGPROBS = 20   # OpenAI's limit for chat, and vLLM's default
+
+
 class SamplingFields(_Request):
     """What completions and chat completions share."""
 
     model: str | None = None  # None: the one model this server has
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)   # 0: only with a completion's echo (the prompt's log-probabilities)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = 1
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[int, float] | None = None   # token id (a JSON key, so a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
@@ -68,12 +102,13 @@ class SamplingFields(_Request):
             return stop
         raise ValueError("expected a string or a list of strings")
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported (got {n})")
-        return n
+    def _bias_range(cls, bias):
+        for token, value in (bias or {}).items():
+            if not -100 <= value <= 100:
+                raise ValueError(f"token {token}: a bias must be in [-100, 100] (got {value})")
+        return bias
 
     @property
     def stops(self) -> list[str]:
@@ -84,35 +119,39 @@ class SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _token_list(value) -> bool:
+    return isinstance(value, list) and all(type(p) is int for p in value)
+
+
 class CompletionRequest(SamplingFields):
-    # text, or token ids; a list of several prompts (OpenAI's batch form) is refused in the app
-    prompt: str | list[int] | list[str]
-    logprobs: int | None = None
-    echo: bool = False
+    # text or token ids, or a list of either: several prompts, each its own choices (OpenAI's batch form)
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)   # the sampled token's, and this many more
+    echo: bool = False   # the prompt before the completion (with its log-probabilities, given logprobs)
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, prompt):
         # checked up front: pydantic's own message would list each alternative's failure
-        if isinstance(prompt, str) or (isinstance(prompt, list) and (
-                all(isinstance(p, str) for p in prompt) or all(type(p) is int for p in prompt))):
+        if isinstance(prompt, str) or _token_list(prompt) or (isinstance(prompt, list) and prompt and (
+                all(isinstance(p, str) for p in prompt) or all(_token_list(p) for p in prompt))):
             return prompt
-        raise ValueError("expected a string, a list of one string, or a list of token ids")
+        raise ValueError("expected a string, a list of token ids, or a list of several of either")
 
-    @field_validator("logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value):
         if value is not None:
             raise ValueError("not supported by this server; leave it out")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported by this server; leave it out")
-        return value
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one or several."""
+        if isinstance(self.prompt, str) or _token_list(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(_Request):
@@ -153,13 +192,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("logprobs is not supported by this server; leave it out")
-        return value
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class TokenizeRequest(_Request):
