@@ -14,8 +14,10 @@ from camelid.errors import CamelidError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, decoding: bool = True) -> None:
-    """--model and the options of loading it; `decoding` adds --compile (commands that generate)."""
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, decoding: bool = True,
+                        named_adapters: bool = False) -> None:
+    """--model and the options of loading it; `decoding` adds --compile (commands that generate);
+    `named_adapters` makes --adapter NAME=DIR, repeatable (the server's adapters beside the base)."""
     p.add_argument("--model", required=required, metavar="PATH",
                    help="a .gguf file, a Hugging Face / Meta / camelid model directory, or a known name "
                         "(smollm2-135m-instruct)")
@@ -27,10 +29,17 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, decod
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size: 32 (default), 64 or 128 (only with --quantize int4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--adapter", metavar="DIR", default=None,
-                   help="a LoRA adapter directory in Hugging Face PEFT's layout (adapter_config.json + "
-                        "adapter_model.safetensors, from camelid finetune or PEFT), applied unmerged; works "
-                        "with --quantize (camelid convert --adapter writes the merged model)")
+    if named_adapters:
+        p.add_argument("--adapter", metavar="NAME=DIR", action="append", default=None,
+                       help="serve a LoRA adapter directory (Hugging Face PEFT's layout, from camelid finetune or "
+                            "PEFT) beside the base model, as a model named NAME that requests choose by their "
+                            "'model' field; repeat for several adapters of the same base, served together in one "
+                            "batch. A DIR without NAME= is applied to the base model itself")
+    else:
+        p.add_argument("--adapter", metavar="DIR", default=None,
+                       help="a LoRA adapter directory in Hugging Face PEFT's layout (adapter_config.json + "
+                            "adapter_model.safetensors, from camelid finetune or PEFT), applied unmerged; works "
+                            "with --quantize (camelid convert --adapter writes the merged model)")
     if not decoding:
         return
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

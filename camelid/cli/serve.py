@@ -44,7 +44,7 @@ DEFAULT_CONTEXT = 2048  # the paper's context; longer ones cost cache memory for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, named_adapters=True)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -91,9 +91,11 @@ def main(args: argparse.Namespace) -> int:
     if args.context is not None and args.context < 2:  # the model's own bound is checked once it is loaded
         raise CamelidError(f"--context {args.context}: must be at least 2 tokens")
     _check_port_free(args.host, args.port)
-    llm = load_llm(args)
-    context = _context(args.context, llm.config.max_seq_len)
     model_name = args.model_name or Path(args.model).stem
+    named, args.adapter = _adapters(args.adapter or [], model_name)
+    llm = load_llm(args)
+    adapters = _attach(llm, named, args.max_batch)
+    context = _context(args.context, llm.config.max_seq_len)
     batcher = Batcher(llm.engine, llm.tokenizer, max_batch=args.max_batch, context=context,
                       max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, block_size=args.block_size,
                       num_blocks=_num_blocks(args.kv_memory, llm, context, args.block_size))
@@ -102,7 +104,9 @@ def main(args: argparse.Namespace) -> int:
           f"({batcher.pool.capacity} blocks of {batcher.pool.block_size} tokens)",
           file=sys.stderr, flush=True)
     _log_like_uvicorn(args.log_level)
-    app = create_app(llm, batcher, model_name, api_key=args.api_key)
+    if adapters:
+        print(f"camelid serve: LoRA adapters served beside {model_name}: {', '.join(adapters)}", file=sys.stderr)
+    app = create_app(llm, batcher, model_name, api_key=args.api_key, adapters=adapters)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     try:
@@ -158,6 +162,44 @@ def _gib_up(n: int) -> float:
     digits = max(0, 2 - math.floor(math.log10(n / 2**30)))
     least = math.ceil(n / 2**30 * 10**digits) / 10**digits
     return least if gib_bytes(least) >= n else least + 10**-digits
+
+
+def _adapters(values: list[str], model_name: str) -> tuple[dict[str, str], str | None]:
+    """--adapter values as the named adapters served beside the base ({NAME: DIR}) and the one
+    adapter applied to the base itself (a DIR without NAME=), checked before the model loads."""
+    from camelid.lora import check_adapter_dir
+
+    named, plain = {}, [v for v in values if "=" not in v]
+    for value in values:
+        if "=" not in value:
+            continue
+        name, _, directory = value.partition("=")
+        if not name or not directory:
+            raise CamelidError(f"--adapter {value}: expected NAME=DIR (a model name for requests, then the adapter's "
+                               "directory)")
+        if name == model_name or name in named:
+            raise CamelidError(f"--adapter {value}: the name {name!r} is taken (by the base model or another "
+                               "adapter); give each adapter its own name")
+        try:
+            check_adapter_dir(directory)
+        except CamelidError as e:
+            raise CamelidError(f"--adapter {name}: {e}") from None
+        named[name] = directory
+    if len(plain) > 1 or (plain and named):
+        raise CamelidError("--adapter: one adapter may be applied to the base (DIR) when no others are served "
+                           "beside it; give every adapter as NAME=DIR instead")
+    return named, (plain[0] if plain else None)
+
+
+def _attach(llm, named: dict[str, str], max_batch: int) -> dict[str, int]:
+    """The named adapters attached to the loaded model, each's index by name."""
+    if not named:
+        return {}
+    from camelid.lora import attach_adapters
+
+    indexes = attach_adapters(llm.model, named, max_rows=max_batch)
+    llm.engine.modules_changed()
+    return indexes
 
 
 def _context(requested: int | None, model_max: int) -> int:

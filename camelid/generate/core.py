@@ -87,6 +87,12 @@ class Engine:
             warnings.warn(f"compiled decoding is unavailable ({type(e).__name__}: {str(e)[:200]}); decoding "
                           "eagerly", stacklevel=2)
 
+    def modules_changed(self) -> None:
+        """The model's modules were swapped (LoRA adapters attached): compiled steps are made
+        afresh for the model as it is now."""
+        if self._compile_settings is not None:
+            self.compile(**self._compile_settings)
+
     # ---- caches --------------------------------------------------------------------------------------
     def new_cache(self, rows: int, length: int) -> KVCache:
         """A cache for `rows` sequences of up to `length` tokens, for the caller alone until it

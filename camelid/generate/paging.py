@@ -7,6 +7,8 @@ A full block is known by its tokens and everything before them (a key chained fr
 previous block's, as vLLM's and SGLang's prefix caches do): only a block whose whole prefix
 matches is reused. A block whose last holder gave it back keeps its contents and stays findable
 until the pool needs it for something else; those are reclaimed least recently used first.
+What a block holds depends on the weights too: a `salt` (the LoRA adapter a request runs with)
+starts the chain, so that requests share blocks only with requests of the same salt.
 Block 0 is never lent (it is the cache's scratch block).
 """
 
@@ -78,14 +80,14 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
-    def match(self, tokens: Sequence[int], count: bool = True) -> list[int]:
+    def match(self, tokens: Sequence[int], count: bool = True, salt: int = 0) -> list[int]:
         """The blocks holding the longest run of `tokens`' leading full blocks that the cache
         knows, each now held once more by the caller (release them with the rest). A caller that
         needs the logits after a prompt's last token passes the prompt without it, so that at
         least that token is computed, in a block of its own rather than a shared one. `count`
         False leaves the hit-rate counters alone (a second look for the same request)."""
         out: list[int] = []
-        keys = self._keys(tokens)
+        keys = self._keys(tokens, salt)
         self.queried += len(keys) if count else 0
         for key in keys:
             block = self._block_of.get(key)
@@ -98,16 +100,16 @@ class BlockPool:
             out.append(block)
         return out
 
-    def register(self, tokens: Sequence[int], blocks: Sequence[int]) -> None:
+    def register(self, tokens: Sequence[int], blocks: Sequence[int], salt: int = 0) -> None:
         """Record that `blocks` hold `tokens` from slot 0 (their full blocks become findable by
         `match`). A prefix another block already holds keeps that block."""
-        for key, block in zip(self._keys(tokens), blocks):
+        for key, block in zip(self._keys(tokens, salt), blocks):
             if key not in self._block_of and block not in self._key_of:
                 self._block_of[key] = block
                 self._key_of[block] = key
 
-    def _keys(self, tokens: Sequence[int]) -> list[Key]:
-        keys, parent = [], 0
+    def _keys(self, tokens: Sequence[int], salt: int) -> list[Key]:
+        keys, parent = [], salt
         for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
             key = (parent, tuple(tokens[start:start + self.block_size]))
             keys.append(key)

@@ -61,9 +61,12 @@ def error_response(status: int, message: str, param: str | None = None,
     return JSONResponse(body, status_code=status)
 
 
-def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None = None,
+               adapters: dict[str, int] | None = None) -> FastAPI:
     """The application; its lifespan starts and stops the batcher's worker thread. With
-    `api_key`, every route but the chat page and /health wants `Authorization: Bearer KEY`."""
+    `api_key`, every route but the chat page and /health wants `Authorization: Bearer KEY`.
+    `adapters`: LoRA adapters attached to the model (`camelid.lora.attach_adapters`), each a
+    model of its own that requests choose by name, as vLLM's LoRA modules are chosen."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -76,7 +79,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     chat_page = (resources.files("camelid.serve") / "static" / "chat.html").read_text(encoding="utf-8")
     _install_error_handlers(app)
     metrics = ServerMetrics(batcher)
-    server = _Server(llm, batcher, model_name)
+    server = _Server(llm, batcher, model_name, adapters or {})
     if api_key:
         app.add_middleware(RequireKey, key=api_key)
 
@@ -94,14 +97,15 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "camelid",
-             "max_model_len": batcher.context}]}
+        served = [{"id": model_name, "object": "model", "created": created, "owned_by": "camelid",
+                   "max_model_len": batcher.context}]
+        served += [{**served[0], "id": name, "parent": model_name} for name in adapters or {}]
+        return {"object": "list", "data": served}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read_body(request, CompletionRequest)
-        _check_model(body, model_name)
+        server.adapter(body)
         _check_max_tokens(body.max_tokens, "max_tokens", batcher.context)
         if body.max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens is 0: no completion, which only makes sense with echo (the prompt's "
@@ -113,7 +117,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _read_body(request, ChatCompletionRequest)
-        _check_model(body, model_name)
+        server.adapter(body)
         for name in ("max_completion_tokens", "max_tokens"):
             _check_max_tokens(getattr(body, name), name, batcher.context)
         if body.max_tokens == 0:
@@ -127,7 +131,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body = await _read_body(request, TokenizeRequest)
-        _check_model(body, model_name)
+        server.adapter(body)
         if body.messages is not None:
             ids = _chat_ids(body.messages, llm)
         else:
@@ -138,7 +142,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         body = await _read_body(request, DetokenizeRequest)
-        _check_model(body, model_name)
+        server.adapter(body)
         _check_token_ids(body.tokens, llm, "tokens")
         return {"prompt": llm.tokenizer.decode(body.tokens)}
 
@@ -198,11 +202,21 @@ class _Server:
 
     GRAMMARS_KEPT = 64   # compiled grammars kept, by schema: clients tend to send the same few
 
-    def __init__(self, llm: LLM, batcher: Batcher, model_name: str):
-        self.llm, self.batcher, self.model_name = llm, batcher, model_name
+    def __init__(self, llm: LLM, batcher: Batcher, model_name: str, adapters: dict[str, int]):
+        self.llm, self.batcher, self.model_name, self.adapters = llm, batcher, model_name, adapters
         self._vocabulary: GrammarVocabulary | None = None
         self._grammars: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+
+    def adapter(self, body) -> int:
+        """The adapter index a request's `model` names (-1: the base, also when it names none)."""
+        if body.model is None or body.model == self.model_name:
+            return -1
+        if body.model in self.adapters:
+            return self.adapters[body.model]
+        names = ", ".join(repr(n) for n in [self.model_name, *self.adapters])
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {names} (see /v1/models)",
+                       "model", code="model_not_found")
 
     @property
     def vocabulary(self) -> GrammarVocabulary:
@@ -292,12 +306,6 @@ def _check_max_tokens(value: int | None, name: str, context: int) -> None:
                        name, code="context_length_exceeded")
 
 
-def _check_model(body: SamplingFields, model_name: str) -> None:
-    if body.model is not None and body.model != model_name:
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r} "
-                            "(see /v1/models)", "model", code="model_not_found")
-
-
 def _chat_ids(messages, llm: LLM) -> list[int]:
     """A conversation rendered with the model's chat template and its generation prompt."""
     try:
@@ -334,6 +342,7 @@ def _completion_prompts(body: CompletionRequest, llm: LLM) -> tuple[list[list[in
 
 async def _answer(request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens: int,
                   server: "_Server", chat: bool, echo: list[str] | None = None):
+    adapter = server.adapter(body)
     """Submit a job per prompt and per n (its choices), and answer with all of them, as one JSON
     body or as one stream of server-sent events."""
     param = "messages" if chat else "prompt"
@@ -368,7 +377,7 @@ async def _answer(request: Request, body: SamplingFields, prompts: list[list[int
                                       frequency_penalty=body.frequency_penalty, logit_bias=bias)
             jobs.append(Job(prompt, sampling, deliverer(index), logprobs=top,
                             prompt_logprobs=top if echo is not None else None,
-                            constraint=server.vocabulary.constraint(grammar) if grammar else None))
+                            constraint=server.vocabulary.constraint(grammar) if grammar else None, adapter=adapter))
             choices.append(Choice(index, prompt, echo[p] if echo is not None else None))
     try:
         for job in jobs:
@@ -377,7 +386,8 @@ async def _answer(request: Request, body: SamplingFields, prompts: list[list[int
         for job in jobs:
             job.cancel()
         raise ApiError(503, str(e), kind="server_overloaded", code="queue_full") from None
-    formatter = (ChatFormat if chat else CompletionFormat)(server.model_name, server.llm.tokenizer, top is not None)
+    formatter = (ChatFormat if chat else CompletionFormat)(body.model or server.model_name, server.llm.tokenizer,
+                                                          top is not None)
     if body.stream:
         return _JobStream(jobs, _stream(events, formatter, choices, prompts, body.include_usage))
     return await _collect(request, jobs, events, formatter, choices, prompts)

@@ -40,6 +40,7 @@ from camelid.generate.compiled import bucket
 from camelid.generate.constrained import Constraint
 from camelid.generate.paging import BlockPool
 from camelid.generate.sampling import TokenLogprob, shape_logits, token_logprobs
+from camelid.lora.multi import multi_lora_layers, select_adapters
 from camelid.model import PagedKVCache
 from camelid.tokenizer import Tokenizer
 
@@ -75,6 +76,7 @@ class Job:
     logprobs: int | None = None          # report each new token's log-probability and this many alternatives
     prompt_logprobs: int | None = None   # report the prompt's too (computed in full: no prefix reuse)
     constraint: Constraint | None = None  # the grammar its output must follow
+    adapter: int = -1   # the LoRA adapter it runs with (camelid.lora.attach_adapters' index); -1: the base
     cancelled: bool = False
     suspended: "Row | None" = None   # pre-empted: its decoding state, to resume from
     submitted: float = field(default_factory=time.perf_counter)
@@ -135,6 +137,7 @@ class Batcher:
         self.engine, self.tokenizer = engine, tokenizer
         self.context, self.prefill_chunk = context, prefill_chunk
         self.stop_ids = tokenizer.stop_ids
+        self.adapters = bool(multi_lora_layers(engine.model))   # LoRA adapters served beside the base
         self.device = engine.device
         self.pool = BlockPool(num_blocks, block_size)
         with torch.inference_mode():
@@ -264,7 +267,7 @@ class Batcher:
         # the last token is computed (its logits are needed); `_share_more` looks again, and counts.
         # A prompt whose log-probabilities are asked for is computed in full: they come from its logits.
         scored = job.prompt_logprobs is not None and row.produced == 0
-        found = [] if scored else self.pool.match(row.fed[:-1], count=False)
+        found = [] if scored else self.pool.match(row.fed[:-1], count=False, salt=job.adapter)
         own = self.pool.allocate(self.pool.blocks_for(len(row.fed)) - len(found))
         if own is None:
             self.pool.release(found)
@@ -291,10 +294,11 @@ class Batcher:
             start, end = row.computed, min(len(row.fed), row.computed + budget)
             tokens = torch.tensor([row.fed[start:end]], device=self.device)
             positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+            self._select_adapters([row])
             h = self.engine.extend(tokens, positions, self.cache.view(slice(index, index + 1), end))
             row.computed, budget = end, budget - (end - start)
             self.computed_tokens += end - start
-            self.pool.register(row.fed[:end], row.blocks)   # findable by the rows admitted with it
+            self.pool.register(row.fed[:end], row.blocks, row.job.adapter)   # findable by the rows admitted with it
             # the logits at slot j score token j + 1, the prompt's own up to its last
             scored = min(end, len(row.fed) - 1) - start
             if row.job.prompt_logprobs is not None and row.produced == 0 and scored > 0:
@@ -319,7 +323,7 @@ class Batcher:
         as others with the same prefix finds the blocks their first chunks have just computed,
         and gives back its own blocks that those replace."""
         held = row.computed // self.pool.block_size
-        found = self.pool.match(row.fed[:-1])   # counted here, once per prefill (the hit rate's figures)
+        found = self.pool.match(row.fed[:-1], salt=row.job.adapter)   # counted here, once per prefill (the hit rate)
         self.pool.release(found[:held])          # held since admission: not twice
         if len(found) > held:
             self.pool.release(row.blocks[held:len(found)])
@@ -358,7 +362,7 @@ class Batcher:
         row = self.rows[index]
         self.rows[index] = None
         if row is not None and row.blocks:
-            self.pool.register(row.fed[:row.computed], row.blocks)   # what the cache holds
+            self.pool.register(row.fed[:row.computed], row.blocks, row.job.adapter)   # what the cache holds
             self.pool.release(row.blocks)
             row.blocks = []
         self.cache.assign(index, [])
@@ -375,6 +379,7 @@ class Batcher:
         view = self.views.get((n, window))
         if view is None:  # a handful of (rows, window) pairs: each view made once
             view = self.views[n, window] = self.cache.view(slice(0, n), window)
+        self._select_adapters(self.rows[:n])
         logits = self.engine.decode(tokens, positions, view)
         next_ids, logprobs = self._sample(logits, rows)
         for i, row in enumerate(rows):
@@ -383,6 +388,11 @@ class Batcher:
                 row.computed += 1
                 row.position += 1
                 self._accept(i, next_ids[i], logprobs[i])
+
+    def _select_adapters(self, rows: list[Row | None]) -> None:
+        """Each row of the next forward pass runs with its request's adapter (an empty row with the base)."""
+        if self.adapters:
+            select_adapters(self.engine.model, [r.job.adapter if r is not None else -1 for r in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per row of logits [n, V]: one argmax for the batch; for a row with logit
