@@ -4,6 +4,7 @@ openai client and by raw httpx requests."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -324,6 +325,41 @@ def test_32_concurrent_clients_get_their_own_greedy_answers(client, smollm2):
     assert len(answers) == 32
     for p, text in answers:
         assert text == expected[p], p
+
+
+@real_server
+def test_json_schema_answers_of_smollm2_follow_the_schema(client):
+    """Structured output on the real model, through the official client: sampled at temperature
+    1, every answer parses and validates."""
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country", "population"],
+              "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20},
+                             "population": {"type": "integer", "minimum": 0, "maximum": 40000000}}}
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Describe the capital of France as JSON."}],
+        temperature=1.0, seed=1, n=4, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    assert len(r.choices) == 4
+    for choice in r.choices:
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+@real_server
+def test_echo_logprobs_of_smollm2_equal_camelid_eval(client, smollm2):
+    """lm-evaluation-harness's local-completions request, through the official client."""
+    from camelid.eval.requests import encode_pair
+    from camelid.eval.scoring import Scorer
+
+    pairs = [encode_pair(smollm2.tokenizer, "The capital of France is", c) for c in (" Paris", " a cheese")]
+    expected = Scorer(smollm2).loglikelihood_tokens(pairs)
+    for pair, (loglikelihood, greedy) in zip(pairs, expected):
+        r = client.completions.create(model=MODEL_NAME, prompt=pair.context + pair.continuation, max_tokens=0,
+                                      echo=True, logprobs=1, temperature=0)
+        scored = r.choices[0].logprobs.token_logprobs[len(pair.context):]
+        assert sum(scored) == pytest.approx(loglikelihood, abs=1e-4)
+    assert expected[0][0] > expected[1][0]
 
 
 @real_server
