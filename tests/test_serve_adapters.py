@@ -55,6 +55,22 @@ def test_each_request_gets_its_adapter_in_one_batch_and_blocks_are_not_shared_ac
     assert batcher.pool.used == 0
 
 
+def test_echo_logprobs_through_an_adapter_that_adapts_the_head(served, bpe_tokenizer):
+    """The second adapter targets the output head, which scoring runs over many positions at once."""
+    import torch
+
+    client, _, dirs = served
+    body = post(client, "/v1/completions", {"model": "clerk", "prompt": PROMPT, "max_tokens": 1, "echo": True,
+                                            "logprobs": 1, "temperature": 0})
+    assert body.status_code == 200, body.text
+    got = body.json()["choices"][0]["logprobs"]["token_logprobs"][1:len(PROMPT)]
+    model = load_adapter(tiny("tiny"), dirs[1])
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([PROMPT]))[0].float(), dim=-1)
+    want = logp[:-1].gather(-1, torch.tensor(PROMPT[1:]).view(-1, 1)).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=0)
+
+
 def test_models_lists_the_adapters_and_an_unknown_name_is_refused(served):
     client, _, _ = served
     listed = client.get("/v1/models").json()["data"]
@@ -75,6 +91,10 @@ def test_bad_adapter_options_are_refused_before_loading(values, words):
     with pytest.raises(CamelidError) as e:
         _adapters(values, "base")
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_directory_with_an_equals_sign_is_a_directory():
+    assert _adapters(["runs/lr=3e-4/adapter"], "base") == ({}, "runs/lr=3e-4/adapter")
 
 
 def test_a_name_given_twice_is_refused(served):

@@ -79,6 +79,41 @@ def test_echo_logprobs_equal_camelid_eval_loglikelihoods(client, tiny_llm, conte
     assert body["usage"]["completion_tokens"] == 0 and choice["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("stop_next", [False, True])
+def test_lm_evals_request_scores_the_continuation_whatever_comes_next(client, tiny_llm, stop_next):
+    """lm-evaluation-harness's local-completions sends max_tokens 1 and reads token_logprobs
+    [ctxlen:-1]: one entry past the prompt must be there, even when the next token is a stop
+    token (forced here), which ends the text but still has its log-probability."""
+    pair = encode_pair(tiny_llm.tokenizer, "The king is", " dead")
+    (expected, _), = Scorer(tiny_llm).loglikelihood_tokens([pair])
+    request = {"prompt": pair.context + pair.continuation, "max_tokens": 1, "echo": True, "logprobs": 1,
+               "temperature": 0}
+    if stop_next:
+        request["logit_bias"] = {str(tiny_llm.tokenizer.eos_id): 100}
+    choice = ok(post(client, "/v1/completions", request))["choices"][0]
+    assert choice["finish_reason"] == ("stop" if stop_next else "length")
+    token_logprobs = choice["logprobs"]["token_logprobs"]
+    assert len(token_logprobs) == len(pair.context) + len(pair.continuation) + 1
+    assert sum(token_logprobs[len(pair.context):-1]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_logprobs_of_a_vocabulary_padded_beyond_the_tokenizer(bpe_tokenizer):
+    """Models pad their embedding past the tokenizer's last id (Qwen2.5: 151,936 for 151,665):
+    those ids may rank among the top log-probabilities and still have a text (empty)."""
+    from helpers import train_byte_bpe
+
+    small = train_byte_bpe(480)
+    llm = LLM(tiny("tiny"), small, compile=False)   # 512 embeddings, 480 tokens
+    with TestClient(create_app(llm, Batcher(llm.engine, small, max_batch=2, context=128), MODEL)) as c:
+        body = ok(post(c, "/v1/completions", {"prompt": [5, 6, 505], "max_tokens": 3, "echo": True, "logprobs": 20,
+                                              "logit_bias": {"507": 100}, "temperature": 0}))
+        lp = body["choices"][0]["logprobs"]
+        assert lp["tokens"][2] == "" and lp["tokens"][-1] == "" and len(lp["top_logprobs"][1]) >= 1
+        chat = ok(post(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                   "logprobs": True, "top_logprobs": 20, "temperature": 0}))
+        assert len(chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
+
+
 def test_echo_with_a_completion_gives_prompt_and_new_token_logprobs(client, tiny_llm):
     prompt = "Once upon a time"
     body = ok(post(client, "/v1/completions", {"prompt": prompt, "max_tokens": 5, "echo": True, "logprobs": 2,
@@ -91,7 +126,7 @@ def test_echo_with_a_completion_gives_prompt_and_new_token_logprobs(client, tiny
     assert len(lp["tokens"]) == len(ids) + 5
     reference = model_logprobs(tiny_llm, ids + out.tokens)
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), reference, atol=1e-4, rtol=0)
-    assert all(1 <= len(t) <= 2 for t in lp["top_logprobs"][1:])   # keyed by text: two tokens may share one
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])   # keyed by text; a piece of a character as bytes:\xNN
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
 
 
@@ -102,7 +137,9 @@ def test_generated_token_logprobs_are_the_models_and_top_logprobs_rank_them(clie
     content = body["choices"][0]["logprobs"]["content"]
     prompt = tiny_llm.tokenizer.encode_chat(messages)
     out = tiny_llm.generate_batch([prompt], max_new_tokens=6, temperature=0)[0]
-    assert "".join(e["token"] for e in content) == out.text == body["choices"][0]["message"]["content"]
+    text = b"".join(bytes(e["bytes"]) for e in content).decode("utf-8", "replace")
+    assert text == out.text == body["choices"][0]["message"]["content"]
+    assert all(e["token"].startswith("bytes:\\x") or e["token"] == bytes(e["bytes"]).decode() for e in content)
     reference = model_logprobs(tiny_llm, prompt + out.tokens)[len(prompt) - 1:]
     torch.testing.assert_close(torch.tensor([e["logprob"] for e in content]), reference, atol=1e-4, rtol=0)
     tokens = tiny_llm.tokenizer.token_bytes()

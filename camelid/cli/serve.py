@@ -169,9 +169,12 @@ def _adapters(values: list[str], model_name: str) -> tuple[dict[str, str], str |
     adapter applied to the base itself (a DIR without NAME=), checked before the model loads."""
     from camelid.lora import check_adapter_dir
 
-    named, plain = {}, [v for v in values if "=" not in v]
+    def is_named(value: str) -> bool:   # a directory such as runs/lr=3e-4/adapter is not NAME=DIR
+        return "=" in value and "/" not in value.partition("=")[0]
+
+    named, plain = {}, [v for v in values if not is_named(v)]
     for value in values:
-        if "=" not in value:
+        if not is_named(value):
             continue
         name, _, directory = value.partition("=")
         if not name or not directory:

@@ -55,7 +55,8 @@ class GrammarVocabulary:
         """The grammar for documents valid against `schema` (None: any JSON object); a schema
         llguidance cannot compile is a CamelidError with its reason."""
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or ANY_OBJECT, overrides=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(ANY_OBJECT if schema is None else schema,
+                                                                    overrides=_JSON_OPTIONS)
         except (ValueError, TypeError) as e:
             raise CamelidError(f"not a usable JSON schema: {e}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.ll)

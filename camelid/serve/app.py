@@ -110,6 +110,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
         if body.max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens is 0: no completion, which only makes sense with echo (the prompt's "
                                 "log-probabilities); ask for at least 1 token", "max_tokens")
+        _check_choices(len(body.prompts), body.n, batcher)
         prompts, texts = _completion_prompts(body, llm)
         limit = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
         return await _answer(request, body, prompts, limit, server, chat=False, echo=texts if body.echo else None)
@@ -124,6 +125,7 @@ def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None 
             raise ApiError(400, "max_tokens is 0: ask for at least 1 token", "max_tokens")
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        _check_choices(1, body.n, batcher)
         prompt = _chat_ids(body.messages, llm)
         limit = body.max_completion_tokens or body.max_tokens or batcher.context  # up to the context
         return await _answer(request, body, [prompt], limit, server, chat=True)
@@ -200,7 +202,7 @@ class _Server:
     """What the answering routes share: the model, its batcher, and for structured output the
     vocabulary as the grammar engine reads it (built on first use) and the grammars compiled."""
 
-    GRAMMARS_KEPT = 64   # compiled grammars kept, by schema: clients tend to send the same few
+    GRAMMARS_KEPT = 64   # grammars kept, by schema (made and checked once): clients tend to send the same few
 
     def __init__(self, llm: LLM, batcher: Batcher, model_name: str, adapters: dict[str, int]):
         self.llm, self.batcher, self.model_name, self.adapters = llm, batcher, model_name, adapters
@@ -222,7 +224,13 @@ class _Server:
     def vocabulary(self) -> GrammarVocabulary:
         with self._lock:
             if self._vocabulary is None:
-                self._vocabulary = GrammarVocabulary(self.llm.tokenizer, self.llm.model.config.vocab_size)
+                try:
+                    self._vocabulary = GrammarVocabulary(self.llm.tokenizer, self.llm.model.config.vocab_size)
+                except CamelidError:
+                    raise
+                except Exception as e:  # a vocabulary the grammar engine cannot index
+                    raise CamelidError(f"structured output is unavailable with this model's tokenizer "
+                                       f"({type(e).__name__}: {e})") from None
             return self._vocabulary
 
     def grammar(self, schema: dict | None) -> str:
@@ -342,9 +350,9 @@ def _completion_prompts(body: CompletionRequest, llm: LLM) -> tuple[list[list[in
 
 async def _answer(request: Request, body: SamplingFields, prompts: list[list[int]], max_tokens: int,
                   server: "_Server", chat: bool, echo: list[str] | None = None):
-    adapter = server.adapter(body)
     """Submit a job per prompt and per n (its choices), and answer with all of them, as one JSON
     body or as one stream of server-sent events."""
+    adapter = server.adapter(body)
     param = "messages" if chat else "prompt"
     batcher = server.batcher
     for prompt in prompts:
@@ -352,7 +360,6 @@ async def _answer(request: Request, body: SamplingFields, prompts: list[list[int
             raise ApiError(400, f"the prompt has {len(prompt)} tokens but this server's context is "
                                 f"{batcher.context} tokens (camelid serve --context); shorten the prompt", param,
                            code="context_length_exceeded")
-    _check_choices(len(prompts), body.n, batcher)
     bias = _logit_bias(body, server.llm)
     grammar = await _grammar(body, server)
     top = _top_logprobs(body)
@@ -377,7 +384,7 @@ async def _answer(request: Request, body: SamplingFields, prompts: list[list[int
                                       frequency_penalty=body.frequency_penalty, logit_bias=bias)
             jobs.append(Job(prompt, sampling, deliverer(index), logprobs=top,
                             prompt_logprobs=top if echo is not None else None,
-                            constraint=server.vocabulary.constraint(grammar) if grammar else None, adapter=adapter))
+                            constraint=_constraint(server, grammar), adapter=adapter))
             choices.append(Choice(index, prompt, echo[p] if echo is not None else None))
     try:
         for job in jobs:
@@ -422,6 +429,15 @@ async def _grammar(body: SamplingFields, server: "_Server") -> str | None:
         return None
     try:  # off the event loop: a large schema takes a moment to compile
         return await asyncio.to_thread(server.grammar, form.schema)
+    except CamelidError as e:
+        raise ApiError(400, f"response_format: {e}", "response_format") from None
+
+
+def _constraint(server: "_Server", grammar: str | None):
+    if grammar is None:
+        return None
+    try:
+        return server.vocabulary.constraint(grammar)
     except CamelidError as e:
         raise ApiError(400, f"response_format: {e}", "response_format") from None
 
@@ -488,7 +504,6 @@ async def _stream(events: asyncio.Queue[tuple[int, Event]], formatter: Format, c
             text, choice.echo = choice.echo + text, None
         if text or logprobs:
             yield _sse(formatter.chunk(choice, text, logprobs, None))
-            choice.offset += len(text)
         if event.finish_reason:
             choice.add(Event(finish_reason=event.finish_reason, completion_tokens=event.completion_tokens))
             unfinished -= 1

@@ -226,10 +226,8 @@ class Batcher:
             index = self.rows.index(None)
             try:
                 admitted = self._prefill(index, job)
-            except Exception as e:  # this request alone fails; the others keep their rows
-                log.exception("prefill failed")
-                self._vacate(index)
-                self._end(job, Event(error=f"internal error: {type(e).__name__}: {e}"))
+            except Exception as e:
+                self._fail(index, job, e)
                 continue
             if not admitted:   # its blocks are not available yet: it waits at the head of the line
                 with self._waiting_changed:
@@ -289,25 +287,33 @@ class Batcher:
         for index in sorted((i for i, r in enumerate(self.rows) if r is not None and r.computed < len(r.fed)),
                             key=lambda i: self.rows[i].admitted):
             row = self.rows[index]
-            if not row.looked_up:
-                self._share_more(index, row)
-            start, end = row.computed, min(len(row.fed), row.computed + budget)
-            tokens = torch.tensor([row.fed[start:end]], device=self.device)
-            positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-            self._select_adapters([row])
-            h = self.engine.extend(tokens, positions, self.cache.view(slice(index, index + 1), end))
-            row.computed, budget = end, budget - (end - start)
-            self.computed_tokens += end - start
-            self.pool.register(row.fed[:end], row.blocks, row.job.adapter)   # findable by the rows admitted with it
-            # the logits at slot j score token j + 1, the prompt's own up to its last
-            scored = min(end, len(row.fed) - 1) - start
-            if row.job.prompt_logprobs is not None and row.produced == 0 and scored > 0:
-                row.prompt_logprobs += token_logprobs(self.engine.head(h[0, :scored]),
-                                                      row.fed[start + 1:start + 1 + scored], row.job.prompt_logprobs)
-            if end == len(row.fed) and row.produced == 0:   # its first token (a resumed row has its next)
-                self._first_token(index, row, h[:, -1])
-            if budget == 0:
+            try:
+                budget -= self._prefill_chunk(index, row, budget)
+            except Exception as e:
+                self._fail(index, row.job, e)
+            if budget <= 0:
                 break
+
+    def _prefill_chunk(self, index: int, row: Row, budget: int) -> int:
+        """The next at most `budget` prompt tokens of row `index`; how many it computed."""
+        if not row.looked_up:
+            self._share_more(index, row)
+        start, end = row.computed, min(len(row.fed), row.computed + budget)
+        tokens = torch.tensor([row.fed[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+        self._select_adapters([row])
+        h = self.engine.extend(tokens, positions, self.cache.view(slice(index, index + 1), end))
+        row.computed = end
+        self.computed_tokens += end - start
+        self.pool.register(row.fed[:end], row.blocks, row.job.adapter)   # findable by the rows admitted with it
+        # the logits at slot j score token j + 1, the prompt's own up to its last
+        scored = min(end, len(row.fed) - 1) - start
+        if row.job.prompt_logprobs is not None and row.produced == 0 and scored > 0:
+            row.prompt_logprobs += token_logprobs(self.engine.head(h[:, :scored])[0],
+                                                  row.fed[start + 1:start + 1 + scored], row.job.prompt_logprobs)
+        if end == len(row.fed) and row.produced == 0:   # its first token (a resumed row has its next)
+            self._first_token(index, row, h[:, -1])
+        return end - start
 
     def _first_token(self, index: int, row: Row, h: torch.Tensor) -> None:
         if row.job.prompt_logprobs is not None:   # the first prompt token has no log-probability
@@ -427,6 +433,8 @@ class Batcher:
                 self.timings.next_token(now - row.token_at)
         row.token_at = now
         if token in self.stop_ids:
+            if logprob:  # a client may need it (lm-eval's local-completions reads one token past the prompt)
+                row.job.deliver(Event(logprobs=[logprob]))
             return self._finish(index, "stop")
         row.produced += 1
         self.generated_tokens += 1
@@ -448,6 +456,13 @@ class Batcher:
         rest = row.text.finish()
         self._end(row.job, Event(text=rest, finish_reason=reason, prompt_tokens=len(row.job.prompt),
                                  completion_tokens=row.produced))
+
+    def _fail(self, index: int, job: Job, e: Exception) -> None:
+        """A prefill failed: this request alone fails; the others keep their rows."""
+        log.exception("prefill failed")
+        if self.rows[index] is not None and self.rows[index].job is job:
+            self._vacate(index)
+        self._end(job, Event(error=f"internal error: {type(e).__name__}: {e}"))
 
     def _fail_all(self, message: str, status: int, waiting: bool) -> None:
         jobs = [r.job for r in self.rows if r is not None]

@@ -32,7 +32,7 @@ class Choice:
     logprobs: list[tuple[int, TokenLogprob | None]] = field(default_factory=list)   # (token, its entry)
     finish_reason: str | None = None
     completion_tokens: int = 0
-    offset: int = 0   # characters sent so far (streaming): where the next token's text starts
+    offset: int = 0   # streaming: the next token's text_offset
 
     def add(self, event: Event) -> None:
         self.text += event.text
@@ -67,8 +67,19 @@ class Format:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
                 "choices": choices}
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes; none for the ids of a model's padded vocabulary beyond the tokenizer's."""
+        table = self.tokenizer.token_bytes()
+        return table[token] if token < len(table) else b""
+
     def token_text(self, token: int) -> str:
-        return self.tokenizer.token_bytes()[token].decode("utf-8", "replace")
+        """A token's text, or, for a piece of a character (a byte-level token that is not valid
+        UTF-8 alone), OpenAI's "bytes:\\xNN" form, so that two such tokens stay apart."""
+        raw = self.token_bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def whole(self, choices: list[Choice], prompts: list[list[int]]) -> dict:
         body = [self.choice(c, (c.echo or "") + c.text, c.logprobs, c.finish_reason) for c in choices]
@@ -94,11 +105,16 @@ class CompletionFormat(Format):
 
     def choice(self, choice: Choice, text: str, logprobs: list, finish_reason: str | None,
                delta: bool = False) -> dict:
-        start = choice.offset if delta else 0
-        return {"index": choice.index, "text": text, "finish_reason": finish_reason,
-                "logprobs": self.logprobs(logprobs, start) if self.with_logprobs else None}
+        body = {"index": choice.index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        if self.with_logprobs:
+            body["logprobs"], end = self.logprobs(logprobs, choice.offset if delta else 0)
+            if delta:
+                choice.offset = end
+        return body
 
-    def logprobs(self, pairs: list[tuple[int, TokenLogprob | None]], start: int) -> dict:
+    def logprobs(self, pairs: list[tuple[int, TokenLogprob | None]], start: int) -> tuple[dict, int]:
+        """The legacy shape, and where the next token's text_offset starts. Offsets count the
+        tokens' own texts (a control token's markup included), from the choice's first token."""
         texts = [self.token_text(t) for t, _ in pairs]
         offsets, at = [], start
         for text in texts:
@@ -108,7 +124,7 @@ class CompletionFormat(Format):
                 "token_logprobs": [None if e is None else _finite(e.logprob) for _, e in pairs],
                 "top_logprobs": [None if e is None else {self.token_text(t): _finite(lp) for t, lp in e.top}
                                  for _, e in pairs],
-                "text_offset": offsets}
+                "text_offset": offsets}, at
 
 
 class ChatFormat(Format):
@@ -133,8 +149,7 @@ class ChatFormat(Format):
                 "top_logprobs": [self.alternative(t, lp) for t, lp in e.top]}
 
     def alternative(self, token: int, logprob: float) -> dict:
-        raw = self.tokenizer.token_bytes()[token]
-        return {"token": raw.decode("utf-8", "replace"), "logprob": _finite(logprob), "bytes": list(raw)}
+        return {"token": self.token_text(token), "logprob": _finite(logprob), "bytes": list(self.token_bytes(token))}
 
 
 def _finite(logprob: float) -> float:
