@@ -124,3 +124,19 @@ def test_sentencepiece_style_tokenizer_json_refuses_byte_level_gguf_export():
     backend.decoder = decoders.Metaspace()
     with pytest.raises(CamelidError, match="tokenizer.model"):
         HFTokenizer(backend).gguf_metadata()
+
+
+@pytest.mark.parametrize("which", ["bpe_tokenizer", "spm_tokenizer"])
+def test_token_bytes_spell_the_text_and_control_ids_are_markup(which, request):
+    """What a grammar engine reads: each token's raw bytes, so that a text's tokens' bytes are the
+    text's UTF-8 (a character split over byte tokens included; SentencePiece's dummy space first)."""
+    tok = request.getfixturevalue(which)
+    text = "Shall I compare thee, 1599 · naïve 😀?"
+    ids = tok.encode(text, bos=False, special=False)
+    spelled = b"".join(tok.token_bytes()[i] for i in ids)
+    assert spelled.decode("utf-8") in (text, " " + text)
+    assert len(tok.token_bytes()) == tok.vocab_size
+    assert tok.eos_id in tok.control_ids() and not set(ids) & tok.control_ids()
+    specials = tok.special_tokens()
+    if "<|im_end|>" in specials:
+        assert tok.token_bytes()[specials["<|im_end|>"]] == b"<|im_end|>"
