@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import llguidance
-import llguidance.torch
+import llguidance   # not llguidance.torch, which imports torch._dynamo (a second at start-up)
 import torch
 
 from camelid.errors import CamelidError
@@ -76,7 +75,7 @@ class Constraint:
         self.matcher = llguidance.LLMatcher(vocab.ll, grammar)
         if self.matcher.is_error():
             raise CamelidError(f"not a usable JSON schema: {_first_line(self.matcher.get_error())}")
-        self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab.ll.vocab_size)
+        self._words = torch.full(((vocab.ll.vocab_size + 31) // 32,), -1, dtype=torch.int32)   # bit t: token t allowed
 
     @property
     def finished(self) -> bool:
@@ -86,9 +85,8 @@ class Constraint:
     def restrict(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [V] with every token the grammar forbids at -inf (a new tensor). Where the
         grammar may end here, the model's stop tokens are allowed (llguidance knows only EOS)."""
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        words = self._bitmask[0]
-        allowed = ((words.unsqueeze(-1) >> _BITS) & 1).view(-1).bool()[: self.vocab.ll.vocab_size]
+        self.matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
+        allowed = ((self._words.unsqueeze(-1) >> _BITS) & 1).view(-1).bool()[: self.vocab.ll.vocab_size]
         keep = torch.zeros(logits.size(-1), dtype=torch.bool)
         n = min(allowed.numel(), keep.numel())
         keep[:n] = allowed[:n]
