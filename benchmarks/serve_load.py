@@ -172,6 +172,27 @@ class Server:
             return ""
 
 
+def cpu_times(pid: int) -> tuple[float, float, float] | None:
+    """(all CPUs' busy ticks, all CPUs' ticks, the server's and this process's ticks), Linux only:
+    the difference between two readings tells how much CPU other work took meanwhile."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        server = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    ours = int(server[11]) + int(server[12]) + (os.times().user + os.times().system) * os.sysconf("SC_CLK_TCK")
+    return busy, busy + idle + iowait, ours
+
+
+def other_cpu(before, after) -> float | None:
+    """The share of all CPUs that neither the server nor this process used between two readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return max(0.0, (after[0] - before[0]) - (after[2] - before[2])) / (after[1] - before[1])
+
+
 def compile_jobs(cache: Path) -> list[Path]:
     """camelid's background compilations under way (their job files go when they finish)."""
     return list(cache.glob("*.job"))
@@ -315,19 +336,22 @@ def bench_server(server: Server, model: str, prompts: Prompts, args, questions: 
         before = sorted(compiled.glob("*.bin")) if compiled is not None else []
         print(f"{server.name}: {level} concurrent clients x {args.requests_per_client} requests",
               file=sys.stderr, flush=True)
+        cpu = cpu_times(server.proc.pid)
         records, failures, wall = asyncio.run(run_level(
             server.url, model, prompts, level, args.requests_per_client,
             first, args.max_tokens, extra))
         first += level * args.requests_per_client
         row = summarize(records, failures, wall)
+        row["other_cpu"] = other_cpu(cpu, cpu_times(server.proc.pid))
         if compiled is not None and (compile_jobs(compiled) or sorted(compiled.glob("*.bin")) != before):
             row["note"] = "a decode step shape was compiled during this level: it ran partly eager"
             print(f"  warning: {row['note']}", file=sys.stderr)
             wait_for_compilations(compiled)
         row["texts"] = {r["question"]: r["text"] for r in records}
         out["levels"][level] = row
+        other = f", other processes {100 * row['other_cpu']:.0f}% of the CPUs" if row["other_cpu"] is not None else ""
         print(f"  {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s, "
-              f"per-token p50 {row['token_p50_ms']:.1f} ms", file=sys.stderr, flush=True)
+              f"per-token p50 {row['token_p50_ms']:.1f} ms{other}", file=sys.stderr, flush=True)
     return out
 
 
@@ -517,6 +541,9 @@ def main() -> None:
                 note = f"; {row['note']}" if row.get("note") else ""
                 print(f"{level} clients, {name}: {row['stopped_early']} of {row['requests']} replies ended before "
                       f"max_tokens (tokens counted by {', '.join(row['counted_by'])}){note}")
+            if row and (row.get("other_cpu") or 0) > 0.05:
+                print(f"{level} clients, {name}: warning: other processes took {100 * row['other_cpu']:.0f}% of the "
+                      "CPUs meanwhile, so this row is not a fair measurement")
         line = same_answers(results, level)
         if line:
             print(f"{level} clients: {line}")

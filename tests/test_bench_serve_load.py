@@ -54,6 +54,16 @@ def test_figures_from_streamed_requests(bench):
     assert "**2.00x**" in lines[4] and "0.50x /" in lines[4]
 
 
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc")
+def test_other_work_on_the_cpus_is_measured(bench):
+    before = bench.cpu_times(os.getpid())
+    sum(i * i for i in range(2_000_000))   # this process's own work is not "other"
+    after = bench.cpu_times(os.getpid())
+    assert after[0] >= before[0] and after[1] > before[1] and after[2] > before[2]
+    assert 0.0 <= bench.other_cpu(before, after) <= 1.0
+    assert bench.other_cpu(before, None) is None
+
+
 def test_a_started_server_is_stopped_with_its_group(bench, tmp_path):
     (tmp_path / "www" / "v1").mkdir(parents=True)
     (tmp_path / "www" / "v1" / "models").write_text("{}")
