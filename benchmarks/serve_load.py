@@ -17,7 +17,10 @@ reason ("length": max_tokens) or the streamed chunks (llama-cpp-python sends one
 Per level and server: aggregate output tokens/s (all tokens over the level's wall time), time to
 first token p50/p95 (from sending the request to the first chunk with text, queueing included),
 per-token latency p50/p95 (the gaps between a request's chunks with text after its first), and
-camelid / llama.cpp ratios (above 1 is better for tokens/s, below 1 for latencies).
+camelid / llama.cpp ratios (above 1 is better for tokens/s, below 1 for latencies). Run it on an
+otherwise idle machine and not under `nice`: a server whose threads share their cores with other
+work slows down unevenly (llama.cpp's many times over), so each level also measures the share
+of the CPUs that other processes took meanwhile and warns above 5%.
 
 Settings:
 - camelid: `camelid serve` with its defaults (fp32, compiled decode steps, paged KV cache with
