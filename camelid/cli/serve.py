@@ -32,8 +32,10 @@ import argparse
 import errno
 import logging
 import math
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from camelid.cli.common import DTYPES, add_model_arguments, load_llm
@@ -106,30 +108,45 @@ def main(args: argparse.Namespace) -> int:
     _log_like_uvicorn(args.log_level)
     if adapters:
         print(f"camelid serve: LoRA adapters served beside {model_name}: {', '.join(adapters)}", file=sys.stderr)
-    app = create_app(llm, batcher, model_name, api_key=args.api_key, adapters=adapters)
+    app = create_app(llm, batcher, model_name, api_key=args.api_key, adapters=adapters, start_worker=False)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
-    try:
-        _server(config, batcher).run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down
-        pass
-    print("camelid serve: stopped", file=sys.stderr)
-    return 0
+    return _run(_server(config, batcher), batcher)
 
 
 def _server(config, batcher):
-    """uvicorn's server, told to end the requests in flight when asked to stop (Ctrl-C,
-    SIGTERM): uvicorn waits for open connections to close before the app's own shutdown runs,
-    so without this a long streamed reply would hold the exit until the graceful timeout.
-    (Built here, not at import, so that `camelid --help` does not import uvicorn.)"""
+    """uvicorn's server (built here, not at import, so that `camelid --help` does not import uvicorn)."""
     import uvicorn
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            batcher.stop(timeout=0)  # the worker fails every job: their responses end now
-            super().handle_exit(sig, frame)
+    return uvicorn.Server(config)
 
-    return Server(config)
+
+def _run(server, batcher) -> int:
+    """HTTP on a thread of its own, the batcher on this one, the thread that loaded the model
+    (why: `Batcher.run`). Ctrl-C or SIGTERM stops the batcher, which ends every request in
+    flight (503), so that the HTTP server's graceful shutdown does not wait on long streams."""
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # stopped, or failed to start: the batcher stops too
+            batcher.stop(timeout=0)
+
+    thread = threading.Thread(target=http, name="camelid-http", daemon=True)
+    previous = {sig: signal.signal(sig, lambda *_: batcher.stop(timeout=0)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread.start()
+        batcher.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.should_exit = True
+        thread.join(10)
+    if not getattr(server, "started", True):
+        print("camelid serve: the HTTP server did not start (see the messages above)", file=sys.stderr)
+        return 1
+    print("camelid serve: stopped", file=sys.stderr)
+    return 0
 
 
 def _log_like_uvicorn(level: str) -> None:

@@ -62,17 +62,20 @@ def error_response(status: int, message: str, param: str | None = None,
 
 
 def create_app(llm: LLM, batcher: Batcher, model_name: str, api_key: str | None = None,
-               adapters: dict[str, int] | None = None) -> FastAPI:
-    """The application; its lifespan starts and stops the batcher's worker thread. With
+               adapters: dict[str, int] | None = None, start_worker: bool = True) -> FastAPI:
+    """The application; its lifespan starts and stops the batcher's worker thread, unless
+    `start_worker` is False (the caller runs `batcher.run()` on a thread of its choosing). With
     `api_key`, every route but the chat page and /health wants `Authorization: Bearer KEY`.
     `adapters`: LoRA adapters attached to the model (`camelid.lora.attach_adapters`), each a
     model of its own that requests choose by name, as vLLM's LoRA modules are chosen."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        if start_worker:
+            batcher.start()
         yield
-        batcher.stop()
+        if start_worker:
+            batcher.stop()
 
     app = FastAPI(title="camelid", lifespan=lifespan, docs_url=None, redoc_url=None)
     created = int(time.time())
