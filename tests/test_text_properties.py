@@ -124,5 +124,9 @@ def test_generate_from_any_prompt_and_settings(tiny_llm, prompt, temperature, to
         assert any(word in str(e) for word in ("temperature", "top_p", "prompt"))
         return
     assert isinstance(out, str) and not has_invalid(out)
-    reply = tiny_llm.chat([{"role": "user", "content": prompt}], max_new_tokens=2)
+    try:
+        reply = tiny_llm.chat([{"role": "user", "content": prompt}], max_new_tokens=2)
+    except CamelidError as e:  # the chat template's tokens may take a prompt that fitted past the context
+        assert "context" in str(e)
+        return
     assert isinstance(reply, str) and not has_invalid(reply)
