@@ -117,6 +117,7 @@ def tiny_llm(bpe_tokenizer):
        st.one_of(st.just(1.0), st.floats(allow_nan=True, allow_infinity=True)))
 @example("\udcff\udcfeShall I\ud800", 0.0, 1.0)
 @example("Shall I", 1e-80, 1.0)
+@example("0\x80\x80" * 50, 0.0, 1.0)   # fits generate's context, not the chat template's
 def test_generate_from_any_prompt_and_settings(tiny_llm, prompt, temperature, top_p):
     try:
         out = tiny_llm.generate(prompt, max_new_tokens=3, temperature=temperature, top_p=top_p, seed=0)
