@@ -160,3 +160,13 @@ def straight_and_killed(args: list, tmp_path: Path, kill_at: int, idle_seconds: 
     logged = kill_9_after(proc, broken, kill_at, limit)
     subprocess.run(command(broken), check=True, capture_output=True, env=env, timeout=limit)
     return straight, broken, logged
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,9 +1,7 @@
 """benchmarks/ppo_throughput.py on a tiny policy: its settings pass the trainer's checks, a
 measured step yields every figure its table prints, and the table reads them."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,17 +9,11 @@ import torch
 from camelid.checkpoint.native import write_native
 from camelid.config import ModelConfig
 from camelid.model import Transformer
-from helpers import train_sentencepiece
-
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "ppo_throughput.py"
-
+from helpers import load_benchmark, train_sentencepiece
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ppo_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ppo_throughput")
 
 
 @pytest.fixture

@@ -1,22 +1,17 @@
 """benchmarks/serve_load.py's parts that need neither model nor peer: the prompts it builds, the
 figures it computes from streamed requests, its table, and that a server it starts is stopped."""
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "serve_load.py"
-
+from helpers import load_benchmark
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_load")
 
 
 def test_prompts_share_the_system_prompt_and_differ_in_the_question(bench, bpe_tokenizer):
