@@ -363,6 +363,27 @@ def test_echo_logprobs_of_smollm2_equal_camelid_eval(client, smollm2):
 
 
 @real_server
+def test_camelid_eval_through_the_server_equals_in_process_on_smollm2(server, smollm2, tmp_path):
+    """Issue 16's remote backend: a multiple-choice file scored through `camelid serve` gives the
+    in-process log-likelihoods within 1e-4, hence the same accuracy."""
+    from camelid.eval import evaluate
+    from camelid.eval.remote import RemoteScorer
+
+    path = tmp_path / "capitals.jsonl"
+    docs = [("The capital of France is", ["Paris", "Rome", "Berlin"], 0),
+            ("The capital of Italy is", ["Madrid", "Rome", "Paris"], 1),
+            ("The largest planet is", ["Mars", "Venus", "Jupiter"], 2)]
+    path.write_text("".join(json.dumps({"query": q, "choices": c, "gold": g}) + "\n" for q, c, g in docs))
+    remote = RemoteScorer(f"{server}/v1", smollm2.tokenizer)
+    here = evaluate(smollm2, [str(path)], log_samples=True)
+    there = evaluate(remote, [str(path)], log_samples=True)
+    task = next(iter(here["results"]))
+    assert there["results"][task]["acc"] == here["results"][task]["acc"]
+    for a, b in zip(here["samples"][task], there["samples"][task]):
+        assert b["loglikelihoods"] == pytest.approx(a["loglikelihoods"], abs=1e-4)
+
+
+@real_server
 def test_seed_makes_sampling_reproducible(client):
     kwargs = dict(model=MODEL_NAME, prompt="Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9)
     a = client.completions.create(seed=7, **kwargs).choices[0].text

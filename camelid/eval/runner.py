@@ -8,21 +8,28 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from camelid.eval.remote import RemoteScorer
 from camelid.eval.scoring import Scorer
 from camelid.eval.tasks import Settings, Task, get_task
 from camelid.generate import LLM
 
 
-def evaluate(llm: LLM, tasks: list[str | Task], settings: Settings = Settings(), data_dir: str | Path | None = None,
-             batch_size: int = 16, progress: bool = False, log_samples: bool = False) -> dict[str, Any]:
+def evaluate(llm: LLM | RemoteScorer, tasks: list[str | Task], settings: Settings = Settings(),
+             data_dir: str | Path | None = None, batch_size: int = 16, progress: bool = False,
+             log_samples: bool = False) -> dict[str, Any]:
     """results[task][metric], time per task, and with log_samples the per-document records.
-    A task is a name or file (see get_task), or a Task already made from one."""
+    A task is a name or file (see get_task), or a Task already made from one. The model is an
+    LLM in this process, or a server (`RemoteScorer`)."""
     # fail on a bad name before any work
     resolved = [t if isinstance(t, Task) else get_task(t, data_dir) for t in tasks]
-    scorer = Scorer(llm, batch_size=batch_size, progress=progress)
+    if isinstance(llm, RemoteScorer):
+        scorer, where = llm, {"dtype": "the server's", "device": "the server's"}
+    else:
+        scorer = Scorer(llm, batch_size=batch_size, progress=progress)
+        where = {"dtype": str(llm.model.tok_embeddings.weight.dtype).replace("torch.", ""), "device": str(llm.device)}
     out: dict[str, Any] = {"results": {}, "seconds": {}, "config": {
         "model": llm.source, "tasks": [_task_label(t) for t in tasks], **asdict(settings), "batch_size": batch_size,
-        "dtype": str(llm.model.tok_embeddings.weight.dtype).replace("torch.", ""), "device": str(llm.device)}}
+        **where}}
     if log_samples:
         out["samples"] = {}
     for task in resolved:
