@@ -173,3 +173,13 @@ def test_an_unreachable_server_is_one_line(tmp_path, capsys, tiny_llm):
     one_line_error(capsys, ["eval", "--model", "openai:http://127.0.0.1:9/v1", "--tokenizer", str(tmp_path / "tok"),
                             "--tasks", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "o.json")],
                    ["http://127.0.0.1:9/v1", "cannot reach"])
+
+
+def test_text_prompts_find_the_continuation_by_its_offsets(server, tiny_llm):
+    """For servers that take no token ids (llama-cpp-python's): the server tokenizes the whole
+    text; the continuation is the tokens from the context's end on."""
+    requests = [Loglikelihood(c, x) for c, x in PAIRS]
+    here = Scorer(tiny_llm).loglikelihood(requests)
+    there = RemoteScorer(server, tiny_llm.tokenizer, batch_size=2, text=True).loglikelihood(requests)
+    for (a, _), (b, _) in zip(here, there):
+        assert b == pytest.approx(a, abs=1e-4)

@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     server.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests at a time (default 4)")
     server.add_argument("--rate", type=float, default=None, metavar="PER_S",
                         help="at most this many requests a second (default: no bound)")
+    server.add_argument("--send-text", action="store_true",
+                        help="send prompts as text, for servers that take no token ids (llama-cpp-python's); the "
+                             "continuation's tokens are found by their text_offset, as the server tokenized them")
 
 
 def check_options(args: argparse.Namespace) -> list:
@@ -141,7 +144,7 @@ def _remote(args: argparse.Namespace):
     if tokenizer is None:
         raise CamelidError(f"--tokenizer {args.tokenizer}: has no tokenizer")
     scorer = RemoteScorer(url, tokenizer, api_key=args.api_key, model=args.served_model, batch_size=args.batch_size,
-                          concurrency=args.concurrency, rate=args.rate)
+                          concurrency=args.concurrency, rate=args.rate, text=args.send_text)
     scorer.max_length = scorer.context() or scorer.max_length
     return scorer
 

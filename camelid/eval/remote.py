@@ -4,7 +4,10 @@ openai:http://HOST:PORT/v1`): camelid's own server, vLLM, llama.cpp's.
 Log-likelihoods come from completions with `echo` and `logprobs`, the way lm-evaluation-harness's
 `local-completions` gets them: the context and continuation go as token ids (the tokenizer is
 read locally, from `--tokenizer`), with `max_tokens: 1`, and the continuation's tokens are read
-from the prompt's log-probabilities (the one generated token is not used). Generation goes
+from the prompt's log-probabilities (the one generated token is not used). A server that takes
+no token ids (llama-cpp-python's) gets text instead (`text=True`), and the continuation's
+tokens are those whose `text_offset` falls at or after the context's end, as the server
+tokenized the whole text. Generation goes
 through completions with the task's settings. Requests run concurrently (`concurrency` at a
 time), several prompts per request where the server takes lists, at most `rate` requests a
 second, and a request that fails for a reason that may pass (no connection, 429, 5xx) is
@@ -21,7 +24,8 @@ from typing import Any, Sequence
 import httpx
 
 from camelid.errors import CamelidError
-from camelid.eval.requests import Encoded, Generate, Loglikelihood, Rolling, encode_chat_pair, encode_pair, prefix_token
+from camelid.eval.requests import (Encoded, Generate, Loglikelihood, Rolling, encode_chat_pair, encode_pair,
+                                   prefix_token, scored_split)
 from camelid.tokenizer import Tokenizer
 
 PREFIX = "openai:"
@@ -52,12 +56,13 @@ class RemoteScorer:
 
     def __init__(self, url: str, tokenizer: Tokenizer, api_key: str | None = None, model: str | None = None,
                  batch_size: int = 8, concurrency: int = 4, rate: float | None = None, max_length: int = 2048,
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, text: bool = False):
         self.url = url.rstrip("/")
         self.tok = tokenizer
         self.model = model
         self.batch_size, self.concurrency, self.max_length = max(1, batch_size), max(1, concurrency), max_length
         self.limit = RateLimit(rate)
+        self.text = text
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -120,6 +125,8 @@ class RemoteScorer:
 
     # ---- log-likelihood -------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[Loglikelihood]) -> list[tuple[float, bool]]:
+        if self.text:
+            return self._score_text([scored_split(r.context, r.continuation) for r in requests])
         encoded = [(encode_chat_pair if r.chat else encode_pair)(self.tok, r.context, r.continuation) for r in requests]
         return self.loglikelihood_tokens(encoded)
 
@@ -156,8 +163,34 @@ class RemoteScorer:
             for value, top in zip(scored, tops[sent - n:sent]))
         return float(sum(scored)), greedy
 
+    def _score_text(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(context, continuation) texts, scored on the server's own tokens."""
+        def one_batch(batch):
+            body = {"prompt": [c + x for c, x in batch], "max_tokens": 1, "echo": True, "logprobs": 1,
+                    "temperature": 0}
+            choices = sorted(self.post(body).get("choices") or [], key=lambda c: c.get("index", 0))
+            if len(choices) != len(batch):
+                raise CamelidError(f"{self.url}: /completions answered {len(choices)} choices for {len(batch)} prompts")
+            out = []
+            for choice, (context, continuation) in zip(choices, batch):
+                logprobs = choice.get("logprobs") or {}
+                offsets = logprobs.get("text_offset")
+                if not isinstance(offsets, list):
+                    raise CamelidError(f"{self.url}: /completions returned no text_offset, which text prompts need "
+                                       "to find the continuation's tokens; send token ids instead")
+                span = [i for i, at in enumerate(offsets) if len(context) <= at < len(context) + len(continuation)]
+                if not span:
+                    raise CamelidError(f"{self.url}: no token of the continuation {continuation!r} in the answer")
+                out.append(self._read(choice, list(range(span[-1] + 1)), len(span)))
+            return out
+
+        return [r for batch in self._map(one_batch, self._batches(pairs)) for r in batch]
+
     def loglikelihood_rolling(self, requests: Sequence[Rolling], stride: int | None = None) -> list[tuple[float, int]]:
         """As the in-process Scorer does: windows of max_length, `stride` new tokens each."""
+        if self.text:
+            raise CamelidError("perplexity over a server needs prompts as token ids, which this one was told it "
+                               "does not take (--send-text)")
         stride = min(stride or self.longest, self.longest - 1)   # a window's first token is context only
         windows, owners, counts = [], [], []
         for i, r in enumerate(requests):
@@ -176,21 +209,25 @@ class RemoteScorer:
     # ---- generation ---------------------------------------------------------------------------------
     def generate(self, requests: Sequence[Generate]) -> list[str]:
         def one(r: Generate) -> str:
+            if self.text:
+                return self._complete({"prompt": r.context}, r)
             ids = self.tok.encode_rendered(r.context) if r.chat else \
                 self.tok.encode(r.context, bos=self.tok.add_bos, special=False)
             room = self.max_length - r.max_new_tokens
-            body = {"prompt": ids[-room:] if 0 < room < len(ids) else ids, "max_tokens": r.max_new_tokens,
-                    "temperature": r.temperature, "top_p": r.top_p}
-            if r.stop:
-                body["stop"] = list(r.stop)
-            if r.seed is not None:
-                body["seed"] = r.seed
-            choices = self.post(body).get("choices") or []
-            if not choices or not isinstance(choices[0].get("text"), str):
-                raise CamelidError(f"{self.url}: /completions returned no text")
-            return choices[0]["text"]
+            return self._complete({"prompt": ids[-room:] if 0 < room < len(ids) else ids}, r)
 
         return self._map(one, list(requests))
+
+    def _complete(self, body: dict[str, Any], r: Generate) -> str:
+        body.update(max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        if r.stop:
+            body["stop"] = list(r.stop)
+        if r.seed is not None:
+            body["seed"] = r.seed
+        choices = self.post(body).get("choices") or []
+        if not choices or not isinstance(choices[0].get("text"), str):
+            raise CamelidError(f"{self.url}: /completions returned no text")
+        return choices[0]["text"]
 
 
 def _message(r: httpx.Response) -> str:
