@@ -6,9 +6,11 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.eval.tasks.base import Settings, Task
+from camelid.eval.tasks.bias import BIAS_TASKS
 from camelid.eval.tasks.generic import task_from_file
 from camelid.eval.tasks.paper import PAPER_TASKS
 
+BUILTIN = {**PAPER_TASKS, **BIAS_TASKS}   # sections 3 and 5 of the paper
 ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", "nq": "naturalquestions",
            "social_iqa": "siqa", "race": "race_high", "gsm": "gsm8k"}
 
@@ -20,11 +22,11 @@ def get_task(name: str, data_dir: str | Path | None = None) -> Task:
     if path.exists():
         return task_from_file(path)
     key = ALIASES.get(name.lower(), name.lower())
-    if key in PAPER_TASKS:
-        return PAPER_TASKS[key](data_dir)
+    if key in BUILTIN:
+        return BUILTIN[key](data_dir)
     if name.endswith((".jsonl", ".json", ".txt")):
         raise CamelidError(f"task file {name}: no such file")
-    raise CamelidError(f"unknown task {name!r}; built-in tasks: {', '.join(PAPER_TASKS)}; or pass a task file")
+    raise CamelidError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN)}; or pass a task file")
 
 
 __all__ = ["PAPER_TASKS", "Settings", "Task", "get_task"]
