@@ -66,8 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "steps, the other requests decoding between them")
     p.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
                    help="GiB (2^30 bytes; e.g. 4 or 0.5) for the KV cache's pool of blocks (default: what "
-                        "--max-batch requests of a whole --context take); more keeps more shared prefixes cached, less makes "
-                        "requests that grow long wait their turn and resume; at least one request of the whole "
+                        "--max-batch requests of a whole --context take); more keeps more shared prefixes cached, "
+                        "less makes requests that grow long wait their turn and resume; at least one request of the whole "
                         "--context. `camelid plan MODEL --memory SIZE` says what a card leaves for it")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="TOKENS",
                    help=f"tokens per block of the KV pool (default {DEFAULT_BLOCK_SIZE}): requests share whole blocks "

@@ -17,11 +17,11 @@ from camelid.lora.layers import (TARGETS, AdapterSettings, LoraSettings, LoRALin
                                  adapter_state, adapters_disabled, apply_lora, hf_module, load_adapter_state,
                                  lora_layers, merge_lora)
 from camelid.lora.merge import merged_checkpoint
-from camelid.lora.multi import (AdapterSelection, MultiLoRALinear, attach_adapters, multi_lora_layers,
-                                select_adapters)
+from camelid.lora.multi import (AdapterSelection, MultiLoRALinear, adapter_selection, attach_adapters,
+                                multi_lora_layers, select_adapters)
 from camelid.lora.peft import adapter_dtype, check_adapter_dir, load_adapter, read_adapter, save_adapter
 
 __all__ = ["TARGETS", "AdapterSelection", "AdapterSettings", "LoRALinear", "LoraSettings", "MultiLoRALinear",
-           "adapter_dtype", "adapter_state", "adapters_disabled", "apply_lora", "attach_adapters",
+           "adapter_dtype", "adapter_selection", "adapter_state", "adapters_disabled", "apply_lora", "attach_adapters",
            "check_adapter_dir", "hf_module", "load_adapter", "load_adapter_state", "lora_layers", "merge_lora",
            "merged_checkpoint", "multi_lora_layers", "read_adapter", "save_adapter", "select_adapters"]

@@ -58,6 +58,21 @@ class AdapterSelection(nn.Module):
     def extra_repr(self) -> str:
         return f"adapters={self.adapters}, max_rows={self.max_rows}"
 
+    def select(self, ids: Sequence[int] | torch.Tensor) -> None:
+        """Row i of the next forward passes uses adapter ids[i] (-1: the base), written in place."""
+        ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        if len(ids) > self.max_rows:
+            raise CamelidError(f"select_adapters: {len(ids)} rows, more than the {self.max_rows} the adapters were "
+                               "attached for (attach_adapters' max_rows)")
+        wrong = [i for i in ids if not -1 <= i < self.adapters]
+        if wrong:
+            raise CamelidError(f"select_adapters: adapter index {wrong[0]} does not exist; there are {self.adapters} "
+                               f"adapters (0..{self.adapters - 1}) and -1 for none")
+        with torch.no_grad():
+            self.ids.fill_(-1)
+            self.ids[:len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.rows, self.active = len(ids), any(i >= 0 for i in ids)
+
 
 class MultiLoRALinear(nn.Module):
     """A frozen `base` (bias-free nn.Linear or QuantizedLinear) plus, per row, the update of the
@@ -133,22 +148,17 @@ def attach_adapters(model: nn.Module, adapters: Mapping[str, str | Path], max_ro
     return {name: i for i, name in enumerate(adapters)}
 
 
+def adapter_selection(model: nn.Module) -> AdapterSelection | None:
+    """The selection every MultiLoRALinear of `model` shares; None without attached adapters.
+    Look it up once and `select` on it each step: this walks the whole model."""
+    layer = next((m for m in model.modules() if isinstance(m, MultiLoRALinear)), None)
+    return None if layer is None else layer.selection
+
+
 def select_adapters(model: nn.Module, ids: Sequence[int] | torch.Tensor) -> None:
     """Row i of the next forward passes uses adapter ids[i] (attach_adapters' index; -1: the
     base), in every layer. Written in place into the index that all layers share."""
-    layers = multi_lora_layers(model)
-    if not layers:
+    selection = adapter_selection(model)
+    if selection is None:
         raise CamelidError("select_adapters: the model has no adapters attached (attach_adapters)")
-    sel = next(iter(layers.values())).selection
-    ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
-    if len(ids) > sel.max_rows:
-        raise CamelidError(f"select_adapters: {len(ids)} rows, more than the {sel.max_rows} the adapters were "
-                           "attached for (attach_adapters' max_rows)")
-    wrong = [i for i in ids if not -1 <= i < sel.adapters]
-    if wrong:
-        raise CamelidError(f"select_adapters: adapter index {wrong[0]} does not exist; there are {sel.adapters} "
-                           f"adapters (0..{sel.adapters - 1}) and -1 for none")
-    with torch.no_grad():
-        sel.ids.fill_(-1)
-        sel.ids[:len(ids)] = torch.tensor(ids, dtype=torch.long)
-    sel.rows, sel.active = len(ids), any(i >= 0 for i in ids)
+    selection.select(ids)

@@ -40,7 +40,7 @@ from camelid.generate.compiled import bucket
 from camelid.generate.constrained import Constraint
 from camelid.generate.paging import BlockPool
 from camelid.generate.sampling import TokenLogprob, shape_logits, token_logprobs
-from camelid.lora.multi import multi_lora_layers, select_adapters
+from camelid.lora.multi import adapter_selection
 from camelid.model import PagedKVCache
 from camelid.tokenizer import Tokenizer
 
@@ -137,7 +137,7 @@ class Batcher:
         self.engine, self.tokenizer = engine, tokenizer
         self.context, self.prefill_chunk = context, prefill_chunk
         self.stop_ids = tokenizer.stop_ids
-        self.adapters = bool(multi_lora_layers(engine.model))   # LoRA adapters served beside the base
+        self.adapters = adapter_selection(engine.model)   # LoRA adapters served beside the base, if any
         self.device = engine.device
         self.pool = BlockPool(num_blocks, block_size)
         with torch.inference_mode():
@@ -403,8 +403,8 @@ class Batcher:
 
     def _select_adapters(self, rows: list[Row | None]) -> None:
         """Each row of the next forward pass runs with its request's adapter (an empty row with the base)."""
-        if self.adapters:
-            select_adapters(self.engine.model, [r.job.adapter if r is not None else -1 for r in rows])
+        if self.adapters is not None:
+            self.adapters.select([r.job.adapter if r is not None else -1 for r in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per row of logits [n, V]: one argmax for the batch; for a row with logit
