@@ -151,6 +151,8 @@ def test_camelid_eval_scores_a_server_as_the_model(server, tiny_llm, tmp_path, c
     ([], ["give --tokenizer"]),
     (["--tokenizer", "TOK", "--quantize", "int8"], ["--quantize", "the server decides"]),
     (["--tokenizer", "TOK", "--concurrency", "0"], ["--concurrency"]),
+    (["--tokenizer", "TOK", "--rate", "0"], ["--rate above 0"]),
+    (["--tokenizer", "TOK", "--rate", "fast"], ["--rate", "'fast'"]),
     (["--tokenizer", "/nowhere/model"], ["/nowhere/model"]),
 ])
 def test_bad_server_options_are_one_line(tmp_path, capsys, tiny_llm, extra, words):

@@ -139,14 +139,18 @@ class RemoteScorer:
     def _score(self, windows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """For each (tokens, n): the log-likelihood of the last n tokens given those before."""
         def one_batch(batch):
-            body = {"prompt": [tokens[-self.longest:] for tokens, _ in batch], "max_tokens": 1, "echo": True,
-                    "logprobs": 1, "temperature": 0}
-            choices = sorted(self.post(body).get("choices") or [], key=lambda c: c.get("index", 0))
-            if len(choices) != len(batch):
-                raise CamelidError(f"{self.url}: /completions answered {len(choices)} choices for {len(batch)} prompts")
+            choices = self._echoed([tokens[-self.longest:] for tokens, _ in batch])
             return [self._read(choice, tokens, n) for choice, (tokens, n) in zip(choices, batch)]
 
         return [r for batch in self._map(one_batch, self._batches(windows)) for r in batch]
+
+    def _echoed(self, prompts: list) -> list[dict]:
+        """The choices of one scoring request for `prompts` (token ids or texts), in their order."""
+        body = {"prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+        choices = sorted(self.post(body).get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != len(prompts):
+            raise CamelidError(f"{self.url}: /completions answered {len(choices)} choices for {len(prompts)} prompts")
+        return choices
 
     def _read(self, choice: dict, tokens: list[int], n: int) -> tuple[float, bool]:
         logprobs = choice.get("logprobs") or {}
@@ -166,13 +170,8 @@ class RemoteScorer:
     def _score_text(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         """(context, continuation) texts, scored on the server's own tokens."""
         def one_batch(batch):
-            body = {"prompt": [c + x for c, x in batch], "max_tokens": 1, "echo": True, "logprobs": 1,
-                    "temperature": 0}
-            choices = sorted(self.post(body).get("choices") or [], key=lambda c: c.get("index", 0))
-            if len(choices) != len(batch):
-                raise CamelidError(f"{self.url}: /completions answered {len(choices)} choices for {len(batch)} prompts")
             out = []
-            for choice, (context, continuation) in zip(choices, batch):
+            for choice, (context, continuation) in zip(self._echoed([c + x for c, x in batch]), batch):
                 logprobs = choice.get("logprobs") or {}
                 offsets = logprobs.get("text_offset")
                 if not isinstance(offsets, list):
