@@ -158,6 +158,12 @@ EVAL = [
     pytest.param(lambda d, m: _eval(d, "--data-dir", d / "nowhere", tasks="boolq"), ["--data-dir", "nowhere"],
                  id="data-dir-missing"),
     pytest.param(lambda d, m: _eval(d, model=d / "gone"), ["gone: no such file or directory"], id="model-missing"),
+    pytest.param(lambda d, m: _eval(d, "--compare", "papers"), ["--compare papers: unknown", "'paper'"],
+                 id="compare-unknown"),
+    pytest.param(lambda d, m: _eval(d, "--markdown", _dir(d)), ["--markdown", "is a directory"],
+                 id="markdown-is-a-dir"),
+    pytest.param(lambda d, m: _eval(d, "--markdown", d / "out.json"), ["--markdown", "the same file as --output"],
+                 id="markdown-is-the-output"),
 ]
 
 
@@ -403,8 +409,9 @@ def test_one_document_has_no_standard_error(model_dir, tmp_path, capsys):
     assert results["acc_stderr"] is None and results["acc_norm_stderr"] is None
     assert results["documents"] == 1 and math.isfinite(results["acc"])
     assert "nan" not in out.lower()
-    row = next(line for line in out.splitlines() if line.split()[:2] == ["mc", "acc"])
-    assert row.split()[3] == "–"
+    row = next(cells for line in out.splitlines()   # the printed Markdown table's row
+               if (cells := [c.strip() for c in line.strip("|").split("|")])[:2] == ["mc", "acc"])
+    assert row[3] == "± –"
     sample = json.loads(text)["samples"]["mc"][0]
     assert sample["context"] == MC_ROW["query"] and sample["continuations"] == [" summer's day", " winter"]
 

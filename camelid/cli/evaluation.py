@@ -36,7 +36,15 @@ model uses (a file, directory or known name; only its tokenizer is read). Log-li
 from completions with echo and logprobs, generations from completions; --concurrency requests
 at a time, --rate at most per second, retried while the server is busy or unreachable.
 
+The results are printed as a Markdown table (task, metric, value, ± standard error, documents,
+few-shot k), as lm-evaluation-harness prints them; --markdown OUT.md also writes it, with what ran.
+OUT.json holds results[task][metric] and <metric>_stderr, n-shot[task], config (model, tasks,
+settings), date, camelid_version and format_version. --compare paper adds the LLaMA paper's
+numbers for LLaMA 7B/13B/33B/65B (Tables 3-9, 11-14) beside each metric, as fractions, only for
+the same task, metric, few-shot k and samples per document; "–" where the paper has none.
+
 examples:
+  camelid eval --model model.gguf --tasks boolq,piqa --data-dir ~/benchmarks --output out.json --compare paper
   camelid eval --model model.gguf --tasks humaneval --output he.json --log-samples
   camelid eval --model openai:http://127.0.0.1:8000/v1 --tokenizer smollm2-135m-instruct --tasks piqa --output o.json
   camelid eval --model model.gguf --tasks boolq,piqa --data-dir ~/benchmarks --output out.json
@@ -55,7 +63,8 @@ from typing import Any
 from camelid.atomic import check_destination, write_text_atomic
 from camelid.cli.common import add_model_arguments, load_llm
 from camelid.errors import CamelidError
-from camelid.eval import Settings, evaluate, format_results, get_task
+from camelid.eval import Settings, compare, evaluate, format_results, get_task, markdown_report
+from camelid.eval.report import COMPARISON_HEADING, check_comparison, comparison_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="examples in each prompt, 0 or more (default: the paper's setting per task)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N documents only")
     p.add_argument("--output", required=True, metavar="OUT.json", help="results (and samples) as JSON")
+    p.add_argument("--markdown", default=None, metavar="OUT.md",
+                   help="also write the report as Markdown: what ran, the results table and any comparison")
+    p.add_argument("--compare", default=None, metavar="paper",
+                   help="'paper': put the LLaMA paper's published numbers (7B-65B, arXiv 2302.13971) beside the "
+                        "results, for the same task, metric and few-shot k")
     p.add_argument("--log-samples", action="store_true",
                    help="also write every document's record, with the exact context and continuations scored")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="where the benchmarks' files are")
@@ -104,6 +118,13 @@ def check_options(args: argparse.Namespace) -> list:
     if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         raise CamelidError(f"--data-dir {args.data_dir}: no such directory")
     check_destination(args.output, "--output")
+    if args.markdown is not None:
+        check_destination(args.markdown, "--markdown")
+        if Path(args.markdown).expanduser().resolve() == Path(args.output).expanduser().resolve():
+            raise CamelidError(f"--markdown {args.markdown}: the same file as --output; give the report its own name "
+                               f"(e.g. {Path(args.output).with_suffix('.md').name})")
+    if args.compare is not None:
+        check_comparison(args.compare)
     tasks = [get_task(name, args.data_dir) for name in names]
     for task in tasks:
         if isinstance(getattr(task, "path", None), Path):  # a task file: read and check every record now
@@ -160,6 +181,12 @@ def main(args: argparse.Namespace) -> int:
     out = _finite(evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,
                            progress=sys.stderr.isatty(), log_samples=args.log_samples))
     write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")
+    rows = compare(out, args.compare) if args.compare else None
+    if args.markdown is not None:
+        write_text_atomic(args.markdown, markdown_report(out, rows))
     print(format_results(out))
-    print(f"wrote {args.output} ({out['seconds']['total']:.1f}s)", file=sys.stderr)
+    if rows is not None:
+        print(f"\n{COMPARISON_HEADING}\n\n{comparison_table(rows)}")
+    wrote = args.output + (f" and {args.markdown}" if args.markdown else "")
+    print(f"wrote {wrote} ({out['seconds']['total']:.1f}s)", file=sys.stderr)
     return 0
