@@ -200,8 +200,9 @@ def comparison_table(rows: list[ComparisonRow]) -> str:
         paper = row.paper
         numbers = [_number(paper.scaled(size) if paper else None, 3) for size in SIZES]
         where = f"Table {paper.table}, p. {paper.page}" if paper else row.why
-        body.append([row.task if first else "", str(DASH if row.num_fewshot is None else row.num_fewshot) if first else "",
-                     row.metric, _number(row.value), f"± {_number(row.stderr)}", *numbers, where])
+        shots = str(DASH if row.num_fewshot is None else row.num_fewshot)
+        body.append([row.task if first else "", shots if first else "", row.metric, _number(row.value),
+                     f"± {_number(row.stderr)}", *numbers, where])
     header = ["task", "few-shot", "metric", "value", "stderr", *(f"LLaMA {s}" for s in SIZES), "paper"]
     return markdown_table(header, body, right={1, 3, 4, 5, 6, 7, 8})
 
@@ -225,5 +226,5 @@ def markdown_report(out: dict[str, Any], comparison: list[ComparisonRow] | None 
     return "\n".join(lines)
 
 
-__all__ = ["COMPARISONS", "ComparisonRow", "PaperResult", "check_comparison", "compare", "comparison_table", "format_results",
-           "markdown_report", "markdown_table", "paper_results", "results_table"]
+__all__ = ["COMPARISONS", "ComparisonRow", "PaperResult", "check_comparison", "compare", "comparison_table",
+           "format_results", "markdown_report", "markdown_table", "paper_results", "results_table"]
