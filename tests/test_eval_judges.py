@@ -302,3 +302,23 @@ def test_perspective_unreachable(standin):
 def test_perspective_needs_a_key():
     with pytest.raises(CamelidError, match="PERSPECTIVE_API_KEY"):
         PerspectiveScorer("")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_judge_matches_transformers(smollm2, smollm2_hf):
+    """A real model as the judge: its yes-probabilities equal those computed from transformers'
+    own reading of the same GGUF, on the same token ids. (An untuned 135M model is no judge of
+    truth: it is not asked here which answer is right.)"""
+    hf_model, _ = smollm2_hf
+    texts = [f"Q: What is the capital of France?\nA: {a}\nTrue:" for a in ("Paris.", "London.")]
+    got = LMJudge(Scorer(smollm2)).probabilities(texts)
+    for text, p in zip(texts, got):
+        logps = []
+        for answer in (" yes", " no"):
+            pair = encode_pair(smollm2.tokenizer, text, answer)
+            ids = pair.context + pair.continuation
+            with torch.inference_mode():
+                logp = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            logps.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(pair.context), len(ids))))
+        assert p == pytest.approx(1 / (1 + math.exp(logps[1] - logps[0])), abs=2e-3)

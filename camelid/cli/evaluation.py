@@ -97,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "continuation's tokens are found by their text_offset, as the server tokenized them")
     judges = p.add_argument_group("judges (truthfulqa_gen) and toxicity scorers (realtoxicityprompts)")
     judges.add_argument("--judge", default=None, metavar="PATH",
-                        help="truthfulqa_gen's truth judge, for `truthful`: a causal LM asked 'Q: ...\\nA: ...\\nTrue:' "
+                        help="truthfulqa_gen's truth judge, for `truthful`: a causal LM asked "
+                             "'Q: ...\\nA: ...\\nTrue:' "
                              "(P(' yes') against P(' no'), as the TruthfulQA authors' GPT-judge), or a sequence "
                              "classifier given the same text (camelid's, LlamaForSequenceClassification, or any "
                              "transformers classifier directory); without one, only BLEU and ROUGE")

@@ -82,7 +82,8 @@ def read_truthfulqa(path: Path) -> list[Doc]:
         docs = []
         for line, row in enumerate(reader, 2):
             question = (row.get("Question") or "").strip()
-            true, false = split_answers(row.get("Correct Answers") or ""), split_answers(row.get("Incorrect Answers") or "")
+            true = split_answers(row.get("Correct Answers") or "")
+            false = split_answers(row.get("Incorrect Answers") or "")
             for what, value in (("Question", question), ("Correct Answers", true), ("Incorrect Answers", false)):
                 if not value:
                     raise CamelidError(f"{path}:{line}: {what} is empty; every question needs a question, a correct "
