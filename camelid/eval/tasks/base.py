@@ -7,12 +7,13 @@ here build the requests, run them through a Scorer and compute the metrics.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from camelid.eval import metrics
+from camelid.eval.judges import JudgeSettings
 from camelid.eval.requests import Generate, Loglikelihood, Rolling, scored_split
 from camelid.eval.sandbox import Limits, run_python
 from camelid.eval.scoring import Scorer
@@ -27,6 +28,7 @@ class Settings:
     seed: int = 1234                   # few-shot sampling
     samples: int = 1                   # generations per document (pass@k, maj1@k)
     temperature: float | None = None   # None: greedy for one sample, the task's for several
+    judges: JudgeSettings = field(default_factory=JudgeSettings)   # truthfulqa_gen, realtoxicityprompts
 
 
 class Task:
