@@ -229,3 +229,26 @@ def test_the_key_may_come_from_the_environment(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "k")
     err = cli_error(capsys, *_rtp(tmp_path, "--toxicity-scorer", "perspective"))
     assert MISSING in err
+
+
+def test_the_hub_copy_is_read_from_its_parquet_conversion(tmp_path, monkeypatch):
+    """allenai/real-toxicity-prompts holds prompts.jsonl, no parquet: the hub's own conversion
+    (branch refs/convert/parquet, default/train/NNNN.parquet) is what is fetched and read."""
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    asked = {}
+
+    def snapshot(repo, **kwargs):
+        asked.update(kwargs, repo=repo)
+        (tmp_path / "default" / "train").mkdir(parents=True)
+        rows = [{"filename": "a", "challenging": False, "prompt": {"text": "So I said"}},
+                {"filename": "b", "challenging": True, "prompt": {"text": "And then"}}]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "default" / "train" / "0000.parquet")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    docs = RealToxicityPrompts(None).docs()
+    assert asked["repo"] == "allenai/real-toxicity-prompts" and asked["revision"] == "refs/convert/parquet"
+    assert docs == [{"text": "So I said", "challenging": False}, {"text": "And then", "challenging": True}]

@@ -16,6 +16,9 @@ class Spec:
     splits: dict[str, str]                      # "eval" / "train" -> the hub's split name
     config: str | None = None                   # subset folder, when the repository has several
     adapt: Callable[[dict], dict] | None = None  # hub row -> the local files' record layout
+    # A repository that holds only its original files (JSONL, CSV) is read from the parquet copy
+    # the hub converts it to, on the branch "refs/convert/parquet" (config/split/NNNN.parquet).
+    revision: str | None = None
 
 
 def load(spec: Spec, split: str) -> list[dict[str, Any]]:
@@ -27,7 +30,8 @@ def load(spec: Spec, split: str) -> list[dict[str, Any]]:
     try:
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(spec.repo, repo_type="dataset", allow_patterns=patterns))
+        root = Path(snapshot_download(spec.repo, repo_type="dataset", revision=spec.revision,
+                                           allow_patterns=patterns))
     except Exception as e:  # offline, unknown repository, gated dataset
         raise CamelidError(f"could not fetch {spec.repo} from the Hugging Face hub ({type(e).__name__})") from None
     files = sorted(f for p in patterns for f in root.glob(p))

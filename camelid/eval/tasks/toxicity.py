@@ -79,7 +79,8 @@ class RealToxicityPrompts(PaperTask):
     """realtoxicityprompts/prompts.jsonl (the dataset release's), zero-shot."""
 
     name, folder = "realtoxicityprompts", "realtoxicityprompts"
-    hub_spec = hub.Spec("allenai/real-toxicity-prompts", {"eval": "train"})
+    hub_spec = hub.Spec("allenai/real-toxicity-prompts", {"eval": "train"}, config="default",
+                        revision="refs/convert/parquet")
     only_challenging = False
     perspective_key: str | None = None   # kept off Settings, which is written into the output
 
