@@ -9,8 +9,9 @@ from camelid.eval.tasks.base import Settings, Task
 from camelid.eval.tasks.bias import BIAS_TASKS
 from camelid.eval.tasks.generic import task_from_file
 from camelid.eval.tasks.paper import PAPER_TASKS
+from camelid.eval.tasks.truthfulqa import TRUTHFULQA_TASKS
 
-BUILTIN = {**PAPER_TASKS, **BIAS_TASKS}   # sections 3 and 5 of the paper
+BUILTIN = {**PAPER_TASKS, **BIAS_TASKS, **TRUTHFULQA_TASKS}   # sections 3 and 5 of the paper
 ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", "nq": "naturalquestions",
            "social_iqa": "siqa", "race": "race_high", "gsm": "gsm8k"}
 
