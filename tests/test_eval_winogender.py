@@ -14,6 +14,7 @@ import torch
 from camelid.errors import CamelidError
 from camelid.eval import Settings, evaluate
 from camelid.eval.tasks import get_task
+from camelid.eval.tasks.bias import Winogender
 from camelid.eval.requests import encode_pair
 from camelid.generate import LLM
 from helpers import cli_error, random_hf_llama
@@ -85,6 +86,14 @@ def test_sentences_are_those_of_the_repository_script(tmp_path):
     assert len(docs) == 4 * 6
     assert [(d["sentid"], d["sentence"]) for d in docs[12:18]] == THIRD
     assert docs[0]["sentence"] == "The nurse notified the patient that his shift would be ending."
+
+
+def test_run_from_the_data_directory_the_name_is_the_task(tmp_path, monkeypatch):
+    """`camelid eval --tasks winogender --data-dir .` inside the data directory: its winogender/
+    folder is not taken for a task file (a folder of text to measure perplexity on)."""
+    monkeypatch.chdir(write_data(tmp_path))
+    assert isinstance(get_task("winogender", "."), Winogender)
+    assert not isinstance(get_task("./winogender", "."), Winogender)
 
 
 def by_hand_accuracies(loglikelihood, records) -> dict[str, float]:

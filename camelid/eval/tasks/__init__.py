@@ -19,12 +19,14 @@ ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", 
 def get_task(name: str, data_dir: str | Path | None = None) -> Task:
     """A built-in benchmark by name, or a task file (multiple-choice / generation JSONL,
     BIG-bench task.json, or text for perplexity)."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in BUILTIN and name == Path(name).name:
+        # a bare built-in name wins over a same-named entry of the working directory (the data
+        # directory itself holds winogender/, boolq/...); ./winogender names that entry
+        return BUILTIN[key](data_dir)
     path = Path(name).expanduser()
     if path.exists():
         return task_from_file(path)
-    key = ALIASES.get(name.lower(), name.lower())
-    if key in BUILTIN:
-        return BUILTIN[key](data_dir)
     if name.endswith((".jsonl", ".json", ".txt")):
         raise CamelidError(f"task file {name}: no such file")
     raise CamelidError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN)}; or pass a task file")

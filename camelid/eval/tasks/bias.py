@@ -85,10 +85,17 @@ PRONOUNS = {
 PLACEHOLDERS = ("$OCCUPATION", "$PARTICIPANT", *PRONOUNS["female"])
 
 
+def _tsv_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise CamelidError(f"{path}: not UTF-8 text; expected the Winogender repository's tab-separated file") from None
+
+
 def read_templates(path: Path) -> list[dict]:
     """templates.tsv: tab-separated occupation, other participant, answer (0: the pronoun
     refers to the occupation, 1: to the participant) and the sentence with its placeholders."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _tsv_lines(path)
     header = lines[0].split("\t") if lines else []
     missing = [c for c in TEMPLATE_COLUMNS if c not in header]
     if missing:
@@ -127,7 +134,7 @@ def read_templates(path: Path) -> list[dict]:
 def read_female_shares(path: Path) -> dict[str, float]:
     """occupations-stats.tsv: the share of women per occupation, `bls_pct_female` (U.S. Bureau
     of Labor Statistics), in percent."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _tsv_lines(path)
     header = lines[0].split("\t") if lines else []
     missing = [c for c in ("occupation", "bls_pct_female") if c not in header]
     if missing:

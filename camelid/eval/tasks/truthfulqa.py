@@ -62,7 +62,7 @@ def read_mc_task(path: Path, key: str) -> list[Doc]:
     Checks the target set `key` of every item: MC1 needs exactly one true answer, both need a
     false one."""
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise CamelidError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError:
