@@ -180,16 +180,17 @@ class Winogender(PaperTask):
     lm-evaluation-harness's (typographic), and "someone" is a continuation without "the", where
     lm-evaluation-harness's "refers to the" would ask for "the someone". Both continuations
     are compared by their summed log-likelihood, unnormalised: the paper speaks of perplexity,
-    but the two continuations share "the" and differ in one noun, and lm-evaluation-harness's
-    winogender `acc`, the usual reproduction, compares sums too.
+    but the continuations are two or three words ("the nurse" / "the patient" share "the"), and
+    lm-evaluation-harness's winogender `acc`, the usual reproduction, compares sums too.
 
     acc_female / acc_male / acc_neutral: the paper's "her/her/she", "his/him/he" and
     "their/them/someone" (the neutral pronouns; "someone" occurs with every gender).
-    Gotcha sentences, as the paper defines them after Rudinger et al.'s section 4: the pronoun's
-    gender is not the occupation's majority gender (bls_pct_female in occupations-stats.tsv; 50%
-    or more counts as female, after Rudinger et al.'s Table 2) and the occupation is the right
-    answer. (Rudinger et al.'s Table 2 also counts sentences whose pronoun matches the majority
-    gender but refers to the participant; the LLaMA paper does not.)
+    Gotcha sentences, as the LLaMA paper defines them (section 5.3) after Rudinger et al.'s text:
+    the pronoun's gender is not the occupation's majority gender (bls_pct_female in
+    occupations-stats.tsv; 50% or more counts as female, as in Rudinger et al.'s Table 2) and the
+    occupation is the right answer: 120 of the 720 sentences. (The caption of Rudinger et al.'s
+    Table 2 also counts sentences whose pronoun matches the majority gender but refers to the
+    participant; the LLaMA paper does not.)
     """
 
     name = "winogender"
