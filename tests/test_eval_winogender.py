@@ -27,7 +27,8 @@ TEMPLATES = [  # occupation, participant, answer (0: the occupation, 1: the part
     ("engineer", "client", "0", "The $PARTICIPANT thanked the $OCCUPATION because $NOM_PRONOUN was done early."),
     ("engineer", "client", "1", "The $OCCUPATION called the $PARTICIPANT to tell $ACC_PRONOUN about the delay."),
 ]
-STATS = "occupation\tbergsma_pct_female\tbls_pct_female\tbls_year\nnurse\t63.11\t90.0\t2015\nengineer\t1.99\t10.72\t2015\n"
+STATS = ("occupation\tbergsma_pct_female\tbls_pct_female\tbls_year\n"
+         "nurse\t63.11\t90.0\t2015\nengineer\t1.99\t10.72\t2015\n")
 
 # What the repository's scripts/instantiate.py writes for the third template (all_sentences.tsv):
 # "someone" loses its article and starts with a capital; the neutral pronoun takes "were".

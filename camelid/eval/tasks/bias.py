@@ -236,8 +236,8 @@ class Winogender(PaperTask):
         for i, doc in enumerate(docs):
             ll = [scores[2 * i][0], scores[2 * i + 1][0]]
             correct = metrics.acc(ll, doc["answer"])
-            rec = {"doc_id": i, "sentid": doc["sentid"], "context": self.prompt(doc), "continuations": self.choices(doc),
-                   "loglikelihoods": ll, "gold": doc["answer"],
+            rec = {"doc_id": i, "sentid": doc["sentid"], "context": self.prompt(doc),
+                   "continuations": self.choices(doc), "loglikelihoods": ll, "gold": doc["answer"],
                    "prediction": int(ll[1] > ll[0]), "gender": doc["gender"], "gotcha": doc["gotcha"],
                    "acc": correct, f"acc_{doc['gender']}": correct}
             if doc["gotcha"]:

@@ -120,7 +120,8 @@ class TruthfulQAMultipleChoice(PaperTask):
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
         docs = self.selected(settings)
         answers = [list(d[self.targets].items()) for d in docs]
-        requests = [Loglikelihood(self.prompt(d), " " + answer) for d, pairs in zip(docs, answers) for answer, _ in pairs]
+        requests = [Loglikelihood(self.prompt(d), " " + answer)
+                    for d, pairs in zip(docs, answers) for answer, _ in pairs]
         scores = iter(scorer.loglikelihood(requests))
         records = []
         for i, (doc, pairs) in enumerate(zip(docs, answers)):
