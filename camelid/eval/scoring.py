@@ -101,6 +101,10 @@ class Scorer:
             for r, c in enumerate(conts):
                 inputs[r, : len(c) - 1] = torch.tensor(c[:-1])
             positions = lengths[rows][:, None] + torch.arange(T, device=dev)[None, :]   # [R, T]: after the context
+            # A row's padding past its own continuation can run beyond the model's window when its
+            # context nearly fills it and another row's continuation is longer; nothing reads those
+            # slots (the row's real tokens sit below max_seq_len - 1), so they may share the last one.
+            positions.clamp_(max=self.llm.config.max_seq_len - 1)
             h = engine.extend(inputs, positions, cache)
             wanted = [(r, t) for r, c in enumerate(conts) for t in range(len(c) - 1)]
             if wanted:
