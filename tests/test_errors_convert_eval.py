@@ -433,3 +433,22 @@ def test_meta_export_keeps_the_context_length(model_dir, tmp_path):
     (tmp_path / "meta" / "camelid_params.json").write_text('{"max_seq_len": "long"}')
     with pytest.raises(CamelidError, match=r"camelid_params\.json: max_seq_len must be a positive integer"):
         read_checkpoint(tmp_path / "meta")
+
+
+def test_a_faulty_local_benchmark_file_is_an_error_not_replaced_by_the_hub_copy(tmp_path, monkeypatch):
+    """The hub stands in only when the files are not there: a user's broken file must be named,
+    not silently swapped for the hub's copy (which would measure a different data set)."""
+    import huggingface_hub
+
+    from camelid.eval.tasks import get_task
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: asked.append(a) or str(tmp_path))
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "val.jsonl").write_text('{"question": "is it", "passage": "p", "answer": true}\n{oops\n')
+    with pytest.raises(CamelidError, match=r"val.jsonl:2: not valid JSON"):
+        get_task("boolq", tmp_path).docs()
+    assert asked == []
+    with pytest.raises(CamelidError, match="could not fetch|no parquet files"):   # absent: the hub is asked
+        get_task("boolq", tmp_path / "elsewhere").docs()
+    assert len(asked) == 1

@@ -33,6 +33,11 @@ def read_labels(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()]
 
 
+class MissingFiles(CamelidError):
+    """The benchmark's files are not under the data directory: the hub's copy may stand in. A
+    file that is there but faulty is a plain CamelidError, never silently replaced."""
+
+
 class PaperTask(Task):
     folder: str = ""                   # under the data directory
     hub_spec: hub.Spec | None = None
@@ -54,15 +59,15 @@ class PaperTask(Task):
         p = self.path(*names)
         if p is None:
             where = self.data_dir / self.folder if self.data_dir else "--data-dir"
-            raise CamelidError(f"task {self.name}: needs {' or '.join(names)} in {where} "
+            raise MissingFiles(f"task {self.name}: needs {' or '.join(names)} in {where} "
                                f"(the benchmark's published files); see `camelid eval --help`")
         return p
 
     def load(self, split: str) -> list[Doc]:
-        """Local files, else the hub."""
+        """Local files, else (when they are not there) the hub."""
         try:
             return self.load_local(split)
-        except CamelidError as local_error:
+        except MissingFiles as local_error:
             if self.hub_spec is None:
                 raise
             try:

@@ -95,13 +95,6 @@ class TruthfulQAMultipleChoice(PaperTask):
     targets = ""                       # "mc1_targets" or "mc2_targets"
     hub_spec = hub.Spec("truthfulqa/truthful_qa", {"eval": "validation"}, config="multiple_choice", adapt=_from_hub)
 
-    def load(self, split: str) -> list[Doc]:
-        """The local file when it is there (a faulty one is an error, never replaced by the hub's
-        copy), else the hub."""
-        if self.path("mc_task.json") is not None:
-            return self.load_local(split)
-        return super().load(split)
-
     def load_local(self, split: str) -> list[Doc]:
         if split != "eval":
             raise CamelidError(f"{self.name} has no few-shot examples; its prompt holds six")
