@@ -279,6 +279,50 @@ def test_paper_tasks_read_their_published_formats(tmp_path, llm):
         get_task("siqa", tmp_path / "nowhere").docs()
 
 
+def test_mmlu_reports_table_9s_subject_groups(tmp_path, llm):
+    """acc_<group> is the share of right answers among that group's questions (the MMLU authors'
+    grouping of the 57 subjects); a subject outside the list counts only in the overall acc."""
+    from camelid.eval.tasks.paper import MMLU_GROUP_OF, MMLU_GROUPS
+
+    assert len(MMLU_GROUP_OF) == 57 and {g: len(s.split()) for g, s in MMLU_GROUPS.items()} == {
+        "humanities": 13, "stem": 18, "social_sciences": 12, "other": 14}
+    subjects = {"astronomy": "stem", "philosophy": "humanities", "sociology": "social_sciences",
+                "virology": "other", "made_up_subject": None}
+    for split in ("dev", "test"):
+        (tmp_path / f"mmlu/data/{split}").mkdir(parents=True)
+        for subject in subjects:
+            (tmp_path / f"mmlu/data/{split}/{subject}_{split}.csv").write_text(
+                '"What orbits Earth?",Moon,Sun,Mars,Venus,A\n"What is hot?",Ice,Snow,Sun,Rain,C\n'
+                '"Which is a colour?",Red,Two,Run,Up,A\n')
+    out = evaluate(llm, ["mmlu"], Settings(num_fewshot=1), data_dir=tmp_path, log_samples=True)
+    res, records = out["results"]["mmlu"], out["samples"]["mmlu"]
+    assert [r["subject"] for r in records] == [s for s in sorted(subjects) for _ in range(3)]
+    for subject, group in subjects.items():
+        if group:
+            right = [r["acc"] for r in records if r["subject"] == subject]
+            assert res[f"acc_{group}"] == pytest.approx(sum(right) / 3)
+    assert res["acc"] == pytest.approx(sum(r["acc"] for r in records) / 15)
+
+
+def test_pass_at_k_goes_up_to_the_samples_drawn_and_mbpp_reports_table_8s_pass_at_80(tmp_path, monkeypatch):
+    import camelid.eval.tasks.base as base
+    from camelid.eval.sandbox import Result
+
+    paper_files(tmp_path)
+    monkeypatch.setattr(base, "run_python", lambda program, limits: Result(
+        "passed" if "return a + b" in program else "failed", ""))
+
+    class Canned:   # 20 of 80 completions right, for each problem
+        def generate(self, requests):
+            return ["    return a + b\n" if i % 4 == 0 else "    return a - b\n" for i in range(len(requests))]
+
+    mbpp = get_task("mbpp", tmp_path)
+    results, _ = mbpp.evaluate(Canned(), Settings(samples=80, limit=1))
+    assert set(results) == {"pass@1", "pass@10", "pass@80", "pass@1_stderr", "pass@10_stderr", "pass@80_stderr"}
+    assert results["pass@1"] == pytest.approx(0.25) and results["pass@80"] == 1.0
+    assert results["pass@10"] == pytest.approx(metrics.pass_at_k(80, 20, 10))
+
+
 # ---- code execution ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("program,status,detail", [

@@ -269,6 +269,7 @@ class CodeTask(Task):
     max_new_tokens: int = 384
     sample_temperature: float = 0.8    # the paper: T=0.1 for pass@1 sampling, 0.8 for pass@k
     limits = Limits(timeout=10.0)
+    pass_ks: tuple[int, ...] = (1, 10, 100)   # pass@k reported for every k up to the samples drawn
 
     def program(self, doc: Doc, completion: str) -> str:
         raise NotImplementedError
@@ -276,7 +277,7 @@ class CodeTask(Task):
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
         docs, n, outputs = sample_generations(self, scorer, settings)
         records = []
-        ks = [x for x in (1, 10, 100) if x <= n]
+        ks = [x for x in self.pass_ks if x <= n]
         for i, doc in enumerate(docs):
             completions = outputs[i * n:(i + 1) * n]
             runs = [run_python(self.program(doc, c), self.limits) for c in completions]

@@ -14,7 +14,9 @@ from pathlib import Path
 from camelid.errors import CamelidError
 from camelid.eval import metrics
 from camelid.eval.tasks import hub
-from camelid.eval.tasks.base import CodeTask, Doc, GenerationTask, MultipleChoiceTask, PartialScoringTask, Task
+from camelid.eval.scoring import Scorer
+from camelid.eval.tasks.base import (CodeTask, Doc, GenerationTask, MultipleChoiceTask, PartialScoringTask, Settings, Task,
+                                      summarize)
 
 
 def read_jsonl(path: Path) -> list[Doc]:
@@ -399,9 +401,30 @@ class MATH(PaperTask, GenerationTask):
         return metrics.normalize_math(answer)
 
 
+# The four subject groups of the paper's Table 9, as the MMLU authors group their 57 subjects
+# (hendrycks/test, categories.py: subject -> subcategory -> category).
+MMLU_GROUPS = {
+    "humanities": """formal_logic high_school_european_history high_school_us_history high_school_world_history
+        international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy prehistory
+        professional_law world_religions""",
+    "stem": """abstract_algebra astronomy college_biology college_chemistry college_computer_science
+        college_mathematics college_physics computer_security conceptual_physics electrical_engineering
+        elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science
+        high_school_mathematics high_school_physics high_school_statistics machine_learning""",
+    "social_sciences": """econometrics high_school_geography high_school_government_and_politics
+        high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality
+        professional_psychology public_relations security_studies sociology us_foreign_policy""",
+    "other": """anatomy business_ethics clinical_knowledge college_medicine global_facts human_aging management
+        marketing medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology""",
+}
+MMLU_GROUP_OF = {subject: group for group, subjects in MMLU_GROUPS.items() for subject in subjects.split()}
+
+
 class MMLU(PaperTask, MultipleChoiceTask):
     """mmlu/data/dev/<subject>_dev.csv and data/test/<subject>_test.csv (Hendrycks et al.);
-    five-shot with the first five dev questions of the same subject."""
+    five-shot with the first five dev questions of the same subject. Accuracy over all questions
+    (`acc`, Table 9's average) and per subject group (`acc_humanities`, `acc_stem`,
+    `acc_social_sciences`, `acc_other`), each the share of that group's questions answered right."""
     name, folder = "mmlu", "mmlu"
     default_fewshot = 5
     fewshot_first_n = True
@@ -439,6 +462,14 @@ class MMLU(PaperTask, MultipleChoiceTask):
 
     def gold(self, doc):
         return int(doc["answer"])
+
+    def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
+        results, records = super().evaluate(scorer, settings)
+        for doc, record in zip(self.selected(settings), records):
+            record["subject"] = doc["subject"]
+            if doc["subject"] in MMLU_GROUP_OF:
+                record[f"acc_{MMLU_GROUP_OF[doc['subject']]}"] = record["acc"]
+        return {**results, **summarize(records, [f"acc_{group}" for group in MMLU_GROUPS])}, records
 
 
 # ---- code (Table 8) -------------------------------------------------------------------------------------
@@ -486,6 +517,7 @@ class MBPP(PaperTask, CodeTask):
     fewshot_first_n = True
     stop = ("[DONE]",)
     max_new_tokens = 512
+    pass_ks = (1, 10, 80, 100)   # Table 8 reports MBPP's pass@80 (80 samples), HumanEval's pass@100
     target_delimiter = ""
     hub_spec = hub.Spec("google-research-datasets/mbpp", {"eval": "test", "train": "prompt"}, config="full")
 
