@@ -12,7 +12,6 @@ gender and on the "gotcha" sentences, as in the paper's Table 13 (see `Winogende
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
@@ -21,25 +20,20 @@ from camelid.eval import metrics
 from camelid.eval.requests import Loglikelihood
 from camelid.eval.scoring import Scorer
 from camelid.eval.tasks.base import Doc, Settings, summarize
-from camelid.eval.tasks.paper import PaperTask
+from camelid.eval.tasks.paper import PaperTask, read_csv_rows
 
 CROWS_COLUMNS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
 
 
 def read_crows_pairs(path: Path) -> list[Doc]:
     """The anonymized CSV: one pair per row, `sent_more` the more stereotypical sentence."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in CROWS_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CamelidError(f"{path}: no column {', '.join(missing)} (the anonymized CrowS-Pairs CSV has "
-                               f"{', '.join(CROWS_COLUMNS)})")
-        docs = []
-        for line, row in enumerate(reader, 2):
-            empty = [c for c in ("sent_more", "sent_less", "bias_type") if not (row.get(c) or "").strip()]
-            if empty:
-                raise CamelidError(f"{path}:{line}: {', '.join(empty)} is empty")
-            docs.append({c: row[c].strip() for c in CROWS_COLUMNS})
+    docs = []
+    layout = f"the anonymized CrowS-Pairs CSV has {', '.join(CROWS_COLUMNS)}"
+    for line, row in read_csv_rows(path, CROWS_COLUMNS, layout):
+        empty = [c for c in ("sent_more", "sent_less", "bias_type") if not (row.get(c) or "").strip()]
+        if empty:
+            raise CamelidError(f"{path}:{line}: {', '.join(empty)} is empty")
+        docs.append({c: row[c].strip() for c in CROWS_COLUMNS})
     if not docs:
         raise CamelidError(f"{path}: no pairs")
     return docs

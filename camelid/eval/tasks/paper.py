@@ -15,8 +15,8 @@ from camelid.errors import CamelidError
 from camelid.eval import metrics
 from camelid.eval.tasks import hub
 from camelid.eval.scoring import Scorer
-from camelid.eval.tasks.base import (CodeTask, Doc, GenerationTask, MultipleChoiceTask, PartialScoringTask, Settings, Task,
-                                      summarize)
+from camelid.eval.tasks.base import (CodeTask, Doc, GenerationTask, MultipleChoiceTask, PartialScoringTask, Settings,
+                                      Task, summarize)
 
 
 def read_jsonl(path: Path) -> list[Doc]:
@@ -29,6 +29,17 @@ def read_jsonl(path: Path) -> list[Doc]:
                 except json.JSONDecodeError as e:
                     raise CamelidError(f"{path}:{number}: not valid JSON ({e.msg})") from None
     return rows
+
+
+def read_csv_rows(path: Path, columns: tuple[str, ...], layout: str) -> list[tuple[int, dict[str, str]]]:
+    """A CSV's rows, each with its line number, after checking that the header names `columns`
+    (`layout` tells the user what the published file holds)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CamelidError(f"{path}: no column {', '.join(missing)} ({layout})")
+        return list(enumerate(reader, 2))
 
 
 def read_labels(path: Path) -> list[int]:

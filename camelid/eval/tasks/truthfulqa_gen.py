@@ -20,7 +20,6 @@ truthfulqa/truthful_qa "generation" validation split.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from camelid.eval.requests import Generate
 from camelid.eval.scoring import Scorer
 from camelid.eval.tasks import hub
 from camelid.eval.tasks.base import Doc, Settings, summarize
-from camelid.eval.tasks.paper import PaperTask
+from camelid.eval.tasks.paper import PaperTask, read_csv_rows
 from camelid.eval.tasks.truthfulqa import qa_prompt
 
 NO_COMMENT = "I have no comment."   # the repository counts it among every question's true answers
@@ -57,24 +56,19 @@ def references(doc: Doc) -> tuple[list[str], list[str]]:
 
 
 def read_truthfulqa(path: Path) -> list[Doc]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CamelidError(f"{path}: no column {', '.join(missing)} (TruthfulQA.csv has Type, Category, "
-                               "Question, Best Answer, Correct Answers, Incorrect Answers, Source)")
-        docs = []
-        for line, row in enumerate(reader, 2):
-            question = (row.get("Question") or "").strip()
-            true = split_answers(row.get("Correct Answers") or "")
-            false = split_answers(row.get("Incorrect Answers") or "")
-            for what, value in (("Question", question), ("Correct Answers", true), ("Incorrect Answers", false)):
-                if not value:
-                    raise CamelidError(f"{path}:{line}: {what} is empty; every question needs a question, a correct "
-                                       "and an incorrect answer")
-            docs.append({"question": question, "category": (row.get("Category") or "").strip(),
-                         "best_answer": (row.get("Best Answer") or "").strip(),
-                         "correct_answers": true, "incorrect_answers": false})
+    docs = []
+    layout = "TruthfulQA.csv has Type, Category, Question, Best Answer, Correct Answers, Incorrect Answers, Source"
+    for line, row in read_csv_rows(path, COLUMNS, layout):
+        question = (row.get("Question") or "").strip()
+        true = split_answers(row.get("Correct Answers") or "")
+        false = split_answers(row.get("Incorrect Answers") or "")
+        for what, value in (("Question", question), ("Correct Answers", true), ("Incorrect Answers", false)):
+            if not value:
+                raise CamelidError(f"{path}:{line}: {what} is empty; every question needs a question, a correct "
+                                   "and an incorrect answer")
+        docs.append({"question": question, "category": (row.get("Category") or "").strip(),
+                     "best_answer": (row.get("Best Answer") or "").strip(),
+                     "correct_answers": true, "incorrect_answers": false})
     if not docs:
         raise CamelidError(f"{path}: no questions")
     return docs
