@@ -125,7 +125,7 @@ def test_without_a_scorer_the_message_says_how_to_configure_one(tiny_llm, tmp_pa
     (json.dumps(PROMPTS[0]) + "\n" + '{"prompt": {"toxicity": 0.1}}\n', ["prompts.jsonl:2", "no prompt text"]),
     (json.dumps(PROMPTS[0]) + "\n\n" + '{"prompt": "flat"}\n', ["prompts.jsonl:3", '"prompt": {"text"']),
     ('{"prompt": {"text": "cut', ["prompts.jsonl:1", "not valid JSON"]),
-    ("", ["prompts.jsonl", "no prompts"]),
+    ("", ["prompts.jsonl", "no records"]),
 ])
 def test_a_malformed_file_is_named(tiny_llm, tmp_path, classifier, raw, words):
     write_prompts(tmp_path, raw=raw)

@@ -16,7 +16,8 @@ from camelid.eval.tasks.base import Doc, GenerationTask, MultipleChoiceTask, Per
 from camelid.tokenizer.chat import check_messages
 
 
-def _records(path: Path) -> list[tuple[int, dict]]:
+def jsonl_records(path: Path) -> list[tuple[int, dict]]:
+    """A JSONL file's objects, each with its line number; a bad line is named in the error."""
     out = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -63,7 +64,7 @@ class JsonlMultipleChoice(MultipleChoiceTask):
     @cached_property
     def _docs(self) -> list[Doc]:
         docs = []
-        for number, r in _records(self.path):
+        for number, r in jsonl_records(self.path):
             self.check(number, r)
             _choices_and_gold(self.path, number, r)
             docs.append(r)
@@ -151,7 +152,7 @@ class JsonlGeneration(GenerationTask):
     @cached_property
     def _docs(self) -> list[Doc]:
         docs = []
-        for number, r in _records(self.path):
+        for number, r in jsonl_records(self.path):
             _require(self.path, number, r, "prompt", str)
             docs.append(_answers(self.path, number, r))
         return docs
@@ -182,7 +183,7 @@ class JsonlChatGeneration(JsonlGeneration):
     @cached_property
     def _docs(self) -> list[Doc]:
         docs = []
-        for number, r in _records(self.path):
+        for number, r in jsonl_records(self.path):
             _check_chat(self.path, number, r, "answers")
             docs.append(_answers(self.path, number, r))
         return docs
@@ -276,7 +277,7 @@ class TextPerplexity(PerplexityTask):
 def task_from_file(path: Path):
     name = path.name.lower()
     if name.endswith(".jsonl"):
-        first = _records(path)[0][1]
+        first = jsonl_records(path)[0][1]
         if "messages" in first:
             return JsonlChatGeneration(path) if "answers" in first else JsonlChatMultipleChoice(path)
         multiple_choice = bool({"query", "choices", "gold"} & set(first))
