@@ -36,7 +36,16 @@ model uses (a file, directory or known name; only its tokenizer is read). Log-li
 from completions with echo and logprobs, generations from completions; --concurrency requests
 at a time, --rate at most per second, retried while the server is busy or unreachable.
 
+--model may also be a training run (the directory `camelid train` wrote, or its checkpoints/): every
+complete checkpoint is evaluated in step order, as the paper's Figure 2 follows accuracy over
+training. Results are cached per checkpoint in RUN_DIR/eval/ (keyed by the task, the settings and
+the checkpoint's files), so a rerun evaluates only new checkpoints, tasks or settings. OUT.json
+holds each checkpoint's step, training tokens and results (and "results", the newest one's); a
+table of each task's main metric is printed and written to OUT.md, and a plot of it against
+training tokens, one panel per task, to OUT.png.
+
 examples:
+  camelid eval --model runs/quickstart/train --tasks verse.jsonl --output over_training.json
   camelid eval --model model.gguf --tasks humaneval --output he.json --log-samples
   camelid eval --model openai:http://127.0.0.1:8000/v1 --tokenizer smollm2-135m-instruct --tasks piqa --output o.json
   camelid eval --model model.gguf --tasks boolq,piqa --data-dir ~/benchmarks --output out.json
@@ -56,6 +65,7 @@ from camelid.atomic import check_destination, write_text_atomic
 from camelid.cli.common import add_model_arguments, load_llm
 from camelid.errors import CamelidError
 from camelid.eval import Settings, evaluate, format_results, get_task
+from camelid.eval.over_training import is_training_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,8 +162,34 @@ def _remote(args: argparse.Namespace):
     return scorer
 
 
+def _over_training(args: argparse.Namespace, tasks: list) -> int:
+    """--model is a training run: each complete checkpoint, loaded with the model options."""
+    from camelid.cli.common import check_model_arguments, model_dtype
+    from camelid.eval.over_training import evaluate_over_training, format_table, plot, report_paths
+
+    device = check_model_arguments(args)
+    options = {"dtype": str(model_dtype(args, device)).replace("torch.", ""), "device": device.type,
+               "quantize": args.quantize, "group_size": args.group_size, "adapter": args.adapter}
+    settings = Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
+                        temperature=args.temperature)
+    load = lambda path: load_llm(argparse.Namespace(**{**vars(args), "model": str(path)}))  # noqa: E731
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    out = evaluate_over_training(args.model, tasks, load, settings, options, data_dir=args.data_dir,
+                                 batch_size=args.batch_size, log_samples=args.log_samples, say=say)
+    table, picture = report_paths(args.output)
+    write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")
+    text = format_table(out)
+    write_text_atomic(table, f"{text}\n\n![each task's metric against training tokens]({picture.name})\n")
+    plot(out, picture)
+    print(text)
+    print(f"wrote {args.output}, {table} and {picture}", file=sys.stderr)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     tasks = check_options(args)
+    if not args.model.startswith("openai:") and is_training_run(args.model):
+        return _over_training(args, tasks)
     llm = _remote(args) if args.model.startswith("openai:") else load_llm(args)
     settings = Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
                         temperature=args.temperature)
