@@ -188,3 +188,28 @@ def test_a_run_with_nothing_to_evaluate_is_one_line(tmp_path, task, capsys):
     half.mkdir(parents=True)
     err = cli_error(capsys, *eval_argv(half.parent, [task], tmp_path / "o.json"))
     assert "no complete checkpoints" in err
+
+
+def test_the_demo_task_holds_each_line_end_and_its_own_words_reordered():
+    """examples/verse_tasks.py (the README's demo task): the true ending of each line among
+    orderings of the same words, so that token frequencies alone score at chance."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location(
+        "verse_tasks", Path(__file__).resolve().parent.parent / "examples" / "verse_tasks.py")
+    verse_tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verse_tasks)
+    play = ("CHARMIAN.\nGood, sir, give me good fortune, and I will give you wine.\n\n[Enter ENOBARBUS.]\n\n"
+            "ENOBARBUS.\nBring in the banquet quickly; wine enough for all of us\n   Pros. The howr's now come "
+            "to tell thee more")
+    assert [line for line in verse_tasks.verse_lines(play) if line] == [
+        "Good, sir, give me good fortune, and I will give you wine.",
+        "Bring in the banquet quickly; wine enough for all of us"]
+    records = verse_tasks.word_order_task([play], 10, 3, random.Random(0))
+    assert len(records) == 2
+    for r in records:
+        line = r["query"] + " " + r["choices"][r["gold"]]
+        assert line in play and len(r["query"].split()) == len(line.split()) // 2
+        assert len(set(r["choices"])) == 4
+        assert all(sorted(c.split()) == sorted(r["choices"][r["gold"]].split()) for c in r["choices"])

@@ -240,6 +240,7 @@ def plot(out: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     rows = out["checkpoints"]
     by_tokens = all(r["tokens"] is not None for r in rows)
@@ -257,6 +258,7 @@ def plot(out: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.fill_between(x, [v - e for v, e in zip(y, err)], [v + e for v, e in zip(y, err)], alpha=0.2)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("training tokens" if by_tokens else "step")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))      # 1.2M, as the paper's axis reads 1T
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
