@@ -110,6 +110,7 @@ def test_a_row_per_checkpoint_equal_to_evaluating_each_alone(run, task, tmp_path
         assert all(hand[0][0] != pytest.approx(earlier, abs=1e-3) for earlier in seen)
         seen.append(hand[0][0])
     assert result["results"] == rows[-1]["results"]      # the newest checkpoint's, as one model's OUT.json
+    assert result["chance"] == {"lines": pytest.approx(1 / 3)}   # three choices each: the plot's floor
     table = (tmp_path / "over.md").read_text()
     for row in rows:
         value = row["results"]["lines"]

@@ -25,6 +25,7 @@ from camelid.checkpoint.native import CONFIG as NATIVE_CONFIG
 from camelid.errors import CamelidError
 from camelid.eval.runner import _task_label, evaluate
 from camelid.eval.tasks import Settings, Task
+from camelid.eval.tasks.base import MultipleChoiceTask
 from camelid.train.run_state import PATTERN, TRAINER, step_of
 
 CHECKPOINTS = "checkpoints"
@@ -146,43 +147,63 @@ def evaluate_over_training(path: str | os.PathLike[str], tasks: list[Task], load
                            say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Every complete checkpoint of the run at `path` (the run directory or its checkpoints/),
     oldest first: results from the cache where it has them, else from `load(checkpoint)` and
-    `evaluate`. Returns {"run", "config", "checkpoints": [{"step", "tokens", "path", "results",
-    "seconds", "cached"}], "skipped", "results"} where "results" is the newest checkpoint's, as
-    one model's OUT.json has it."""
+    `evaluate`. Returns {"run", "config", "chance", "checkpoints": [{"step", "tokens", "path",
+    "results", "seconds", "cached"}], "skipped", "results"} where "results" is the newest
+    checkpoint's, as one model's OUT.json has it, and "chance" each multiple-choice task's
+    accuracy by guessing."""
     run_dir, checkpoints, notes = find_checkpoints(path)
     model_options = model_options or {}
     for note in notes:
         say(note)
-    rows = []
+    rows, floors = [], {}
     for number, ckpt in enumerate(checkpoints, 1):
-        cache_file = run_dir / CACHE / f"{ckpt.path.name}.json"
-        entries = _read_cache(cache_file)
         keys = {task.name: cache_key(task, ckpt, settings, model_options, data_dir) for task in tasks}
-        missing = [t for t in tasks if keys[t.name] not in entries or (log_samples and "samples" not in
-                                                                         entries[keys[t.name]])]
-        if missing:
-            llm = load(ckpt.path)
-            out = evaluate(llm, missing, settings, data_dir=data_dir, batch_size=batch_size, log_samples=log_samples)
-            del llm
-            for task in missing:
-                entries[keys[task.name]] = {"task": _task_label(task), "results": out["results"][task.name],
-                                            "seconds": out["seconds"][task.name],
-                                            **({"samples": out["samples"][task.name]} if log_samples else {})}
-            write_text_atomic(cache_file, json.dumps({"step": ckpt.step, "entries": _finite(entries)},
-                                                     allow_nan=False) + "\n")
+        entries, fresh = _entries(run_dir / CACHE / f"{ckpt.path.name}.json", ckpt, tasks, keys, load, settings,
+                                  data_dir, batch_size, log_samples)
+        mine = {t.name: entries[keys[t.name]] for t in tasks}
         row = {"step": ckpt.step, "tokens": ckpt.tokens, "path": str(ckpt.path),
-               "results": {t.name: entries[keys[t.name]]["results"] for t in tasks},
-               "seconds": {t.name: entries[keys[t.name]]["seconds"] for t in tasks},
-               "cached": [t.name for t in tasks if t not in missing]}
+               "results": {name: e["results"] for name, e in mine.items()},
+               "seconds": {name: e["seconds"] for name, e in mine.items()},
+               "cached": [name for name in mine if name not in fresh]}
         if log_samples:
-            row["samples"] = {t.name: entries[keys[t.name]]["samples"] for t in tasks}
+            row["samples"] = {name: e["samples"] for name, e in mine.items()}
+        floors = {name: e["chance"] for name, e in mine.items() if e.get("chance") is not None}
         rows.append(row)
         say(f"[{number}/{len(checkpoints)}] step {ckpt.step} ({_tokens(ckpt.tokens)} tokens): "
-            + ", ".join(f"{t.name} {_cell(row['results'][t.name])}" for t in tasks)
-            + (" (cached)" if not missing else f" ({sum(row['seconds'].values()):.1f}s)"))
+            + ", ".join(f"{name} {_cell(res)}" for name, res in row["results"].items())
+            + (" (cached)" if not fresh else f" ({sum(row['seconds'].values()):.1f}s)"))
     return {"run": str(run_dir), "config": {"tasks": [_task_label(t) for t in tasks], **asdict(settings),
                                             **model_options},
-            "checkpoints": rows, "skipped": notes, "results": rows[-1]["results"]}
+            "chance": floors, "checkpoints": rows, "skipped": notes, "results": rows[-1]["results"]}
+
+
+def _entries(cache_file: Path, ckpt: RunCheckpoint, tasks: list[Task], keys: dict[str, str], load: Callable,
+             settings: Settings, data_dir, batch_size: int, log_samples: bool) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoint's cache entries with every task's present (the missing ones evaluated and
+    the cache rewritten), and the names of the tasks evaluated now."""
+    entries = _read_cache(cache_file)
+    missing = [t for t in tasks if keys[t.name] not in entries
+               or (log_samples and "samples" not in entries[keys[t.name]])]
+    if not missing:
+        return entries, []
+    llm = load(ckpt.path)
+    out = evaluate(llm, missing, settings, data_dir=data_dir, batch_size=batch_size, log_samples=log_samples)
+    del llm
+    for task in missing:
+        entries[keys[task.name]] = {"task": _task_label(task), "results": out["results"][task.name],
+                                    "seconds": out["seconds"][task.name], "chance": chance(task, settings),
+                                    **({"samples": out["samples"][task.name]} if log_samples else {})}
+    write_text_atomic(cache_file, json.dumps({"step": ckpt.step, "entries": _finite(entries)}, allow_nan=False) + "\n")
+    return entries, [t.name for t in missing]
+
+
+def chance(task: Task, settings: Settings) -> float | None:
+    """A multiple-choice task's accuracy by guessing (the mean of 1 / choices), the floor that
+    the plot draws; None for other tasks."""
+    if not isinstance(task, MultipleChoiceTask):
+        return None
+    docs = task.selected(settings)
+    return sum(1 / len(task.choices(d)) for d in docs) / len(docs) if docs else None
 
 
 def _finite(value: Any) -> Any:
@@ -256,6 +277,9 @@ def plot(out: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         y = [float("nan") if v is None else v for v in y]
         ax.plot(x, y, "o-", markersize=3)
         ax.fill_between(x, [v - e for v, e in zip(y, err)], [v + e for v, e in zip(y, err)], alpha=0.2)
+        if task in out.get("chance", {}) and metric.startswith("acc"):
+            ax.axhline(out["chance"][task], color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=8)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("training tokens" if by_tokens else "step")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))      # 1.2M, as the paper's axis reads 1T
