@@ -2,12 +2,8 @@
 
 A reward model is a LLaMA whose head gives one number per position instead of a logit per
 vocabulary entry (`ModelConfig.num_labels` = 1), read at each sequence's last token: the
-InstructGPT recipe (Ouyang et al., 2022, section 3.5; Stiennon et al., 2020), and Hugging Face's
-LlamaForSequenceClassification, which camelid reads and writes (camelid.checkpoint.hf).
-
-Rows are scored in batches padded on the right: attention is causal, so the padding after a row's
-last token changes nothing before it, and only the hidden state of that last token goes through
-the head ([N, dim] -> [N, num_labels]; no [T, vocab] logits exist). Conversations are rendered as
+InstructGPT recipe (Ouyang et al., 2022, section 3.5; Stiennon et al., 2020). The scoring itself
+is `camelid.generate.classifier.SequenceScorer`'s; conversations are rendered as
 finetuning renders them (`camelid.finetune.data.encode_conversation`), so a reward model scores
 exactly the tokens it was trained on.
 """
@@ -18,12 +14,10 @@ import os
 from typing import Sequence, Union
 
 import torch
-from tqdm import tqdm
 
-from camelid.errors import CamelidError
 from camelid.finetune.data import encode_conversation
 from camelid.finetune.records import check_conversation
-from camelid.model import Transformer
+from camelid.generate.classifier import SequenceScorer
 from camelid.tokenizer.base import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -36,8 +30,9 @@ PROBE = ("Shall I compare thee to a summer's day? The year 1609 had 365 days; 3.
 SAMPLED_PIECES = 1024   # vocabulary entries compared, evenly spread, besides the probe's
 
 
-class RewardModel:
-    """A scorer (a Transformer with `config.num_labels` > 0) and its tokenizer.
+class RewardModel(SequenceScorer):
+    """A reward model: a sequence scorer that also scores conversations, rendered as finetuning
+    renders them.
 
         rm = RewardModel.load("runs/rm/model")
         rm.score(["a text", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]])
@@ -45,14 +40,6 @@ class RewardModel:
 
     Scores are float32 on the CPU: a tensor [N] for a reward model (one label), [N, num_labels]
     for a scorer of several."""
-
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, source: str = ""):
-        if not model.config.num_labels:
-            raise CamelidError(f"{source or 'RewardModel'}: a language model (its head gives "
-                               f"{model.config.vocab_size} logits per token), not a reward model")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.source = source
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
@@ -67,74 +54,21 @@ class RewardModel:
                                               scorer=True)
         return cls(model, tokenizer, source=str(source))
 
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
-
-    # ---- tokens ---------------------------------------------------------------------------------
     def encode(self, item: Scorable, where: str = "") -> list[int]:
         """The token ids scored for `item`: a text (with BOS where the tokenizer adds one) or a
         conversation (a list of {"role", "content"} messages with an assistant turn), rendered
         with the model's chat template as finetuning renders it."""
         if isinstance(item, str):
-            if not item:
-                raise CamelidError(f"{where or 'text'}: empty text; there is nothing to score")
-            return self.tokenizer.encode(item, bos=self.tokenizer.add_bos)
+            return super().encode(item, where)
         messages = check_conversation(item, where or "conversation")
         return encode_conversation(messages, self.tokenizer, train_on="all").ids
-
-    def check_row(self, ids: Sequence[int], where: str) -> None:
-        """One clear line for a row the model cannot score: empty, longer than its context, or
-        holding an id outside its vocabulary."""
-        if not ids:
-            raise CamelidError(f"{where}: no tokens to score")
-        if len(ids) > self.config.max_seq_len:
-            raise CamelidError(f"{where}: {len(ids)} tokens, more than the model's context of "
-                               f"{self.config.max_seq_len}; shorten it")
-        bad = next((i for i in ids if not 0 <= i < self.config.vocab_size), None)
-        if bad is not None:
-            raise CamelidError(f"{where}: token id {bad} is outside the model's vocabulary "
-                               f"(0..{self.config.vocab_size - 1})")
-
-    # ---- scores ---------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def score_tokens(self, rows: Sequence[Sequence[int]], batch_size: int = 16,
-                     progress: bool = False) -> torch.Tensor:
-        """The score at the last token of each row of token ids. Rows are batched by length
-        (sorted, so that a batch holds rows of similar lengths and little padding) and the
-        result comes back in the rows' order."""
-        if batch_size < 1:
-            raise CamelidError(f"batch_size must be >= 1 (got {batch_size})")
-        rows = [list(r) for r in rows]
-        for i, r in enumerate(rows):
-            self.check_row(r, f"row {i}")
-        out = torch.empty(len(rows), self.config.num_labels, dtype=torch.float32)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
-            take = order[start:start + batch_size]
-            lengths = torch.tensor([len(rows[i]) for i in take])
-            tokens = torch.zeros(len(take), int(lengths.max()), dtype=torch.long)  # padding: any id does
-            for b, i in enumerate(take):
-                tokens[b, :lengths[b]] = torch.tensor(rows[i])
-            h = self.model.hidden(tokens.to(self.device))                             # [B, T, dim]
-            last = h[torch.arange(len(take), device=self.device), (lengths - 1).to(self.device)]   # [B, dim]
-            out[take] = self.model.head(last).float().cpu()                           # [B, num_labels]
-        return out.squeeze(-1) if self.config.num_labels == 1 else out
 
     def score(self, items: Scorable | Sequence[Scorable], batch_size: int = 16,
               progress: bool = False) -> torch.Tensor:
         """Scores of texts and/or conversations (see `encode`); one item gives a tensor of one."""
-        if isinstance(items, str) or (isinstance(items, list) and items and isinstance(items[0], dict)):
+        if isinstance(items, list) and items and isinstance(items[0], dict):   # one conversation
             items = [items]
-        rows = [self.encode(item, f"item {i}") for i, item in enumerate(items)]
-        for i, r in enumerate(rows):
-            self.check_row(r, f"item {i}")
-        return self.score_tokens(rows, batch_size, progress)
+        return super().score(items, batch_size, progress)
 
 
 # ---- the tokenizer a policy shares ------------------------------------------------------------------

@@ -52,8 +52,17 @@ settings), date, camelid_version and format_version. --compare paper adds the LL
 numbers for LLaMA 7B/13B/33B/65B (Tables 3-9, 11-14) beside each metric, as fractions, only for
 the same task, metric, few-shot k and samples per document; "–" where the paper has none.
 
+--model may also be a training run (the directory `camelid train` wrote, or its checkpoints/): every
+complete checkpoint is evaluated in step order, as the paper's Figure 2 follows accuracy over
+training. Results are cached per checkpoint in RUN_DIR/eval/ (keyed by the task, the settings and
+the checkpoint's files), so a rerun evaluates only new checkpoints, tasks or settings. OUT.json
+holds each checkpoint's step, training tokens and results (and "results", the newest one's); a
+table of each task's main metric is printed and written to OUT.md, and a plot of it against
+training tokens, one panel per task, to OUT.png.
+
 examples:
   camelid eval --model model.gguf --tasks boolq,piqa --data-dir ~/benchmarks --output out.json --compare paper
+  camelid eval --model runs/quickstart/train --tasks verse.jsonl --output over_training.json
   camelid eval --model model.gguf --tasks humaneval --output he.json --log-samples
   camelid eval --model openai:http://127.0.0.1:8000/v1 --tokenizer smollm2-135m-instruct --tasks piqa --output o.json
   camelid eval --model model.gguf --tasks boolq,piqa --data-dir ~/benchmarks --output out.json
@@ -65,16 +74,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from camelid.atomic import check_destination, write_text_atomic
 from camelid.cli.common import add_model_arguments, load_llm
 from camelid.errors import CamelidError
 from camelid.eval import Settings, compare, evaluate, format_results, get_task, markdown_report
 from camelid.eval.judges import PERSPECTIVE_KEY_ENV, PERSPECTIVE_URL, JudgeSettings, check_judge
-from camelid.eval.report import COMPARISON_HEADING, check_comparison, comparison_table
+from camelid.eval.over_training import is_training_run
+from camelid.eval.report import COMPARISON_HEADING, check_comparison, comparison_table, finite
 from camelid.eval.tasks.toxicity import RealToxicityPrompts, configuration_problem
 from camelid.eval.tasks.truthfulqa_gen import TruthfulQAGeneration
 
@@ -204,17 +214,6 @@ def check_judges(args: argparse.Namespace, tasks: list) -> None:
             task.perspective_key = args.perspective_key
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or Infinity (strict parsers reject Python's spelling): they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _remote(args: argparse.Namespace):
     """The server named by --model openai:URL as the model, its tokenizer read from --tokenizer."""
     from camelid.checkpoint import read_checkpoint
@@ -245,12 +244,46 @@ def _remote(args: argparse.Namespace):
     return scorer
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
+                    temperature=args.temperature, judges=judge_settings(args))
+
+
+def _over_training(args: argparse.Namespace, tasks: list) -> int:
+    """--model is a training run: each complete checkpoint, loaded with the model options."""
+    from camelid.cli.common import check_model_arguments, model_dtype
+    from camelid.eval.over_training import evaluate_over_training, format_table, plot, report_paths
+
+    device = check_model_arguments(args)
+    options = {"dtype": str(model_dtype(args, device)).replace("torch.", ""), "device": device.type,
+               "quantize": args.quantize, "group_size": args.group_size, "adapter": args.adapter}
+    settings = _settings(args)
+    load = lambda path: load_llm(argparse.Namespace(**{**vars(args), "model": str(path)}))  # noqa: E731
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    out = evaluate_over_training(args.model, tasks, load, settings, options, data_dir=args.data_dir,
+                                 batch_size=args.batch_size, log_samples=args.log_samples, say=say)
+    table, picture = report_paths(args.output)
+    table = Path(args.markdown) if args.markdown else table
+    write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")
+    text = format_table(out)
+    link = os.path.relpath(picture, table.parent)   # the plot beside OUT.json, wherever --markdown puts the table
+    write_text_atomic(table, f"{text}\n\n![each task's metric against training tokens]({link})\n")
+    plot(out, picture)
+    print(text)
+    print(f"wrote {args.output}, {table} and {picture}", file=sys.stderr)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     tasks = check_options(args)
+    if not args.model.startswith("openai:") and is_training_run(args.model):
+        if args.compare:
+            raise CamelidError("--compare: not for a training run; compare one checkpoint "
+                               "(--model RUN_DIR/checkpoints/step_N) with the paper")
+        return _over_training(args, tasks)
     llm = _remote(args) if args.model.startswith("openai:") else load_llm(args)
-    settings = Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
-                        temperature=args.temperature, judges=judge_settings(args))
-    out = _finite(evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,
+    settings = _settings(args)
+    out = finite(evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,
                            progress=sys.stderr.isatty(), log_samples=args.log_samples))
     write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")
     rows = compare(out, args.compare) if args.compare else None

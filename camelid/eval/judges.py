@@ -123,7 +123,7 @@ def label_probabilities(logits, index: int, multi_label: bool) -> list[float]:
 
 
 class CamelidClassifier:
-    """A camelid scorer (`camelid.align.reward_model.RewardModel`); each text's score is read at
+    """A camelid scorer (`camelid.generate.classifier.SequenceScorer`); each text's score is read at
     its last token. A text longer than the model's context keeps its end, where the score is read."""
 
     def __init__(self, model, index: int = 0, batch_size: int = 16):
@@ -326,9 +326,10 @@ def open_judge(spec: str, role: str, label: str | None = None, perspective_key: 
         return HFClassifier(Path(spec).expanduser(), role, label, device=str(device))
     dtype = dtype or torch.float32
     if kind == "classifier":
-        from camelid.align.reward_model import RewardModel
+        from camelid import load_model
+        from camelid.generate.classifier import SequenceScorer
 
-        model = RewardModel.load(spec, device=device, dtype=dtype)
+        model = SequenceScorer(*load_model(spec, device, dtype, scorer=True)[:2], source=spec)
         labels = model.config.num_labels
         index = pick_label([f"LABEL_{i}" for i in range(labels)], role, label, spec) if labels > 1 else 0
         return CamelidClassifier(model, index)

@@ -29,6 +29,17 @@ DASH = "–"                                      # no number
 
 # ---- Markdown tables -------------------------------------------------------------------------------
 
+def finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity (strict parsers reject Python's spelling): they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def markdown_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
     """A GitHub-flavoured Markdown table, padded so that it also reads as plain text; columns in
     `right` (numbers) are right-aligned. A "|" inside a cell is escaped."""
