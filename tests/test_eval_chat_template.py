@@ -229,7 +229,7 @@ def test_code_answers_become_programs(llm, tmp_path, monkeypatch):
     and stop only where the turn ends; each answer's program passes or fails as it should."""
     seen = captured(monkeypatch, [a for a, _ in ANSWERS])
     out = evaluate(llm, [humaneval(tmp_path, len(ANSWERS))], Settings(chat_template=True), log_samples=True)
-    assert all(r.chat and r.stop == () and r.max_new_tokens == 1024 for r in seen)
+    assert all(r.chat and r.stop == () and r.max_new_tokens == 768 for r in seen)
     assert seen[0].context == turn("user", f"Complete the following Python function.\n```python\n{PROMPT.strip()}\n```") + ASK
     records = out["samples"]["humaneval"]
     assert [r["passed"] for r in records] == [int(ok) for _, ok in ANSWERS], [r["results"] for r in records]
@@ -324,3 +324,26 @@ def test_bad_chat_options_are_one_line(model_dirs, tmp_path, capsys, model, extr
     assert err.startswith("camelid eval: error: ")
     assert all(w in err for w in words), err
     assert not (tmp_path / "o.json").exists()
+
+
+# ---- SmolLM2-135M-Instruct ------------------------------------------------------------------------------
+
+# Problems SmolLM2-135M-Instruct solves in chat form, greedily, on this machine (2026-12-01);
+# with the raw prompt it writes no function body for any of the 164 (README, Results).
+SOLVED_IN_CHAT = ("HumanEval/23", "HumanEval/53")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_humaneval_in_chat_form_writes_runnable_programs(smollm2):
+    """The chat path on a few problems: every answer becomes a program that Python compiles
+    (the Markdown is gone), and at least one passes its tests, which the raw path fails."""
+    import ast
+
+    task = HumanEval(None)
+    task.__dict__["_eval_docs"] = [d for d in task.docs() if d["task_id"] in SOLVED_IN_CHAT]
+    chat = evaluate(smollm2, [task], Settings(chat_template=True), log_samples=True)["samples"]["humaneval"]
+    raw = evaluate(smollm2, [task], Settings(), log_samples=True)["samples"]["humaneval"]
+    for rec in chat:
+        ast.parse(rec["programs"][0])   # a SyntaxError here is a program built wrongly from the answer
+    assert sum(r["passed"] for r in chat) >= 1 > sum(r["passed"] for r in raw), [r["completions"] for r in chat]
