@@ -139,6 +139,7 @@ EVAL = [
     pytest.param(lambda d, m: _eval(d, "--limit", "0"), ["--limit", "at least 1"], id="limit-zero"),
     pytest.param(lambda d, m: _eval(d, "--temperature", "-0.5"), ["--temperature"], id="temperature-negative"),
     pytest.param(lambda d, m: _eval(d, "--temperature", "nan"), ["--temperature"], id="temperature-nan"),
+    pytest.param(lambda d, m: _eval(d, "--system-prompt", ""), ["--system-prompt is empty"], id="system-prompt-empty"),
     pytest.param(lambda d, m: _eval(d, output=_dir(d)), ["--output", "is a directory"], id="output-is-a-dir"),
     pytest.param(lambda d, m: _eval(d, output=_file(d) / "out.json"), ["--output", "is a file, not a directory"],
                  id="output-under-a-file"),

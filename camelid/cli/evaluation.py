@@ -29,6 +29,19 @@ greedily until the model ends its turn, by exact match; a record's optional "pre
 right answers a grading rule ranks first, reported as the share `preferred`. --log-samples records the exact context and
 continuations that were scored.
 
+Instruct models are evaluated in their own chat format with --chat-template (as
+lm-evaluation-harness's --apply_chat_template --fewshot_as_multiturn): each request becomes a
+conversation rendered with the model's chat template: a system message (--system-prompt, then the
+task's description), few-shot examples as earlier user/assistant turns, the question as the last
+user turn, then the assistant's generation prompt. Choices are scored as the assistant's answer
+(OpenBookQA/BoolQ's "Answer:" calibration too, with "Answer:" as the user's turn); WinoGrande's
+sentence up to the filled blank is the user's turn and its rest the answer; generations run
+until the model ends its turn. Code answers are read from their Markdown code block: a block that
+defines the function replaces the prompt's (keeping its imports), other code is the body. A model
+without a template of its own gets the built-in format its vocabulary points to (ChatML, Llama-3
+or Llama-2 [INST]), with a note. Without --chat-template, --system-prompt is text before each
+context, a blank line after it. Perplexity, CrowS-Pairs and chat task files are unchanged.
+
 Built-in benchmarks read their published files from --data-dir/<task>/ (e.g. boolq/val.jsonl,
 piqa/valid.jsonl + valid-labels.lst, hellaswag/hellaswag_val.jsonl, winogrande/dev.jsonl,
 arc/ARC-Easy/ARC-Easy-Test.jsonl, openbookqa/Main/test.jsonl, nq/NQ-open.dev.jsonl,
@@ -65,6 +78,7 @@ examples:
   camelid eval --model runs/quickstart/train --tasks verse.jsonl --output over_training.json
   camelid eval --model model.gguf --tasks humaneval --output he.json --log-samples
   camelid eval --model openai:http://127.0.0.1:8000/v1 --tokenizer smollm2-135m-instruct --tasks piqa --output o.json
+  camelid eval --model smollm2-135m-instruct --tasks humaneval --chat-template --output chat.json
   camelid eval --model model.gguf --tasks boolq,piqa --data-dir ~/benchmarks --output out.json
   camelid eval --model model.gguf --tasks my_questions.jsonl --num-fewshot 3 --limit 100 --output out.json
 """
@@ -110,6 +124,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature, 0 or more (default: greedy for one sample, the task's for several)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot and sampling seed")
+    p.add_argument("--chat-template", action="store_true",
+                   help="ask in the model's chat format: system message, examples as earlier turns, the question "
+                        "as the last user turn, answers as the assistant's (for instruct models)")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="a system message for every request (without --chat-template: text before each context)")
     server = p.add_argument_group("a server as the model (--model openai:http://HOST:PORT/v1)")
     server.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="a model file, directory or known name whose tokenizer the server's model uses, or "
@@ -161,6 +180,8 @@ def check_options(args: argparse.Namespace) -> list:
             raise CamelidError(f"{option} must be at least {least} (got {value})")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise CamelidError(f"--temperature must be 0 (greedy) or more (got {args.temperature})")
+    if args.system_prompt is not None and not args.system_prompt.strip():
+        raise CamelidError("--system-prompt is empty; give the text of the system message, or leave the option out")
     if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
         raise CamelidError(f"--data-dir {args.data_dir}: no such directory")
     check_destination(args.output, "--output")
@@ -246,7 +267,8 @@ def _remote(args: argparse.Namespace):
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings(num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed, samples=args.samples,
-                    temperature=args.temperature, judges=judge_settings(args))
+                    temperature=args.temperature, judges=judge_settings(args), chat_template=args.chat_template,
+                    system_prompt=args.system_prompt)
 
 
 def _over_training(args: argparse.Namespace, tasks: list) -> int:
@@ -274,6 +296,26 @@ def _over_training(args: argparse.Namespace, tasks: list) -> int:
     return 0
 
 
+def chat_format(tokenizer, model: str) -> str:
+    """Which chat format --chat-template renders with, checked on a conversation of the shape
+    the tasks send (a system message, an example's turns, the question): "the model's own", or
+    the built-in one for a model without a template, with a note on stderr."""
+    from camelid.tokenizer.chat import builtin_format
+
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                       {"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}])
+    except CamelidError as e:
+        raise CamelidError(f"--chat-template: {model}'s chat template cannot render a system message, example turns "
+                           f"and a question ({e}); evaluate without --chat-template") from None
+    if tokenizer.chat_template:
+        return "the model's own"
+    name = builtin_format(tokenizer.special_tokens())
+    print(f"note: {model} has no chat template of its own; --chat-template uses the built-in {name} format",
+          file=sys.stderr)
+    return f"built-in {name}"
+
+
 def main(args: argparse.Namespace) -> int:
     tasks = check_options(args)
     if not args.model.startswith("openai:") and is_training_run(args.model):
@@ -282,9 +324,13 @@ def main(args: argparse.Namespace) -> int:
                                "(--model RUN_DIR/checkpoints/step_N) with the paper")
         return _over_training(args, tasks)
     llm = _remote(args) if args.model.startswith("openai:") else load_llm(args)
+    fmt = chat_format(llm.tok if args.model.startswith("openai:") else llm.tokenizer, args.model) \
+        if args.chat_template else None
     settings = _settings(args)
     out = finite(evaluate(llm, tasks, settings, data_dir=args.data_dir, batch_size=args.batch_size,
                            progress=sys.stderr.isatty(), log_samples=args.log_samples))
+    if fmt:
+        out["config"]["chat_format"] = fmt
     write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")
     rows = compare(out, args.compare) if args.compare else None
     if args.markdown is not None:

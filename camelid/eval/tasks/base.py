@@ -2,11 +2,19 @@
 
 A task supplies documents and says how to turn one into a prompt and an answer; the classes
 here build the requests, run them through a Scorer and compute the metrics.
+
+With `Settings.chat_template` (`camelid eval --chat-template`) every task that builds a text
+context asks in the model's chat format instead, as lm-evaluation-harness's
+`--apply_chat_template --fewshot_as_multiturn --system_instruction` does: a system message (the
+system prompt, then the task's description), each few-shot example as a user turn answered by
+the assistant, the document as the last user turn, then the template's generation prompt; the
+answers are scored or generated as the assistant's (`chat_requests`, `Generate(chat=True)`).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +22,7 @@ import numpy as np
 
 from camelid.eval import metrics
 from camelid.eval.judges import JudgeSettings
-from camelid.eval.requests import Generate, Loglikelihood, Rolling, scored_split
+from camelid.eval.requests import Generate, Loglikelihood, Rolling, chat_requests, scored_split
 from camelid.eval.sandbox import Limits, run_python
 from camelid.eval.scoring import Scorer
 
@@ -29,6 +37,24 @@ class Settings:
     samples: int = 1                   # generations per document (pass@k, maj1@k)
     temperature: float | None = None   # None: greedy for one sample, the task's for several
     judges: JudgeSettings = field(default_factory=JudgeSettings)   # truthfulqa_gen, realtoxicityprompts
+    chat_template: bool = False        # ask in the model's chat format (see the module's docstring)
+    system_prompt: str | None = None   # a system message; without chat_template, text before the context
+
+
+def user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content}
+
+
+def join_text(first: str, then: str, separator: str = "\n\n") -> str:
+    """`first` then `then`, with the separator between them unless either already has whitespace
+    at the seam (lm-evaluation-harness joins its system instruction and description so)."""
+    if not first or not then:
+        return first or then
+    return first + then if first[-1].isspace() or then[0].isspace() else first + separator + then
 
 
 class Task:
@@ -96,6 +122,51 @@ class Task:
         conversation rendered with the scorer's chat template."""
         return self.context(doc, index, k, seed, pool)
 
+    # ---- chat form (Settings.chat_template) ----------------------------------------------------
+    def chat_prompt(self, doc: Doc) -> str:
+        """The user's turn that asks about `doc`."""
+        return self.prompt(doc)
+
+    def chat_target(self, doc: Doc) -> str:
+        """The assistant's answer to a solved example (the answer alone: the template separates turns)."""
+        return self.target(doc)
+
+    def system_messages(self, settings: Settings, description: str = "") -> list[dict[str, str]]:
+        """The system message, if there is anything to say: the system prompt, then the task's
+        description (lm-eval puts both there, joined by a blank line)."""
+        text = join_text(settings.system_prompt or "", description.strip())
+        return [{"role": "system", "content": text}] if text else []
+
+    def conversation(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc]) -> list[dict[str, str]]:
+        """The system message, the k examples as earlier user/assistant turns (the same examples
+        as the text context's), and the document as the last user turn."""
+        messages = self.system_messages(settings, self.description_for(doc))
+        for e in self.fewshot_examples(doc, index, k, settings.seed, pool):
+            messages += [user(self.chat_prompt(e)), assistant(self.chat_target(e))]
+        return messages + [user(self.chat_prompt(doc))]
+
+    def with_system_prompt(self, settings: Settings, context: str) -> str:
+        """A text context with --system-prompt but no chat template: the prompt goes first, as
+        text, a blank line before the rest (as lm-eval prepends its system instruction)."""
+        return join_text(settings.system_prompt or "", context)
+
+    def generation_request(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc],
+                           scorer: Scorer) -> tuple[str, bool]:
+        """(context, whether it is a rendered conversation) for a generation request."""
+        if self.chat:     # a chat task file: its own conversation
+            return self.generation_context(doc, index, k, settings.seed, pool, scorer), True
+        if settings.chat_template:
+            messages = self.conversation(doc, index, k, settings, pool)
+            return scorer.tok.apply_chat_template(messages, add_generation_prompt=True), True
+        return self.with_system_prompt(settings, self.generation_context(doc, index, k, settings.seed, pool,
+                                                                         scorer)), False
+
+    def generation_limits(self, chat: bool) -> tuple[tuple[str, ...], int]:
+        """(stop strings, max new tokens). In chat form a task keeps its stop strings, which
+        delimit the answer that exact match compares (NQ's newline, period, comma); the end of
+        the assistant's turn stops generation too (the tokenizer's end-of-turn tokens)."""
+        return tuple(getattr(self, "stop", ())), getattr(self, "max_new_tokens", 256)
+
     def selected(self, settings: Settings) -> list[Doc]:
         docs = self.docs()
         return docs[: settings.limit] if settings.limit else docs
@@ -135,9 +206,24 @@ class MultipleChoiceTask(Task):
     def choice_requests(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc],
                         scorer: Scorer) -> list[Loglikelihood]:
         """One request per choice: the context (few-shot examples and the prompt) followed by
-        each choice's continuation."""
-        ctx = self.context(doc, index, k, settings.seed, pool)
+        each choice's continuation; in chat form, the conversation and each choice as the
+        assistant's answer."""
+        if settings.chat_template:
+            return chat_requests(scorer.tok, self.conversation(doc, index, k, settings, pool), self.choices(doc))
+        ctx = self.with_system_prompt(settings, self.context(doc, index, k, settings.seed, pool))
         return [Loglikelihood(ctx, self.continuation(c)) for c in self.choices(doc)]
+
+    def calibration_requests(self, doc: Doc, settings: Settings, scorer: Scorer) -> list[Loglikelihood]:
+        """The paper's unconditional requests, P(choice | "Answer:"), asked in the same form as
+        the conditional ones so that each choice is the same tokens in both: in chat form
+        "Answer:" is the only user turn (after the system message) and the choice is the
+        assistant's answer; as text, the system prompt (if any) and "Answer:"."""
+        assert self.calibration is not None
+        if settings.chat_template:
+            return chat_requests(scorer.tok, self.system_messages(settings) + [user(self.calibration)],
+                                 self.choices(doc))
+        context = self.with_system_prompt(settings, self.calibration)
+        return [Loglikelihood(context, self.continuation(c)) for c in self.choices(doc)]
 
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
         docs = self.selected(settings)
@@ -149,7 +235,7 @@ class MultipleChoiceTask(Task):
             start = len(requests)
             requests += self.choice_requests(doc, i, k, settings, pool, scorer)
             if self.calibration is not None:
-                requests += [Loglikelihood(self.calibration, self.continuation(c)) for c in options]
+                requests += self.calibration_requests(doc, settings, scorer)
             spans.append((start, len(options)))
         scores = scorer.loglikelihood(requests)
         records = []
@@ -197,10 +283,13 @@ class PartialScoringTask(MultipleChoiceTask):
         pool = self.fewshot_docs() if k else []
         requests, spans = [], []
         for i, doc in enumerate(docs):
-            prefix = self.fewshot_prefix(doc, i, k, settings.seed, pool)
             contexts, rest = self.partial(doc)
             spans.append((len(requests), len(contexts)))
-            requests += [Loglikelihood(prefix + c, rest) for c in contexts]
+            if settings.chat_template:
+                requests += self.chat_partial_requests(doc, i, k, settings, pool, scorer)
+            else:
+                prefix = self.with_system_prompt(settings, self.fewshot_prefix(doc, i, k, settings.seed, pool))
+                requests += [Loglikelihood(prefix + c, rest) for c in contexts]
         scores = scorer.loglikelihood(requests)
         records = []
         for i, (doc, (start, n)) in enumerate(zip(docs, spans)):
@@ -210,6 +299,15 @@ class PartialScoringTask(MultipleChoiceTask):
                             **_scored(requests[start:start + n]),
                             "prediction": int(np.argmax(ll)), "acc": metrics.acc(ll, gold)})
         return summarize(records, ["acc"]), records
+
+    def chat_partial_requests(self, doc: Doc, index: int, k: int, settings: Settings, pool: list[Doc],
+                              scorer: Scorer) -> list[Loglikelihood]:
+        """In chat form, as lm-eval does it: the sentence up to the filled blank is the user's
+        last turn, one conversation per option, and the shared rest is the assistant's answer
+        (examples: the gold option's sentence start, answered by its rest)."""
+        contexts, rest = self.partial(doc)
+        *earlier, _ = self.conversation(doc, index, k, settings, pool)
+        return [r for c in contexts for r in chat_requests(scorer.tok, earlier + [user(c)], [rest.strip()])]
 
 
 class GenerationTask(Task):
@@ -270,21 +368,38 @@ class CodeTask(Task):
     sample_temperature: float = 0.8    # the paper: T=0.1 for pass@1 sampling, 0.8 for pass@k
     limits = Limits(timeout=10.0)
     pass_ks: tuple[int, ...] = (1, 10, 100)   # pass@k reported for every k up to the samples drawn
+    # An instruct model answers with the whole function, docstring and all, in a Markdown block
+    # and then ends its turn: room for a whole function (HumanEval's prompt and reference
+    # solution together are at most 580 SmolLM2 tokens, 99% under 470) and a few words around
+    # it, and no stop string ("\ndef" would cut the answer at its own first line).
+    chat_max_new_tokens: int = 768
 
     def program(self, doc: Doc, completion: str) -> str:
         raise NotImplementedError
 
+    def chat_program(self, doc: Doc, answer: str) -> str:
+        """The program run for an answer in chat form: by default the answer's code (see
+        `answer_code`) as the completion."""
+        return self.program(doc, answer_code(answer))
+
+    def generation_limits(self, chat: bool) -> tuple[tuple[str, ...], int]:
+        return ((), self.chat_max_new_tokens) if chat else (self.stop, self.max_new_tokens)
+
     def evaluate(self, scorer: Scorer, settings: Settings) -> tuple[dict[str, float], list[dict]]:
         docs, n, outputs = sample_generations(self, scorer, settings)
+        chat = settings.chat_template or self.chat
         records = []
         ks = [x for x in self.pass_ks if x <= n]
         for i, doc in enumerate(docs):
             completions = outputs[i * n:(i + 1) * n]
-            runs = [run_python(self.program(doc, c), self.limits) for c in completions]
+            programs = [(self.chat_program if chat else self.program)(doc, c) for c in completions]
+            runs = [run_python(p, self.limits) for p in programs]
             passed = sum(r.passed for r in runs)
             rec = {"doc_id": i, "task_id": doc.get("task_id", i), "completions": completions,
                    "results": [{"status": r.status, "detail": r.detail[-500:]} for r in runs],
                    "passed": passed}
+            if chat:   # built from the answer, not simply appended: worth seeing
+                rec["programs"] = programs
             for kk in ks:
                 rec[f"pass@{kk}"] = metrics.pass_at_k(n, passed, kk)
             records.append(rec)
@@ -325,8 +440,25 @@ def sample_generations(task, scorer: Scorer, settings: Settings) -> tuple[list[D
     n = max(1, settings.samples)
     temperature = settings.temperature if settings.temperature is not None else \
         (0.0 if n == 1 else task.sample_temperature)
-    requests = [Generate(task.generation_context(doc, i, k, settings.seed, pool, scorer), task.stop,
-                         task.max_new_tokens, temperature, 1.0 if temperature == 0 else 0.95, seed=settings.seed + s,
-                         chat=task.chat)
-                for i, doc in enumerate(docs) for s in range(n)]
+    requests = []
+    for i, doc in enumerate(docs):
+        context, chat = task.generation_request(doc, i, k, settings, pool, scorer)
+        stop, max_new_tokens = task.generation_limits(chat)
+        requests += [Generate(context, stop, max_new_tokens, temperature, 1.0 if temperature == 0 else 0.95,
+                              seed=settings.seed + s, chat=chat) for s in range(n)]
     return docs, n, scorer.generate(requests)
+
+
+FENCE = re.compile(r"^[ \t]*```[^\n`]*\n(.*?)(?:^[ \t]*```|\Z)", re.S | re.M)
+
+
+def code_blocks(text: str) -> list[str]:
+    """The Markdown fenced code blocks of an answer, in order; the last may be unclosed (an
+    answer cut by the token limit)."""
+    return [m.group(1) for m in FENCE.finditer(text)]
+
+
+def answer_code(text: str) -> str:
+    """The code in an answer: its first fenced block, or the whole answer when it has none."""
+    blocks = code_blocks(text)
+    return blocks[0] if blocks else text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import textwrap
 from functools import cached_property
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from camelid.eval import metrics
 from camelid.eval.tasks import hub
 from camelid.eval.scoring import Scorer
 from camelid.eval.tasks.base import (CodeTask, Doc, GenerationTask, MultipleChoiceTask, PartialScoringTask, Settings,
-                                      Task, summarize)
+                                     Task, code_blocks, summarize)
 
 
 def read_jsonl(path: Path) -> list[Doc]:
@@ -460,9 +461,9 @@ class MMLU(PaperTask, MultipleChoiceTask):
     def description_for(self, doc):
         return f"The following are multiple choice questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
 
-    def fewshot_prefix(self, doc, index, k, seed, pool):
+    def fewshot_examples(self, doc, index, k, seed, pool):
         same = [d for d in pool if d["subject"] == doc["subject"]]
-        return super().fewshot_prefix(doc, index, k, seed, same)
+        return super().fewshot_examples(doc, index, k, seed, same)
 
     def prompt(self, doc):
         options = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCD", doc["choices"]))
@@ -519,6 +520,29 @@ class HumanEval(PaperTask, CodeTask):
     def program(self, doc, completion):
         return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
+    def chat_prompt(self, doc):
+        return f"Complete the following Python function.\n```python\n{doc['prompt'].strip()}\n```"
+
+    def chat_program(self, doc, answer):
+        """An instruct model's answer: the code of its first fenced block that defines the entry
+        point (or of its first block, or the whole answer when it has none). Code that defines
+        the entry point replaces the prompt's function and keeps what the prompt has before it
+        (imports, helper functions); other code is the body, appended to the prompt as a
+        completion, indented to sit inside the function if the model wrote it flush left."""
+        blocks = code_blocks(answer) or [answer]
+        defines = re.compile(rf"^\s*def\s+{re.escape(doc['entry_point'])}\s*\(", re.M)
+        whole = next((b for b in blocks if defines.search(b)), None)
+        tests = f"\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+        if whole is not None:
+            head = defines.search(doc["prompt"])
+            preamble = doc["prompt"][:head.start()] if head else ""
+            return f"{preamble}{whole}{tests}"
+        body = blocks[0]
+        first = next((line for line in body.splitlines() if line.strip()), "")
+        if first and not first[0].isspace():
+            body = textwrap.indent(body, "    ")
+        return f"{doc['prompt']}{body}{tests}"
+
 
 class MBPP(PaperTask, CodeTask):
     """mbpp/mbpp.jsonl (Austin et al., 2021): problems 11-510 are evaluated, 2-4 are the three
@@ -548,6 +572,12 @@ class MBPP(PaperTask, CodeTask):
 
     def target(self, doc):
         return doc["code"] + "\n[DONE]\n\n"
+
+    def chat_prompt(self, doc):  # the same words without the few-shot format's [BEGIN] marker
+        return self.prompt(doc).removesuffix("\n[BEGIN]\n")
+
+    def chat_target(self, doc):
+        return f"```python\n{doc['code'].strip()}\n```"
 
     def program(self, doc, completion):
         setup = doc.get("test_setup_code") or ""
