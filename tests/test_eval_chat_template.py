@@ -313,6 +313,20 @@ def test_a_model_without_a_template_gets_the_built_in_format_with_a_note(model_d
     assert out["samples"]["quiz"][0]["context"].startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
 
 
+def test_tasks_the_chat_template_leaves_alone_are_named(model_dirs, tmp_path, capsys):
+    """CrowS-Pairs scores whole sentences and the other section 5 tasks the paper's own prompts:
+    the chat template does not apply to them, and the user is told so."""
+    from camelid.cli.main import main
+    from test_eval_bias import PAIRS, write_csv
+
+    write_csv(tmp_path / "crows_pairs" / "crows_pairs_anonymized.csv", PAIRS)
+    code = main(["eval", "--model", str(model_dirs / "none"), "--tasks", f"crows_pairs,{quiz_file(tmp_path)}",
+                 "--data-dir", str(tmp_path), "--chat-template", "--output", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert code == 0 and "note: --chat-template leaves crows_pairs as they are" in err and "quiz" not in err.split(
+        "leaves")[1].split("(")[0]
+
+
 @pytest.mark.parametrize("model,extra,words", [
     ("strict", ["--chat-template"], ["--chat-template", "cannot render a system message", "System role not supported",
                                      "without --chat-template"]),

@@ -324,6 +324,11 @@ def main(args: argparse.Namespace) -> int:
                                "(--model RUN_DIR/checkpoints/step_N) with the paper")
         return _over_training(args, tasks)
     llm = _remote(args) if args.model.startswith("openai:") else load_llm(args)
+    if args.chat_template:
+        raw = [t.name for t in tasks if not t.follows_chat_template and not t.chat]
+        if raw:
+            print(f"note: --chat-template leaves {', '.join(raw)} as they are (whole sentences, perplexity, or the "
+                  "paper's own prompts)", file=sys.stderr)
     fmt = chat_format(llm.tok if args.model.startswith("openai:") else llm.tokenizer, args.model) \
         if args.chat_template else None
     settings = _settings(args)

@@ -116,6 +116,9 @@ class Task:
         return self.fewshot_prefix(doc, index, k, seed, pool) + self.prompt(doc)
 
     chat: bool = False   # generation_context renders a conversation with the model's chat template
+    # Settings.chat_template applies (the task kinds below build their contexts through Task);
+    # tasks that score fixed sentences or the paper's raw prompts themselves stay as they are
+    follows_chat_template: bool = False
 
     def generation_context(self, doc: Doc, index: int, k: int, seed: int, pool: list[Doc], scorer: Scorer) -> str:
         """What a generation request continues: the few-shot context, or for a chat task the
@@ -191,6 +194,8 @@ class MultipleChoiceTask(Task):
     """Each choice is scored as the continuation target_delimiter + choice after the prompt
     (see `continuation`); acc, acc_norm, and the paper's calibrated accuracy where
     `calibration` is set. Records carry the exact strings scored."""
+
+    follows_chat_template = True
 
     calibration: str | None = None     # e.g. "Answer:" (OpenBookQA, BoolQ)
 
@@ -316,6 +321,8 @@ class GenerationTask(Task):
     answers (a grading rule: right, and among the right answers the preferred ones) reports
     `preferred` too, the share of predictions that match one of them."""
 
+    follows_chat_template = True
+
     stop: tuple[str, ...] = ("\n",)
     max_new_tokens: int = 64
     sample_temperature: float = 0.6
@@ -362,6 +369,8 @@ class GenerationTask(Task):
 class CodeTask(Task):
     """Programs completed by the model, run against the task's tests in the sandbox; pass@k with
     the unbiased estimator over `samples` completions per problem."""
+
+    follows_chat_template = True
 
     stop: tuple[str, ...] = ()
     max_new_tokens: int = 384
