@@ -325,6 +325,9 @@ def test_tasks_the_chat_template_leaves_alone_are_named(model_dirs, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 0 and "note: --chat-template leaves crows_pairs as they are" in err and "quiz" not in err.split(
         "leaves")[1].split("(")[0]
+    code = main(["eval", "--model", str(model_dirs / "none"), "--tasks", "crows_pairs", "--data-dir", str(tmp_path),
+                 "--system-prompt", "Be fair.", "--output", str(tmp_path / "o.json")])
+    assert code == 0 and "note: --system-prompt leaves crows_pairs as they are" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model,extra,words", [

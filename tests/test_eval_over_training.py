@@ -164,6 +164,38 @@ def test_a_rerun_evaluates_only_what_is_new(run, task, tmp_path, prepared, monke
     assert len(calls) == 4
 
 
+def test_a_metric_that_is_not_finite_is_null_in_every_output(run, task, tmp_path, monkeypatch, capsys):
+    """A diverged checkpoint's perplexity is infinite: JSON has no such number, so it is written
+    as null (in OUT.json and in the cache), not a crash after all the work."""
+    real = over_training.evaluate
+
+    def diverged(llm, tasks, *args, **kwargs):
+        out = real(llm, tasks, *args, **kwargs)
+        out["results"]["lines"]["acc_norm"] = float("inf")
+        return out
+
+    monkeypatch.setattr(over_training, "evaluate", diverged)
+    out = tmp_path / "over.json"
+    assert main(eval_argv(run, [task], out)) == 0
+    rows = json.loads(out.read_text())["checkpoints"]
+    assert [r["results"]["lines"]["acc_norm"] for r in rows] == [None, None, None]
+    assert main(eval_argv(run, [task], out)) == 0 and capsys.readouterr().err.count("(cached)") == 3
+
+
+def test_a_benchmarks_files_rewritten_are_evaluated_again(run, tmp_path, monkeypatch):
+    from camelid.eval.tasks import get_task
+
+    data = tmp_path / "data"
+    (data / "piqa").mkdir(parents=True)
+    (data / "piqa" / "valid.jsonl").write_text(json.dumps({"goal": "Open a jar", "sol1": "Twist", "sol2": "Eat"}) + "\n")
+    (data / "piqa" / "valid-labels.lst").write_text("0\n")
+    _, checkpoints, _ = over_training.find_checkpoints(run)
+    task, settings = get_task("piqa", data), over_training.Settings()
+    before = over_training.cache_key(task, checkpoints[0], settings, {}, data)
+    (data / "piqa" / "valid-labels.lst").write_text("1\n")
+    assert over_training.cache_key(task, checkpoints[0], settings, {}, data) != before
+
+
 def test_incomplete_checkpoints_are_skipped_with_a_note(run, task, tmp_path, capsys):
     checkpoints = run / "checkpoints"
     shutil.copytree(checkpoints / "step_00000006", checkpoints / ".step_00000008.x1y2.tmp")   # killed mid-save

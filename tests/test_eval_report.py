@@ -100,6 +100,24 @@ def test_closed_book_qa_is_compared_at_the_runs_few_shot_k(k, expected):
         assert row.paper.table == 4 and row.paper.scaled("7B") == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("asked", [{"chat_template": True}, {"system_prompt": "You are a pirate."}])
+def test_a_run_in_chat_form_or_with_a_system_prompt_meets_no_paper_number(asked):
+    """The paper asked base models in plain text: another protocol is not like with like."""
+    run = _run({"boolq": RESULTS["boolq"]}, {"boolq": 0})
+    run["config"].update(asked)
+    row = _row(compare(run), "boolq", "acc_calibrated")
+    assert row.paper is None and row.why == "paper: plain-text prompts, no chat template or system prompt"
+    assert "chat template or system prompt" in comparison_table(compare(run))
+
+
+def test_a_limited_run_keeps_the_number_and_says_it_is_a_subset():
+    run = _run({"boolq": RESULTS["boolq"]}, {"boolq": 0})
+    run["config"]["limit"] = 3
+    row = _row(compare(run), "boolq", "acc_calibrated")
+    assert row.paper.values["7B"] == 76.5 and row.why == "this run: the first 3 documents only"
+    assert "Table 3, p. 4; this run: the first 3 documents only" in comparison_table(compare(run))
+
+
 def test_the_few_shot_k_of_an_older_output_comes_from_its_config_or_the_tasks_default():
     mmlu = {"acc": 0.3, "acc_stderr": 0.01, "documents": 100}
     older = {"results": {"mmlu": mmlu}, "config": {"tasks": ["mmlu"], "num_fewshot": None, "samples": 1}}
@@ -235,13 +253,15 @@ def test_eval_compare_paper_prints_and_writes_the_report(model_dir, tmp_path, ca
     mc.write_text("".join(json.dumps({"query": q, "choices": ["yes", "no"], "gold": g}) + "\n"
                           for q, g in (("Is the sky blue?", 0), ("Is snow black?", 1), ("Is fire hot?", 0))))
     capsys.readouterr()
-    code = main(["eval", "--model", str(model_dir), "--tasks", f"crows_pairs,{mc}", "--data-dir", str(tmp_path),
+    (tmp_path / "prose.txt").write_text("The quality of mercy is not strained. " * 4)
+    code = main(["eval", "--model", str(model_dir), "--tasks", f"crows_pairs,{mc},{tmp_path / 'prose.txt'}",
+                 "--data-dir", str(tmp_path),
                  "--num-fewshot", "1", "--output", str(tmp_path / "out.json"), "--markdown", str(tmp_path / "out.md"),
                  "--compare", "paper", "--no-compile"])
     printed, err = capsys.readouterr()
     assert code == 0, err
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["n-shot"] == {"crows_pairs": 0, "mc": 1}   # CrowS-Pairs has no examples to draw
+    assert out["n-shot"] == {"crows_pairs": 0, "mc": 1, "prose": 0}   # no examples to draw, or none to use
     assert out["format_version"] == 1 and out["camelid_version"] and out["date"].endswith("+00:00")
     assert out["results"]["crows_pairs"]["documents"] == len(PAIRS)
     stereotype = out["results"]["crows_pairs"]["stereotype"]

@@ -17,6 +17,7 @@ from camelid.cli.main import main
 from camelid.errors import CamelidError
 from camelid.eval import Settings, evaluate
 from camelid.eval.judges import JudgeSettings
+from camelid.eval.tasks import get_task
 from camelid.eval.tasks.toxicity import RESPECTFUL, RealToxicityPrompts
 from camelid.generate import LLM
 from helpers import cli_error
@@ -92,6 +93,21 @@ def test_challenging_subset(tiny_llm, tmp_path, classifier):
     out = evaluate(tiny_llm, ["realtoxicityprompts_challenging"], settings, data_dir=tmp_path, log_samples=True)
     assert out["results"]["realtoxicityprompts_challenging"]["documents"] == 1
     assert out["samples"]["realtoxicityprompts_challenging"][0]["prompt"] == "Rough winds do shake the"
+
+
+def test_a_challenging_subset_that_is_empty_is_one_line(tmp_path):
+    write_prompts(tmp_path, [{**r, "challenging": False} for r in PROMPTS])
+    with pytest.raises(CamelidError, match=r"none of the 3 prompts is marked \"challenging\": true"):
+        get_task("realtoxicityprompts_challenging", tmp_path).docs()
+
+
+def test_a_classifier_asked_nothing_answers_nothing(tmp_path, bpe_tokenizer):
+    """Every completion blank (an untrained model's): the scorer is asked about no text at all."""
+    from camelid.align.reward_model import RewardModel
+    from camelid.eval.judges import CamelidClassifier
+
+    native_scorer(tmp_path / "clf", bpe_tokenizer)
+    assert CamelidClassifier(RewardModel.load(tmp_path / "clf")).probabilities([]) == []
 
 
 def test_an_empty_completion_scores_zero_without_asking(tiny_llm, tmp_path, monkeypatch):

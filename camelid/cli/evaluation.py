@@ -277,6 +277,9 @@ def _over_training(args: argparse.Namespace, tasks: list) -> int:
     from camelid.eval.over_training import evaluate_over_training, format_table, plot, report_paths
 
     device = check_model_arguments(args)
+    table, picture = report_paths(args.output)
+    table = check_destination(args.markdown, "--markdown") if args.markdown else check_destination(table, "OUT.md")
+    check_destination(picture, "OUT.png")
     options = {"dtype": str(model_dtype(args, device)).replace("torch.", ""), "device": device.type,
                "quantize": args.quantize, "group_size": args.group_size, "adapter": args.adapter}
     settings = _settings(args)
@@ -284,8 +287,6 @@ def _over_training(args: argparse.Namespace, tasks: list) -> int:
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     out = evaluate_over_training(args.model, tasks, load, settings, options, data_dir=args.data_dir,
                                  batch_size=args.batch_size, log_samples=args.log_samples, say=say)
-    table, picture = report_paths(args.output)
-    table = Path(args.markdown) if args.markdown else table
     write_text_atomic(args.output, json.dumps(out, indent=2, allow_nan=False) + "\n")
     text = format_table(out)
     link = os.path.relpath(picture, table.parent)   # the plot beside OUT.json, wherever --markdown puts the table
@@ -324,10 +325,11 @@ def main(args: argparse.Namespace) -> int:
                                "(--model RUN_DIR/checkpoints/step_N) with the paper")
         return _over_training(args, tasks)
     llm = _remote(args) if args.model.startswith("openai:") else load_llm(args)
-    if args.chat_template:
+    if args.chat_template or args.system_prompt:
         raw = [t.name for t in tasks if not t.follows_chat_template and not t.chat]
         if raw:
-            print(f"note: --chat-template leaves {', '.join(raw)} as they are (whole sentences, perplexity, or the "
+            option = "--chat-template" if args.chat_template else "--system-prompt"
+            print(f"note: {option} leaves {', '.join(raw)} as they are (whole sentences, perplexity, or the "
                   "paper's own prompts)", file=sys.stderr)
     fmt = chat_format(llm.tok if args.model.startswith("openai:") else llm.tokenizer, args.model) \
         if args.chat_template else None

@@ -130,6 +130,8 @@ class CamelidClassifier:
         self.model, self.index, self.batch_size = model, index, batch_size
 
     def probabilities(self, texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
         width = self.model.config.max_seq_len
         rows = [self.model.encode(t, f"text {i}")[-width:] for i, t in enumerate(texts)]
         scores = self.model.score_tokens(rows, self.batch_size)
@@ -155,8 +157,11 @@ class HFClassifier:
         self.multi_label = cfg.problem_type == "multi_label_classification"
         self.batch_size = batch_size if self.tokenizer.pad_token is not None else 1
         self.device = device
-        longest = min(getattr(self.tokenizer, "model_max_length", 512) or 512,
-                      getattr(cfg, "max_position_embeddings", None) or 512)
+        # RoBERTa-style models count positions from padding_idx + 1: two of their
+        # max_position_embeddings are never a token's
+        positions = (getattr(cfg, "max_position_embeddings", None) or 512) - (
+            2 if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "longformer") else 0)
+        longest = min(getattr(self.tokenizer, "model_max_length", 512) or 512, positions)
         self.max_length = min(longest, 1 << 16)
 
     def probabilities(self, texts: Sequence[str]) -> list[float]:
@@ -216,6 +221,10 @@ class PerspectiveScorer:
 
     def probabilities(self, texts: Sequence[str]) -> list[float]:
         return [self.toxicity(t) for t in texts]
+
+    def close(self) -> None:
+        """Its connections, which a task's judge holds no longer than the task runs."""
+        self.client.close()
 
     def toxicity(self, text: str) -> float:
         body = {"comment": {"text": text}, "requestedAttributes": {"TOXICITY": {}}, "languages": ["en"]}

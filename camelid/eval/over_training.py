@@ -117,15 +117,22 @@ def _task_fingerprint(task: Task, data_dir: str | Path | None) -> Any:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     if isinstance(path, Path) and path.exists():
         return _files_fingerprint(path)
-    return {"builtin": task.name, "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None}
+    folder = getattr(task, "folder", "")
+    files = Path(data_dir).expanduser() / folder if data_dir and folder else None
+    return {"builtin": task.name, "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
+            "files": _files_fingerprint(files) if files is not None and files.exists() else None}
 
 
 def cache_key(task: Task, checkpoint: RunCheckpoint, settings: Settings, model_options: dict[str, Any],
               data_dir: str | Path | None) -> str:
     import camelid
 
+    # an adapter or a judge rewritten in place changes the results as much as the checkpoint does
+    used = [Path(p).expanduser() for p in (model_options.get("adapter"), settings.judges.truth, settings.judges.info,
+                                           settings.judges.toxicity) if p]
     described = {"task": _task_label(task), "task_data": _task_fingerprint(task, data_dir),
                  "settings": asdict(settings), "model": model_options,
+                 "weights": [_files_fingerprint(p) for p in used if p.exists()],
                  "checkpoint": _files_fingerprint(checkpoint.path), "camelid": camelid.__version__}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -190,11 +197,12 @@ def _entries(cache_file: Path, ckpt: RunCheckpoint, tasks: list[Task], keys: dic
     llm = load(ckpt.path)
     out = evaluate(llm, missing, settings, data_dir=data_dir, batch_size=batch_size, log_samples=log_samples)
     del llm
+    out = finite(out)   # NaN or infinity (a diverged checkpoint's perplexity) is null, in the cache and the output
     for task in missing:
         entries[keys[task.name]] = {"task": _task_label(task), "results": out["results"][task.name],
                                     "seconds": out["seconds"][task.name], "chance": chance(task, settings),
                                     **({"samples": out["samples"][task.name]} if log_samples else {})}
-    write_text_atomic(cache_file, json.dumps({"step": ckpt.step, "entries": finite(entries)}, allow_nan=False) + "\n")
+    write_text_atomic(cache_file, json.dumps({"step": ckpt.step, "entries": entries}, allow_nan=False) + "\n")
     return entries, [t.name for t in missing]
 
 

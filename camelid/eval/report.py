@@ -177,15 +177,23 @@ def compare(out: dict[str, Any], against: str = "paper") -> list[ComparisonRow]:
     task, metric, few-shot k and samples per document, where the paper has one."""
     check_comparison(against)
     builtin = _builtin_tasks(out)
-    samples = out.get("config", {}).get("samples", 1)
+    config = out.get("config", {})
+    samples = config.get("samples", 1)
+    # the paper asked its base models in plain text: a chat-form or system-prompted run is another protocol
+    asked_otherwise = config.get("chat_template") or config.get("system_prompt")
     rows = []
     for task, res in out["results"].items():
         k = _fewshot(task, out)
         known = builtin is None or task in builtin
         for metric in _metrics(res):
             candidates = tuple(e for e in paper_results() if known and e.task == task and e.metric == metric)
-            found = next((e for e in candidates if _matches(e, k, samples)), None)
-            why = _other_settings(candidates) if found is None and candidates else ""
+            found = None if asked_otherwise else next((e for e in candidates if _matches(e, k, samples)), None)
+            if asked_otherwise and candidates:
+                why = "paper: plain-text prompts, no chat template or system prompt"
+            else:
+                why = _other_settings(candidates) if found is None and candidates else ""
+            if found is not None and config.get("limit"):
+                why = f"this run: the first {config['limit']} documents only"
             rows.append(ComparisonRow(task, metric, k, res[metric], res.get(f"{metric}_stderr"), found, why))
     return rows
 
@@ -210,7 +218,7 @@ def comparison_table(rows: list[ComparisonRow]) -> str:
         first = i == 0 or rows[i - 1].task != row.task
         paper = row.paper
         numbers = [_number(paper.scaled(size) if paper else None, 3) for size in SIZES]
-        where = f"Table {paper.table}, p. {paper.page}" if paper else row.why
+        where = f"Table {paper.table}, p. {paper.page}" + (f"; {row.why}" if row.why else "") if paper else row.why
         shots = str(DASH if row.num_fewshot is None else row.num_fewshot)
         body.append([row.task if first else "", shots if first else "", row.metric, _number(row.value),
                      f"± {_number(row.stderr)}", *numbers, where])
@@ -225,8 +233,9 @@ COMPARISON_HEADING = ("Compared with the LLaMA paper (Touvron et al., 2023, arXi
 def markdown_report(out: dict[str, Any], comparison: list[ComparisonRow] | None = None) -> str:
     """The whole report for --markdown: what ran, the results table, and the comparison if any."""
     config = out.get("config", {})
-    settings = ", ".join(f"{key} {config[key]}" for key in ("num_fewshot", "limit", "samples", "temperature", "seed")
-                         if key in config)
+    settings = ", ".join(f"{key} {config[key]}" for key in ("num_fewshot", "limit", "samples", "temperature", "seed",
+                                                             "chat_template", "system_prompt", "chat_format")
+                         if config.get(key) not in (None, False))
     lines = [f"# camelid eval: {config.get('model', '?')}", "",
              f"- date: {out.get('date', DASH)}; camelid {out.get('camelid_version', DASH)}",
              f"- tasks: {', '.join(map(str, config.get('tasks', out['results'])))}",

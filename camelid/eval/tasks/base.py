@@ -420,6 +420,9 @@ class PerplexityTask(Task):
 
     stride: int | None = None
 
+    def fewshot_docs(self) -> list[Doc]:
+        return []    # a document's own text is scored, with no examples before it
+
     def text(self, doc: Doc) -> str:
         return doc["text"]
 

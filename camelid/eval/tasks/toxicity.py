@@ -80,7 +80,13 @@ class RealToxicityPrompts(PaperTask):
     def load(self, split: str) -> list[Doc]:
         docs = super().load(split)
         docs = [d if "text" in d else prompt_doc(d, f"{self.hub_spec.repo} row {i}") for i, d in enumerate(docs)]
-        return [d for d in docs if d["challenging"]] if self.only_challenging else docs
+        if not self.only_challenging:
+            return docs
+        challenging = [d for d in docs if d["challenging"]]
+        if not challenging:
+            raise CamelidError(f"{self.name}: none of the {len(docs)} prompts is marked \"challenging\": true; "
+                               "use realtoxicityprompts, or the release's prompts.jsonl, which marks them")
+        return challenging
 
     def fewshot_docs(self) -> list[Doc]:
         return []
@@ -98,8 +104,11 @@ class RealToxicityPrompts(PaperTask):
         judge = open_from_settings(settings.judges, "toxicity", scorer, self.perspective_key)
         asked = [i for i, c in enumerate(completions) if c.strip()]
         scores = [0.0] * len(completions)
-        for i, p in zip(asked, judge.probabilities([completions[i] for i in asked])):
-            scores[i] = p
+        try:
+            for i, p in zip(asked, judge.probabilities([completions[i] for i in asked])):
+                scores[i] = p
+        finally:
+            getattr(judge, "close", lambda: None)()
         records = []
         for i, doc in enumerate(docs):
             rec = {"doc_id": i, "prompt": doc["text"], "challenging": doc["challenging"]}
