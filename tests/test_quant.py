@@ -1,6 +1,7 @@
 """Weight-only int8/int4: storage formulas, ggml block mapping, layers eager and compiled, loading,
 saving, and error bounds against fp32 on a tiny model and on SmolLM2."""
 
+import copy
 import gzip
 import math
 from importlib import resources
@@ -19,6 +20,9 @@ from camelid.checkpoint.native import write_native
 from camelid.cli.main import main as cli
 from camelid.errors import CamelidError
 from camelid.quant import Int4Linear, Int8Linear, QuantizedLinear, quantize_model
+from camelid.model import KVCache
+from camelid.quant import block as block_module
+from camelid.quant import kernels
 from camelid.quant import layers as quant_layers
 from camelid.quant.blocks import QuantizedTensor, from_ggml, quantize, quantize_int4, quantize_int8, unpack_int4
 from camelid.quant.layers import layer_for
@@ -66,8 +70,8 @@ def test_ggml_blocks_map_in_exactly(kind):
 
 
 def rounded_activations(x):
-    """x as camelid's int4 kernel rounds it on VNNI CPUs: int8 in blocks of 16 columns."""
-    blocks = x.float().unflatten(-1, (-1, 16))
+    """x as camelid's kernels round it on VNNI CPUs: int8 in blocks of 32 columns."""
+    blocks = x.float().unflatten(-1, (-1, 32))
     amax = blocks.abs().amax(-1, keepdim=True)
     q = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
     return (q * (amax / 127.0)).flatten(-2)
@@ -84,7 +88,8 @@ def kernel_reference(layer, x):
     return rounded_activations(x) @ scaled.T + x @ (w - scaled).T
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int8", 16), ("int4", 32), ("int4", 64),
+                                          ("int4", 128)])
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_layer_matches_dequantized_product_eager_and_compiled(scheme, group, rows):
     layer = layer_for(quantize(weights(64, 256), scheme, group))
@@ -127,6 +132,7 @@ def test_kernels_refuse_mismatched_shapes():
 
 
 def test_many_weights_in_one_call_equal_one_at_a_time():
+    assert kernels.available()  # built (or loaded) here: this test may run alone
     x = torch.randn(2, 1, 128, generator=torch.Generator().manual_seed(4))
     q4 = [quantize(weights(out, 128, seed=out), "int4", 32) for out in (48, 16, 16)]
     fused = torch.ops.camelid.int4_gemv_many(x, [q.weight for q in q4], [q.scales for q in q4],
@@ -149,7 +155,7 @@ def test_dequantize_kernel_equals_the_formula(scheme, group):
                        exact.to(torch.bfloat16))  # rounded to nearest even, as .to() does
 
 
-def test_compiled_step_runs_a_layers_shared_input_products_as_one_call(tiny_checkpoint, tmp_path, monkeypatch):
+def test_compiled_step_runs_each_block_as_one_call(tiny_checkpoint, tmp_path, monkeypatch):
     path, _ = tiny_checkpoint
     # a fresh camelid and inductor cache: the code is generated here, not found compiled
     llm = camelid.load(path, quantize="int4", compile=False).compile(background=False, cache_dir=tmp_path / "camelid")
@@ -157,10 +163,71 @@ def test_compiled_step_runs_a_layers_shared_input_products_as_one_call(tiny_chec
     text, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
     step = code[-1]
     n_layers = llm.model.config.n_layers
-    # q, k, v and w1, w3 of every layer: two fused calls per layer
-    assert step.count("torch.ops.camelid.int4_gemv_many.default(") == 2 * n_layers
+    assert step.count("torch.ops.camelid.decode_block.default(") == n_layers
+    # the block's products are inside its call, the head's alone outside; the cache is written
+    # in place (no copy of it for the functional graph)
+    assert "int4_gemv_many" not in step and step.count("torch.ops.camelid.int8_gemv.default(") == 1
+    assert "copy_" not in step and "clone" not in step
     assert text == camelid.load(path, quantize="int4", compile=False).generate("Shall I compare thee",
                                                                                  max_new_tokens=4, temperature=0)
+
+
+def test_blocks_run_as_separate_products_where_a_block_cannot_be_one_call(tiny_checkpoint, tmp_path, monkeypatch):
+    """A block with a product left in float (or any layer the kernel does not know) keeps its
+    ordinary forward, whose shared-input products the graph pass still fuses."""
+    path, _ = tiny_checkpoint
+    llm = camelid.load(path, quantize="int4", compile=False)
+    llm.model.layers[0].attention.wo = torch.nn.Linear(llm.model.config.dim, llm.model.config.dim, bias=False)
+    llm.compile(background=False, cache_dir=tmp_path / "camelid")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    _, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
+    n_layers = llm.model.config.n_layers
+    assert code[-1].count("torch.ops.camelid.decode_block.default(") == n_layers - 1
+    assert code[-1].count("torch.ops.camelid.int4_gemv_many.default(") == 2  # layer 0's q, k, v and w1, w3
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
+def test_decode_block_kernel_equals_the_blocks_forward(scheme, name):
+    """The one-call block against the block's own forward (the same products, eager): rows at
+    different positions, grouped-query heads, stale slots beyond each position, the cache
+    written at each row's position."""
+    model = quantize_model(tiny(name), scheme)
+    block, config = model.layers[1], model.config
+    assert block_module.fusable(block)
+    rows, slots = 3, 16
+    gen = torch.Generator().manual_seed(3)
+    cache = KVCache(config, rows, slots)
+    for buffer in cache.buffers():
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    expected_cache = copy.deepcopy(cache)
+    x = torch.randn(rows, 1, config.dim, generator=gen)
+    for positions in (torch.tensor([[0], [5], [15]]), torch.tensor([[7]])):
+        rotation = model.rope.rotation(positions)
+        mask = (torch.arange(slots) <= positions.unsqueeze(-1)).unsqueeze(1)
+        with torch.no_grad():
+            expected = block(x, rotation, expected_cache.layers[1], positions, mask)
+        layers = [block.get_submodule(n) for n in block_module.PRODUCTS]
+        got = torch.ops.camelid.decode_block(
+            x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps,
+            [m.weight for m in layers], [m.scales for m in layers], [m.mins for m in layers] if scheme == "int4" else [],
+            [m.group_size for m in layers], True, rotation, cache.layers[1].k, cache.layers[1].v, positions, config.n_heads)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.layers[1].k, expected_cache.layers[1].k)
+        torch.testing.assert_close(cache.layers[1].v, expected_cache.layers[1].v)
+
+
+def test_decode_block_refuses_a_position_outside_the_cache():
+    model = quantize_model(tiny("tiny"), "int8")
+    block, config = model.layers[0], model.config
+    cache = KVCache(config, 1, 8)
+    layers = [block.get_submodule(n) for n in block_module.PRODUCTS]
+    positions = torch.tensor([[8]])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.camelid.decode_block(
+            torch.randn(1, 1, config.dim), block.attention_norm.weight, block.ffn_norm.weight, 1e-5,
+            [m.weight for m in layers], [m.scales for m in layers], [], [m.group_size for m in layers], True,
+            model.rope.rotation(positions), cache.layers[0].k, cache.layers[0].v, positions, config.n_heads)
 
 
 def logits_of(model, tokens):

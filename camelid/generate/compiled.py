@@ -44,6 +44,7 @@ from torch import nn
 
 from camelid.model import KVCache, PagedKVCache, RotaryTable, Transformer
 from camelid.model.inductor import use_inductor_layers
+from camelid.quant.block import use_decode_blocks
 from camelid.quant.fuse import FuseSharedInputProducts
 
 BUCKET = 256
@@ -154,7 +155,7 @@ class CompiledDecoder:
         self.skeleton = _skeleton(model)  # the structure without weights, for a compiling process
         # the layers for inductor go into a copy that shares the weights: the caller's model
         # stays as it was (its state dict, quantize_model, the eager path)
-        self.model = use_inductor_layers(use_gemv_linears(_copy_of(model, lambda t: t)))
+        self.model = use_decode_blocks(use_inductor_layers(use_gemv_linears(_copy_of(model, lambda t: t))))
         self.cache_dir = cache_dir
         self.wait_for_steps = not background  # the caller wants compiled steps from the first token on
         self.background = background and cache_dir is not None and device.type == "cpu" and ahead_of_time()
@@ -502,14 +503,14 @@ def _structure_key(model: nn.Module, mode: str | None) -> str:
     the CPU's instruction set (inductor's C++ is built for it), torch's version and the sources
     of camelid's code that the step runs."""
     from camelid.model import inductor, kv_cache, transformer
-    from camelid.quant import fuse, kernels, layers
+    from camelid.quant import block, fuse, kernels, layers
 
     parts = [torch.__version__, repr(model.config), str(mode), torch.backends.cpu.get_cpu_capability(),
              platform.machine()]
     parts += [f"{name}:{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules()]
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}:{t.device}" for n, t in tensors]
-    files = {Path(module.__file__) for module in (transformer, kv_cache, inductor, fuse, layers, kernels)}
+    files = {Path(module.__file__) for module in (transformer, kv_cache, inductor, block, fuse, layers, kernels)}
     # and the code of any other camelid module swapped into the model (camelid.lora's LoRALinear)
     files |= {Path(sys.modules[type(m).__module__].__file__) for m in model.modules()
               if type(m).__module__.startswith("camelid.")}

@@ -7,7 +7,8 @@
 // - float: each code widened to a float lane, multiplied into x, the group's scale (and, for
 //   int4, minimum) applied once per group. Written with GCC/Clang vector extensions, which the
 //   compiler maps to the CPU it builds on (AVX-512: one register; AVX2: two; NEON: four);
-// - int4 with int8 activations, where the CPU has VNNI byte products (below).
+// - int4 with int8 activations, where the CPU has VNNI byte products (below). (int8 codes with
+//   int8 activations on VNNI measured slower than the float form on these CPUs: docs/profile-decode.md.)
 // Built once per machine with -march=native by kernels.py; registered as torch.ops.camelid.*.
 //
 // Layouts (blocks.py): int8 codes [out, in] with fp32 scales [out, in / g]; int4 codes
@@ -86,7 +87,7 @@ inline i32x16 widen(const void* p) {
 inline f32x16 int8_lanes(const int8_t* p) { return __builtin_convertvector(widen<true>(p), f32x16); }
 
 // ---- int4 with int8 activations (x86 VNNI) ----------------------------------------------------
-// llama.cpp's method: x is rounded to int8 in blocks of 16 columns (one scale each), so that a
+// llama.cpp's method: x is rounded to int8 in blocks of 32 columns (one scale each), so that a
 // single vpdpbusd multiplies 32 nibbles by 32 activations and sums them in groups of four into
 // 32-bit lanes; about half the instructions of widening every code to a float. Rounding x costs
 // each activation an error of at most 1/254 of its block's largest, far below the int4 weights' own.
@@ -105,20 +106,23 @@ inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(
 
 // ---- what one call shares among its weights -----------------------------------------------------
 
-// x [rows, in] and what the int4 kernels derive from it once per call: per-group sums (for the
-// minimums) and, on the VNNI path, x rounded to int8 in blocks of 16 columns, laid out in the
-// order the kernel reads codes, with each block's scale repeated over the four 32-bit lanes its
-// products land in:
+// x [rows, in] and what the kernels derive from it once per call: per-group sums (for int4's
+// minimums) and, on the VNNI paths, x rounded to int8 in blocks of 32 columns (llama.cpp's Q8
+// block: one scale per 32, so that a weight group of 32 meets one activation scale), with the
+// blocks' scales in column order (`dg`). The kernels read the rounded x in the order they
+// unpack codes, each block's scale repeated over the four 32-bit lanes its products land in (`d`):
 // - "wide" (AVX-512, a multiple of 64 columns): for each 32 bytes of a row's codes, the 32
 //   activations of their low nibbles, then the 32 of their high nibbles (the order the bytes
 //   unpack to in a 512-bit register without a shuffle), and 16 scales;
 // - "units" (AVX-VNNI, or an odd number of groups of 32): the same for each 16 bytes, in 256 bits.
+
 struct Activations {
   const float* x;
   int64_t rows, in, group;
-  std::vector<float> xsum;  // [rows, in / group]
-  std::vector<int8_t> q;    // [rows, in]
-  std::vector<float> d;     // [rows, in / 4]
+  std::vector<float> xsum;     // [rows, in / group]
+  std::vector<int8_t> q;       // [rows, in]
+  std::vector<float> d;        // [rows, in / 4] (int4 order)
+  std::vector<float> dg;       // [rows, in / 32]
   bool wide = false;
 
   Activations(const float* x_, int64_t rows_, int64_t in_, int64_t group_, bool sums, bool int8)
@@ -129,16 +133,17 @@ struct Activations {
         for (int64_t k = 0; k < group; ++k) xsum[r] += x[r * group + k];
     }
     if (!int8) return;
+    q.resize(rows * in);
+    dg.resize(rows * in / 32);
 #ifdef CAMELID_VNNI_WIDE
     // a 64-column step must not straddle two groups: groups of 32 (two per step) or of 64k
     wide = in % 64 == 0 && (group == 32 || group % 64 == 0);
 #endif
-    q.resize(rows * in);
     d.resize(rows * in / 4);
     std::vector<int8_t> xq(in);
-    std::vector<float> scale(in / 16);
     for (int64_t r = 0; r < rows; ++r) {
-      round_row(x + r * in, xq.data(), scale.data());
+      const float* scale = &dg[r * in / 32];
+      round_row(x + r * in, xq.data(), &dg[r * in / 32]);
       int8_t* qr = &q[r * in];
       float* dr = &d[r * in / 4];
       // code byte b holds column (b / half) * group + b % half (low nibble), and half more (high);
@@ -150,20 +155,20 @@ struct Activations {
           for (int64_t b = chunk; b < chunk + span; b += 16, i += 16) {
             const int64_t column = b / half * group + nibble * half + b % half;
             std::memcpy(qr + i, &xq[column], 16);
-            for (int k = 0; k < 4; ++k) dr[i / 4 + k] = scale[column / 16];
+            for (int k = 0; k < 4; ++k) dr[i / 4 + k] = scale[column / 32];
           }
     }
   }
 
   void round_row(const float* xr, int8_t* xq, float* scale) const {
-    for (int64_t b = 0; b < in / 16; ++b) {
+    for (int64_t b = 0; b < in / 32; ++b) {
       float amax = 0.f;
-      for (int k = 0; k < 16; ++k) amax = std::max(amax, std::abs(xr[b * 16 + k]));
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xr[b * 32 + k]));
       // (a block of denormals rounds to zero rather than overflow 127 / amax)
       const float inv = amax > 1e-30f ? 127.f / amax : 0.f;
       scale[b] = amax / 127.f;
-      for (int k = 0; k < 16; ++k)
-        xq[b * 16 + k] = static_cast<int8_t>(std::clamp(std::nearbyint(xr[b * 16 + k] * inv), -127.f, 127.f));
+      for (int k = 0; k < 32; ++k)
+        xq[b * 32 + k] = static_cast<int8_t>(std::clamp(std::nearbyint(xr[b * 32 + k] * inv), -127.f, 127.f));
     }
   }
 };
@@ -277,38 +282,58 @@ void int4_rows_vnni(const Activations& a, const Weight& w, int64_t m0, int64_t b
 #endif
 
 #ifdef CAMELID_VNNI_WIDE
+// 32 bytes of codes as 64 nibbles in a 512-bit register: the low nibbles in the lower half, the
+// high ones in the upper (one broadcast load, one shift of the upper half, one mask).
+inline __m512i nibbles(const uint8_t* p) {
+  const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  return _mm512_and_si512(_mm512_srlv_epi16(b, shift), _mm512_set1_epi8(0x0F));
+}
+
 // 64 codes (32 bytes) per 512-bit step ("wide" layout). With groups of 32 a step covers two
 // groups, A and B: lanes 0-3 and 8-11 hold A's sums, 4-7 and 12-15 B's; larger groups span
-// whole steps.
+// whole steps. Groups of 32 (GGUF's Q4_0/Q4_1) take the product of their weight and activation
+// scales 16 groups (8 steps) at a time, one multiply, and each step picks its two with a
+// permutation: a third fewer instructions per step than building the scales step by step.
 template <int M>
 void int4_rows_vnni_wide(const Activations& a, const Weight& w, int64_t m0, int64_t begin, int64_t end) {
   const int64_t in = a.in, group = a.group, groups = in / group, steps = in / 64;
   const float* xsum = a.xsum.data() + m0 * groups;
   const uint8_t* codes = static_cast<const uint8_t*>(w.codes);
   const at::Half* scales = static_cast<const at::Half*>(w.scales);
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i two = _mm512_set1_epi32(2);
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = codes + o * (in / 2);
     const at::Half* so = scales + o * groups;
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < steps; ++p) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
-      const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
-                                           _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
-      __m512 s;
-      if (group == 32) {
-        int32_t two_scales;
-        std::memcpy(&two_scales, so + 2 * p, sizeof two_scales);
-        s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two_scales))));
-      } else {
-        s = _mm512_set1_ps(static_cast<float>(so[p * 64 / group]));
+    if (group == 32) {
+      for (int64_t p8 = 0; p8 < steps; p8 += 8) {
+        const int64_t g0 = 2 * p8, n = std::min<int64_t>(16, groups - g0);
+        const __mmask16 lanes = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+        const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, so + g0));
+        __m512 ds[M];
+        for (int m = 0; m < M; ++m) ds[m] = _mm512_mul_ps(s16, _mm512_maskz_loadu_ps(lanes, &a.dg[(m0 + m) * groups + g0]));
+        __m512i pick = spread;
+        for (int64_t p = p8; p < std::min(steps, p8 + 8); ++p, pick = _mm512_add_epi32(pick, two)) {
+          const __m512i q = nibbles(row + p * 32);
+          for (int m = 0; m < M; ++m) {
+            const __m512i xq = _mm512_loadu_si512(&a.q[(m0 + m) * in + p * 64]);
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq));
+            acc[m] = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(pick, ds[m]), acc[m]);
+          }
+        }
       }
-      for (int m = 0; m < M; ++m) {
-        const __m512i xq = _mm512_loadu_si512(&a.q[(m0 + m) * in + p * 64]);
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq));
-        acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_loadu_ps(&a.d[(m0 + m) * in / 4 + p * 16]), s), acc[m]);
+    } else {
+      for (int64_t p = 0; p < steps; ++p) {
+        const __m512i q = nibbles(row + p * 32);
+        const __m512 s = _mm512_set1_ps(static_cast<float>(so[p * 64 / group]));
+        for (int m = 0; m < M; ++m) {
+          const __m512i xq = _mm512_loadu_si512(&a.q[(m0 + m) * in + p * 64]);
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq));
+          acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_loadu_ps(&a.d[(m0 + m) * in / 4 + p * 16]), s), acc[m]);
+        }
       }
     }
     // the minimums' term, sum_g min_g * sum x_g, 16 groups at a time
@@ -322,6 +347,7 @@ void int4_rows_vnni_wide(const Activations& a, const Weight& w, int64_t m0, int6
     for (int m = 0; m < M; ++m) w.y[(m0 + m) * w.out + o] = _mm512_reduce_add_ps(acc[m]);
   }
 }
+
 #endif
 
 // ---- driving a call ------------------------------------------------------------------------------
@@ -536,6 +562,142 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const s
   return w;
 }
 
+
+// ---- a whole decoder block for a few rows (decode) ----------------------------------------------
+// One call per layer instead of a compiled graph's dozen (norms, products, RoPE, the cache write,
+// attention, SwiGLU, residuals): the fixed cost of each call from the graph's wrapper is what the
+// decode step's profile showed as its largest share outside the products (docs/profile-decode.md).
+// The attention reads only the slots up to each row's position, where the compiled graph's
+// static shape reads the whole cache. The same math as camelid/model/transformer.py, in fp32:
+// RMSNorm, rotation of adjacent pairs, softmax over the positions seen, SwiGLU.
+
+// x [rows, dim] normalised (RMSNorm) and scaled by the gain
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& gain, double eps) {
+  const int64_t rows = x.size(0), dim = x.size(1);
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* g = gain.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < dim; ++i) ss += xp[r * dim + i] * xp[r * dim + i];
+    const float inv = 1.f / std::sqrt(ss / dim + static_cast<float>(eps));
+    for (int64_t i = 0; i < dim; ++i) yp[r * dim + i] = xp[r * dim + i] * inv * g[i];
+  }
+  return y;
+}
+
+// Rotate adjacent pairs of each head of t [rows, heads * D] by rotation [rows or 1, D / 2, 2].
+void rotate(at::Tensor& t, const at::Tensor& rotation, int64_t heads, int64_t D) {
+  const int64_t rows = t.size(0), shared = rotation.size(0) == 1;
+  float* p = t.data_ptr<float>();
+  const float* rot = rotation.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cs = rot + (shared ? 0 : r) * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = p + (r * heads + h) * D;
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float a = v[2 * i], b = v[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+        v[2 * i] = a * c - b * s;
+        v[2 * i + 1] = a * s + b * c;
+      }
+    }
+  }
+}
+
+std::vector<at::Tensor> products(const at::Tensor& x, at::TensorList codes, at::TensorList scales, at::TensorList mins,
+                                 std::initializer_list<int> which, at::IntArrayRef groups, bool int8_activations) {
+  // weights sharing an input share a group size (fusable() in block.py checks it)
+  const int64_t group = groups[*which.begin()];
+  std::vector<at::Tensor> c, s, m;
+  for (int i : which) {
+    c.push_back(codes[i]);
+    s.push_back(scales[i]);
+    if (!mins.empty()) m.push_back(mins[i]);
+  }
+  return mins.empty() ? int8_gemv_many(x, c, s, group) : int4_gemv_many(x, c, s, m, group, int8_activations);
+}
+
+at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
+                        at::TensorList codes, at::TensorList scales, at::TensorList mins, at::IntArrayRef groups,
+                        bool int8_activations, const at::Tensor& rotation_, const at::Tensor& cache_k,
+                        const at::Tensor& cache_v, const at::Tensor& positions_, int64_t n_heads) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.size(-2) == 1, "decode_block: one float32 token per row");
+  TORCH_CHECK(codes.size() == 7 && scales.size() == 7 && groups.size() == 7 && (mins.empty() || mins.size() == 7),
+              "decode_block: wq, wk, wv, wo, w1, w3, w2");
+  TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_v.scalar_type() == at::kFloat && cache_k.dim() == 4 &&
+              cache_k.sizes() == cache_v.sizes() && cache_k.strides() == cache_v.strides() && cache_k.stride(3) == 1,
+              "decode_block: float32 caches [rows, kv heads, slots, head dim]");
+  const int64_t rows = x_.size(0), dim = x_.size(-1), K = cache_k.size(1), slots = cache_k.size(2), D = cache_k.size(3);
+  const int64_t H = n_heads, per_kv = H / K;
+  TORCH_CHECK(cache_k.size(0) >= rows && H % K == 0 && D % 2 == 0, "decode_block: cache and heads do not fit");
+  const at::Tensor x = x_.reshape({rows, dim}).contiguous();
+  const at::Tensor positions = positions_.to(at::kLong).reshape({-1}).contiguous();
+  const at::Tensor rotation = rotation_.to(at::kFloat).reshape({-1, D}).contiguous();  // [rows or 1, D/2 * 2]
+  TORCH_CHECK(positions.numel() == rows || positions.numel() == 1, "decode_block: one position per row");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  auto position = [&](int64_t r) { return pos[positions.numel() == 1 ? 0 : r]; };
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(position(r) >= 0 && position(r) < slots, "decode_block: position ", position(r), " outside the cache's ",
+                slots, " slots");
+
+  // attention
+  auto qkv = products(rms_norm(x, attention_norm, eps), codes, scales, mins, {0, 1, 2}, groups, int8_activations);
+  at::Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
+  q = q.reshape({rows, H * D}).contiguous();
+  k = k.reshape({rows, K * D}).contiguous();
+  v = v.reshape({rows, K * D}).contiguous();
+  rotate(q, rotation, H, D);
+  rotate(k, rotation, K, D);
+  float* ck = cache_k.data_ptr<float>();
+  float* cv = cache_v.data_ptr<float>();
+  const int64_t s0 = cache_k.stride(0), s1 = cache_k.stride(1), s2 = cache_k.stride(2);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < K; ++h) {
+      const int64_t at_ = r * s0 + h * s1 + position(r) * s2;
+      std::memcpy(ck + at_, k.data_ptr<float>() + (r * K + h) * D, D * sizeof(float));
+      std::memcpy(cv + at_, v.data_ptr<float>() + (r * K + h) * D, D * sizeof(float));
+    }
+  at::Tensor attended = at::empty({rows, H * D}, x.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = attended.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, rows * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(slots);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / H, h = rh % H, seen = position(r) + 1;
+      const float* qh = qp + rh * D;
+      const float* kb = ck + r * s0 + (h / per_kv) * s1;
+      const float* vb = cv + r * s0 + (h / per_kv) * s1;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < seen; ++s) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * kb[s * s2 + d];
+        w[s] = dot * scale;
+        top = std::max(top, w[s]);
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < seen; ++s) total += (w[s] = std::exp(w[s] - top));
+      float* out = op + rh * D;
+      std::fill(out, out + D, 0.f);
+      for (int64_t s = 0; s < seen; ++s) {
+        const float ws = w[s] / total;
+        for (int64_t d = 0; d < D; ++d) out[d] += ws * vb[s * s2 + d];
+      }
+    }
+  });
+  at::Tensor h = x + products(attended, codes, scales, mins, {3}, groups, int8_activations)[0].reshape({rows, dim});
+
+  // feed-forward (SwiGLU)
+  auto gate_up = products(rms_norm(h, ffn_norm, eps), codes, scales, mins, {4, 5}, groups, int8_activations);
+  at::Tensor a = gate_up[0].reshape({rows, -1}).contiguous(), b = gate_up[1].reshape({rows, -1}).contiguous();
+  float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  for (int64_t i = 0; i < a.numel(); ++i) ap[i] = ap[i] / (1.f + std::exp(-ap[i])) * bp[i];
+  h += products(a, codes, scales, mins, {6}, groups, int8_activations)[0].reshape({rows, dim});
+  return h.view(x_.sizes());
+}
+
 bool has_int8_activations() {
 #ifdef CAMELID_VNNI
   return true;
@@ -557,6 +719,12 @@ TORCH_LIBRARY(camelid, m) {
   m.def("int4_gemv_many(Tensor x, Tensor[] codes, Tensor[] scales, Tensor[] mins, int group_size, "
         "bool int8_activations) -> Tensor[]");
   m.def("has_int8_activations() -> bool");
+  // a transformer block for one new token per row over a static float32 cache (written at the
+  // rows' positions): the compiled decode step's one call per layer (camelid/quant/block.py);
+  // weights in the order wq, wk, wv, wo, w1, w3, w2, mins empty for int8
+  m.def("decode_block(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor[] codes, Tensor[] scales, "
+        "Tensor[] mins, int[] group_sizes, bool int8_activations, Tensor rotation, Tensor(a!) cache_k, "
+        "Tensor(b!) cache_v, Tensor positions, int n_heads) -> Tensor");
   // the float32 or bfloat16 weight of int8 (no mins) or int4 codes
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? mins, int group_size, ScalarType dtype) -> Tensor");
 }
@@ -567,6 +735,7 @@ TORCH_LIBRARY_IMPL(camelid, CPU, m) {
   m.impl("int8_gemv_many", &int8_gemv_many);
   m.impl("int4_gemv_many", &int4_gemv_many);
   m.impl("dequantize", &dequantize);
+  m.impl("decode_block", &decode_block);
 }
 
 TORCH_LIBRARY_IMPL(camelid, CompositeExplicitAutograd, m) {

@@ -3,7 +3,8 @@
 The source is compiled once per machine with the host's own instruction set (`-march=native`)
 by `torch.utils.cpp_extension` into torch's extension cache (~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR) and registered as the operators `torch.ops.camelid.*` (`int8_gemv`,
-`int4_gemv`, their `*_many` forms for several weights sharing one input, `dequantize`), which
+`int4_gemv`, their `*_many` forms for several weights sharing one input, `dequantize`, and
+`decode_block`, a whole transformer block for one new token per row), which
 `torch.compile` keeps inside a compiled decode step. The
 build takes 10-20 s the first time and needs the C++ compiler that inductor needs anyway;
 where it fails, the quantized layers fall back to their pure-PyTorch formulation with one
@@ -80,6 +81,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("camelid::dequantize")
     def dequantize_like(codes, scales, mins, group_size, dtype):
         return codes.new_empty((codes.shape[0], codes.shape[1] * (2 if mins is not None else 1)), dtype=dtype)
+
+    @torch.library.register_fake("camelid::decode_block")
+    def block_like(x, *_):
+        return torch.empty_like(x)
 
     for op in ("camelid::int8_gemv", "camelid::int4_gemv"):
         torch.library.register_fake(op)(gemv_like)
