@@ -9,13 +9,14 @@ ids; the script also prints how far each one's log-likelihoods are from transfor
 --also adds camelid at other precisions, each a row of the same table: bf16 (the model loaded
 with dtype=bfloat16, as `camelid eval --dtype bfloat16`), int8 and int4 (`--quantize`; their
 products of many rows run in bfloat16 where the CPU multiplies it natively), and int8/int4
-"per batch" (the quantized weights dequantized again for every batch: Scorer(keep_budget=0),
-the path before scoring kept them). The engines take turns for --rounds rounds and each
+"per-batch" (the quantized weights dequantized again for every batch: Scorer(keep_budget=0),
+the path before scoring kept them), and int8/int4 "-bf16" (quantized, with the activations in
+bfloat16 too: `--quantize int4 --dtype bfloat16`). The engines take turns for --rounds rounds and each
 row's fastest round counts. The process keeps freed memory for reuse, as the camelid command
 does (camelid.platform.keep_freed_memory), for every engine alike.
 
     python benchmarks/eval_throughput.py [--questions 200] [--threads 2] [--rounds 1]
-        [--also bf16,int8,int4,int8-per-batch,int4-per-batch]
+        [--also bf16,int8-per-batch,int8,int8-bf16,int4-per-batch,int4,int4-bf16]
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ VARIANTS = {
     "int4": (torch.float32, "int4", None),
     "int8-per-batch": (torch.float32, "int8", 0),
     "int4-per-batch": (torch.float32, "int4", 0),
+    "int8-bf16": (torch.bfloat16, "int8", None),
+    "int4-bf16": (torch.bfloat16, "int4", None),
 }
 
 
