@@ -98,3 +98,13 @@ def test_scorer_keeps_weights_for_the_call_and_scores_as_dequantizing_per_batch(
     layers = [m for m in llm.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(calls) == len(set(map(id, calls))) <= len(layers) < fresh   # each layer at most once
     assert not any(m.keep or m.kept for m in layers)
+
+
+def test_a_compiled_many_rows_product_traces_and_keeps_nothing():
+    q = layer()
+    x = torch.randn(ROWS, 64)
+    torch._dynamo.reset()
+    with keep_dequantized(q):
+        out = torch.compile(q, fullgraph=True, dynamic=False)(x)
+        assert q.kept is None
+    torch.testing.assert_close(out, q(x))

@@ -92,14 +92,17 @@ class QuantizedLinear(nn.Module):
     def many_rows_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight: the one kept from an earlier call while `keep` is set and the
         buffers (codes, scales, minimums) are the same tensors, unchanged since (their version
-        counters), else made now."""
+        counters), else made now. Traced code (torch.compile) always dequantizes: nothing to
+        keep between calls of a graph."""
+        if torch.compiler.is_compiling():
+            return self.dequantize(dtype)
         state = tuple((b, _version(b)) for b in self.buffers(recurse=False))
         kept = self.kept
         if kept is not None and kept[1].dtype == dtype and len(kept[0]) == len(state) and all(
                 a is b and u == v for (a, u), (b, v) in zip(kept[0], state)):
             return kept[1]
         w = self.dequantize(dtype)
-        keep = self.keep and all(v is not None for _, v in state) and not torch.compiler.is_compiling()
+        keep = self.keep and all(v is not None for _, v in state)
         self.kept = (state, w) if keep else None
         return w
 
