@@ -74,7 +74,9 @@ def write_pairs(directory: Path, tokenizer, count: int) -> tuple[Path, Path]:
     from camelid.align.preference import build_preferences, encode_pair, to_pair
 
     demo = [json.loads(line) for line in build_preferences(directory / "demo")["train"].read_text().splitlines()]
-    passages = [r["prompt"].split("\n\n", 1)[-1] for r in demo]
+    # the demo writes its prompts as one user message; each pair here takes it as a plain prompt
+    prompts = [r["prompt"] if "prompt" in r else r["messages"][-1]["content"] for r in demo]
+    passages = [p.split("\n\n", 1)[-1] for p in prompts]
 
     def tail(start: int) -> str:
         text, i = "", start
@@ -85,7 +87,7 @@ def write_pairs(directory: Path, tokenizer, count: int) -> tuple[Path, Path]:
 
     records = []
     for i, r in enumerate(demo):
-        record = {"prompt": r["prompt"], "chosen": r["chosen"] + "." + tail(i + 1),
+        record = {"prompt": prompts[i], "chosen": r["chosen"] + "." + tail(i + 1),
                   "rejected": r["rejected"] + "." + tail(i + 9)}
         pair = encode_pair(to_pair(record, f"pair {i}"), tokenizer)
         if pair.prompt_len <= MAX_PROMPT and min(len(pair.chosen.ids), len(pair.rejected.ids)) > SEQ:

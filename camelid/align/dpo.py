@@ -36,6 +36,7 @@ from camelid.atomic import atomic_path
 from camelid.distributed.parallelize import gather
 from camelid.errors import CamelidError
 from camelid.lora import adapters_disabled
+from camelid.quant.layers import keep_dequantized
 
 REFERENCE = "reference.pt"
 SPLITS = ("train", "val", "heldout")
@@ -129,7 +130,8 @@ class DPOTrainer(PairwiseTrainer):
         out = torch.zeros(len(self.pairs_of(split)), 2, dtype=torch.float32)
         was_training = model.training
         model.eval()
-        with adapters_disabled(model):
+        # one pass over every pair: a quantized base (QLoRA) is dequantized once, not per batch
+        with adapters_disabled(model), keep_dequantized(model):
             for batch in self._loader(split, 0).one_pass():
                 b = batch.to(self.device)
                 with self._autocast():

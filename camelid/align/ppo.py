@@ -48,6 +48,7 @@ from camelid.generate.core import Engine
 from camelid.generate.llm import compile_supported
 from camelid.generate.sampling import SamplingParams
 from camelid.lora import adapters_disabled
+from camelid.quant.layers import keep_dequantized
 from camelid.train.optim import lr_at
 
 SAMPLES = "samples.jsonl"   # a few completions per rl.sample_interval steps, with their rewards
@@ -138,15 +139,18 @@ class PPOTrainer(FinetuneTrainer):
         seq = Sequences.of(rows, completions, self.tokenizer.pad_id or 0)
         parts: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": [], "values": [], "ref_logp": []}
         width = seq.mask.size(1)
-        for start in range(0, len(rows), r.minibatch):
-            which = torch.arange(start, min(start + r.minibatch, len(rows)))
-            sub = seq.rows(which).to(self.device)
-            with self._autocast():
-                fig = token_figures(self.model, sub, r.temperature, self._value_head(), entropy=True)
-                ref = self._reference_figures(sub)
-            for name, t in (("logp", fig.logp), ("entropy", fig.entropy), ("values", fig.values), ("ref_logp", ref)):
-                if t is not None:
-                    parts[name].append(nn.functional.pad(t.float(), (0, width - t.size(1))))
+        # a quantized base (QLoRA) is dequantized once for all of the rollout's scoring passes
+        with keep_dequantized(self.model):
+            for start in range(0, len(rows), r.minibatch):
+                which = torch.arange(start, min(start + r.minibatch, len(rows)))
+                sub = seq.rows(which).to(self.device)
+                with self._autocast():
+                    fig = token_figures(self.model, sub, r.temperature, self._value_head(), entropy=True)
+                    ref = self._reference_figures(sub)
+                for name, t in (("logp", fig.logp), ("entropy", fig.entropy), ("values", fig.values),
+                                ("ref_logp", ref)):
+                    if t is not None:
+                        parts[name].append(nn.functional.pad(t.float(), (0, width - t.size(1))))
         out = {name: torch.cat(ts) for name, ts in parts.items() if ts}
         out["mask"] = seq.mask.to(self.device)
         out["scores"] = self.reward(rows, completions).to(self.device, torch.float32)

@@ -7,6 +7,10 @@ continuations in one batch, each row at its own positions (the generation core,
 `camelid.generate.core`). The output head runs only at the positions that are
 scored, never over the whole context. Groups run longest first, as lm-evaluation-harness orders them, so
 that memory problems show up at once and the progress bar's estimate errs on the safe side.
+
+A quantized model's layers keep their dequantized weights while a scoring call runs (up to
+`keep_budget` bytes, `camelid.quant.layers.keep_dequantized`), instead of dequantizing them
+again for every batch; the log-likelihoods are the same either way.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from tqdm import tqdm
 
 from camelid.eval.requests import Encoded, Generate, Loglikelihood, Rolling, encode_chat_pair, encode_pair, prefix_token
 from camelid.generate import LLM, SamplingParams
+from camelid.quant.layers import KEEP_BUDGET, keep_dequantized
 
 
 class Scorer:
-    def __init__(self, llm: LLM, max_length: int | None = None, batch_size: int = 16, progress: bool = False):
+    def __init__(self, llm: LLM, max_length: int | None = None, batch_size: int = 16, progress: bool = False,
+                 keep_budget: int = KEEP_BUDGET):
         self.llm = llm
+        self.keep_budget = keep_budget
         self.engine = llm.engine
         self.tok = llm.tokenizer
         self.max_length = min(max_length or llm.config.max_seq_len, llm.config.max_seq_len)
@@ -47,7 +54,7 @@ class Scorer:
                                                            max(len(encoded[i].continuation) for i in idx)))
         results: list[tuple[float, bool] | None] = [None] * len(encoded)
         bar = tqdm(total=len(encoded), desc="log-likelihoods", unit="req", disable=not self.progress, leave=False)
-        with torch.inference_mode():
+        with torch.inference_mode(), keep_dequantized(self.llm.model, self.keep_budget):
             # batches of up to batch_size contexts and 4 x batch_size continuations
             batch: list[list[int]] = []
             for idx in order + [[]]:
@@ -143,7 +150,7 @@ class Scorer:
         tokens of context beyond its window's own)."""
         stride = stride or self.max_length
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), keep_dequantized(self.llm.model, self.keep_budget):
             for r in tqdm(requests, desc="perplexity", unit="doc", disable=not self.progress, leave=False):
                 tokens = [prefix_token(self.tok)] + self.tok.encode(r.text, special=False)
                 total, n = 0.0, len(tokens) - 1

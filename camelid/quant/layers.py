@@ -15,9 +15,15 @@ choices are in docs/cpu-kernels.md):
   multiplies bfloat16 natively (AVX512-BF16, AMX) that product runs in bfloat16: the weights
   carry 4 or 8 bits, so bfloat16's 8-bit mantissa on the activations adds little (perplexity
   table in the README).
+  Scoring runs the same layers thousands of times (evaluation, a DPO reference pass): inside
+  `keep_dequantized(model)` each layer keeps the weight it dequantized, up to a memory budget,
+  and drops it on leaving (docs/profile-prefill.md has the measurements).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +41,9 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 NATIVE_BF16 = native_bf16("cpu")
+# Bytes of dequantized weights that `keep_dequantized` holds at most by default: all of a small
+# model's (SmolLM2-135M: 270 MB in bfloat16), a few layers of a 7B one, never a surprise.
+KEEP_BUDGET = 1 << 30
 
 
 class QuantizedLinear(nn.Module):
@@ -49,6 +58,8 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(name, t)
         # built (or found built) here, eagerly, never while torch.compile traces a forward
         self.fused = self.group_size % self.lanes == 0 and kernels.available()
+        self.keep = False   # set by keep_dequantized: hold the many-rows weight between calls
+        self.kept: tuple[tuple, torch.Tensor] | None = None   # (what the buffers were, the weight made of them)
 
     def stored(self) -> QuantizedTensor:
         return QuantizedTensor.from_buffers(dict(self.named_buffers()))
@@ -76,13 +87,62 @@ class QuantizedLinear(nn.Module):
         if torch.compiler.is_compiling() and x.shape[-2] == 1:
             return self.one_row_compiled(x)
         dtype = torch.bfloat16 if NATIVE_BF16 and x.device.type == "cpu" and x.dtype == torch.float32 else x.dtype
-        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+        return F.linear(x.to(dtype), self.many_rows_weight(dtype)).to(x.dtype)
+
+    def many_rows_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight: the one kept from an earlier call while `keep` is set and the
+        buffers (codes, scales, minimums) are the same tensors, unchanged since (their version
+        counters), else made now. Traced code (torch.compile) always dequantizes: nothing to
+        keep between calls of a graph."""
+        if torch.compiler.is_compiling():
+            return self.dequantize(dtype)
+        state = tuple((b, _version(b)) for b in self.buffers(recurse=False))
+        kept = self.kept
+        if kept is not None and kept[1].dtype == dtype and len(kept[0]) == len(state) and all(
+                a is b and u == v for (a, u), (b, v) in zip(kept[0], state)):
+            return kept[1]
+        w = self.dequantize(dtype)
+        keep = self.keep and all(v is not None for _, v in state)
+        self.kept = (state, w) if keep else None
+        return w
 
     def few_rows(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def one_row_compiled(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def keep_dequantized(model: nn.Module, budget: int = KEEP_BUDGET) -> Iterator[None]:
+    """Inside, the quantized layers of `model` keep the weight they dequantize for a product of
+    many rows (layer by layer in the model's order, as long as the kept weights fit in `budget`
+    bytes; 0 keeps nothing); on leaving, every kept weight is dropped. For runs that score many
+    batches with frozen weights: a weight changed meanwhile is dequantized afresh."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    itemsize = 2 if NATIVE_BF16 else 4   # the products' dtype on CPUs (see product)
+    chosen, total = [], 0
+    for layer in layers:
+        size = itemsize * layer.out_features * layer.in_features
+        if total + size <= budget and not layer.keep:   # an enclosing keep_dequantized owns the rest
+            chosen.append(layer)
+            total += size
+    for layer in chosen:
+        layer.keep = True
+    try:
+        yield
+    finally:
+        for layer in chosen:
+            layer.keep, layer.kept = False, None
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change), None for a tensor made
+    under inference_mode, which has none: its weight is then never kept."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class DequantizedProduct(torch.autograd.Function):
