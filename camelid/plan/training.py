@@ -33,7 +33,7 @@ throughout, as they are from the second micro-batch of an accumulated step on. P
                the products, and wo and w2 produce whole [N, dim] partial sums before their
                reduce-scatter, which selective checkpointing keeps.
   working      the largest transient beyond the saved activations, of three moments: the fused
-               loss (camelid.train.loss) computing a chunk of c = 2^25 / vocab rows of logits (the
+               loss (camelid.train.loss) computing a chunk of c = 2^24 / vocab rows of logits (the
                logits, their softmax (fp32: the log-softmax; bf16: bf16 probabilities) and, from
                the second chunk on, the previous chunk's probabilities still bound: 12 * c * vocab
                bytes, 6 in bf16)

@@ -14,8 +14,9 @@ import torch
 
 IGNORE = -100    # a target with no loss (a prompt token, padding, the end of a packed example), as in
                  # torch.nn.functional.cross_entropy's default ignore_index
-SLAB = 1 << 25  # logits per slab (128 MB in fp32): 1024 rows for a 32k vocabulary, measured
-                # fastest on a 2-core CPU; smaller slabs make the matrix products less efficient
+SLAB = 1 << 24  # logits per slab (64 MB in fp32): 512 rows for a 32k vocabulary, measured fastest on
+                # a 2-core CPU in fp32 and bf16 (docs/profile-training.md); 256 rows make the matrix
+                # products less efficient, 1024 spill the slab's element-wise passes further from cache
 
 
 def _softmax_grad_fp32(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
