@@ -34,9 +34,8 @@ throughout, as they are from the second micro-batch of an accumulated step on. P
                reduce-scatter, which selective checkpointing keeps.
   working      the largest transient beyond the saved activations, of three moments: the fused
                loss (camelid.train.loss) computing a chunk of c = 2^24 / vocab rows of logits (the
-               logits, their softmax (fp32: the log-softmax; bf16: bf16 probabilities) and, from
-               the second chunk on, the previous chunk's probabilities still bound: 12 * c * vocab
-               bytes, 6 in bf16)
+               logits, their softmax in the same dtype and, from the second chunk on, the previous
+               chunk's probabilities still bound: 12 * c * vocab bytes, 6 in bf16)
                beside its fp32 head gradient and [N, dim] input gradient; the loss's backward
                (two fp32 head gradients); and the last block's backward, which recomputes what
                the block did not save, with the gradients of its FFN and of one weight in flight
@@ -187,7 +186,7 @@ def loss_chunk(c: ModelConfig, n: int, a: int) -> int:
     rows = min(n, max(1, LOSS_SLAB // v))
 
     def logits(r: int) -> int:
-        """A chunk's logits and their softmax (fp32: the log-softmax; bf16: the probabilities)."""
+        """A chunk's logits and their softmax, in the same dtype."""
         return 2 * a * r * v
 
     # from the second chunk on, the previous chunk's probabilities are still bound to their name

@@ -19,31 +19,22 @@ SLAB = 1 << 24  # logits per slab (64 MB in fp32): 512 rows for a 32k vocabulary
                 # products less efficient, 1024 spill the slab's element-wise passes further from cache
 
 
-def _softmax_grad_fp32(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d loss / d logits, minus the summed loss) of fp32 logits, the gradient in their buffer.
-    log-softmax, not log(softmax): a confident wrong answer must give a large finite loss, not
-    log(0)."""
-    rows = torch.arange(targets.shape[0], device=targets.device)
-    probs = torch.log_softmax(logits, dim=-1)
-    picked = probs[rows, targets].sum()
-    probs.exp_()
-    probs[rows, targets] -= 1.0
-    return probs, picked
+def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d logits, minus the summed loss) of a chunk of logits, the gradient in the
+    logits' dtype. In bf16 there is no fp32 copy of the logits: softmax accumulates in fp32 and
+    writes the probabilities in bf16, which is what the head's two backward products take
+    anyway. One softmax pass replaces log-softmax, exp and (in bf16) the cast back, which cost
+    three times as much (docs/profile-training.md).
 
-
-def _softmax_grad_low(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same for bf16 (or fp16) logits, with no fp32 copy of them: softmax accumulates in fp32
-    and writes the probabilities in the logits' dtype, which is what the head's two backward
-    products take anyway (docs/profile-training.md: the fp32 log-softmax, its exp and the cast
-    back cost more than the softmax itself). The loss needs each row's log-sum-exp in fp32,
-    exactly: the largest logit x_m has probability exp(x_m - lse), which the softmax gives to
-    within its rounding (2^-9 relative in bf16, so lse to within 0.002) and which is never below
-    1/vocab, so the log stays finite however confident a mistake; then
-    -log p(target) = lse - x_target."""
+    The loss needs each row's log-sum-exp in fp32, exactly: the largest logit x_m has the largest
+    probability, exp(x_m - lse), which the softmax gives to within its rounding (2^-9 relative
+    in bf16, so lse to within 0.002) and which is never below 1/vocab, so the log stays finite
+    however confident a mistake (where log(softmax) of the target would be log(0)); then
+    -log p(target) = lse - x_target. (amax, not argmax: argmax over bf16 is not vectorised and
+    cost more than the softmax.)"""
     rows = torch.arange(targets.shape[0], device=targets.device)
-    top = logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
-    lse = logits[rows, top].float() - probs[rows, top].float().log()
+    lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).float().log()
     picked = (logits[rows, targets].float() - lse).sum()
     probs[rows, targets] -= 1.0
     return probs, picked
@@ -64,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
             # the logits [chunk, vocab] are bound only inside the softmax: its gradient replaces them
-            g, chunk_loss = (_softmax_grad_fp32 if fp32 else _softmax_grad_low)(hc @ w.t(), tc)
+            g, chunk_loss = _softmax_grad(hc @ w.t(), tc)
             loss -= chunk_loss
             torch.mm(g, w, out=grad_h[start:start + chunk])
             if want_w and fp32:
