@@ -82,7 +82,7 @@ def test_fused_adamw_steps_equal_foreach():
 
 @pytest.mark.skipif(not native_bf16("cpu"), reason="bfloat16 is emulated on this CPU (slow)")
 def test_compiled_training_steps_match_eager(tmp_path):
-    """train.compile (the default) against --train.compile=false: the same losses and gradient
+    """--train.compile=true against the eager blocks: the same losses and gradient
     norms over a few bf16 steps of the same run."""
     from camelid.train import Trainer, load_train_config
 
