@@ -80,6 +80,7 @@ def test_fused_adamw_steps_equal_foreach():
     assert any(not torch.equal(a, before) for a, before in zip(model.parameters(), start.parameters()))
 
 
+@pytest.mark.slow  # inductor compiles the tiny model's block: about a minute on 2 cores
 @pytest.mark.skipif(not native_bf16("cpu"), reason="bfloat16 is emulated on this CPU (slow)")
 def test_compiled_training_steps_match_eager(tmp_path):
     """--train.compile=true against the eager blocks: the same losses and gradient
