@@ -33,9 +33,9 @@ throughout, as they are from the second micro-batch of an accumulated step on. P
                the products, and wo and w2 produce whole [N, dim] partial sums before their
                reduce-scatter, which selective checkpointing keeps.
   working      the largest transient beyond the saved activations, of three moments: the fused
-               loss (camelid.train.loss) computing a chunk of c = 2^25 / vocab rows of logits (the
-               logits, in bf16 their fp32 copy, the fp32 log-softmax and, from the second chunk on,
-               the previous chunk's probabilities still bound: 12 * c * vocab bytes, 16 in bf16)
+               loss (camelid.train.loss) computing a chunk of c = 2^24 / vocab rows of logits (the
+               logits, their softmax in the same dtype and, from the second chunk on, the previous
+               chunk's probabilities still bound: 12 * c * vocab bytes, 6 in bf16)
                beside its fp32 head gradient and [N, dim] input gradient; the loss's backward
                (two fp32 head gradients); and the last block's backward, which recomputes what
                the block did not save, with the gradients of its FFN and of one weight in flight
@@ -186,15 +186,15 @@ def loss_chunk(c: ModelConfig, n: int, a: int) -> int:
     rows = min(n, max(1, LOSS_SLAB // v))
 
     def logits(r: int) -> int:
-        """A chunk's logits, their fp32 copy (in bf16 log_softmax upcasts first) and log-softmax."""
-        return (a + FP32 + FP32 * bf16) * r * v
+        """A chunk's logits and their softmax, in the same dtype."""
+        return 2 * a * r * v
 
-    # from the second chunk on, the previous chunk's probabilities (and their bf16 copy) are still
-    # bound to their names while the next chunk's logits are computed
+    # from the second chunk on, the previous chunk's probabilities are still bound to their name
+    # while the next chunk's logits and softmax are computed
     later = min(rows, n - rows)
-    carried = (logits(later) + (FP32 + 2 * bf16) * rows * v) if later else 0
-    # bf16: probabilities, their bf16 copy and the bf16 [vocab, dim] product added to grad_w
-    update = ((FP32 + 2) * rows * v + 2 * v * c.dim) * bf16
+    carried = (logits(later) + a * rows * v) if later else 0
+    # bf16: the probabilities and the bf16 [vocab, dim] product added to grad_w
+    update = (a * rows * v + a * v * c.dim) * bf16
     return max(logits(rows), carried, update)
 
 

@@ -4,8 +4,8 @@ The head of a small model dominates training: for the stories15M shape the [toke
 logits and their fp32 log-softmax cost more than the six transformer blocks together. Here the
 head's matrix product, the softmax and both gradients are computed chunk by chunk in the
 forward pass (as Liger-Kernel's fused linear cross-entropy does on GPUs), so a [chunk, vocab]
-slab is all that ever exists: no fp32 copy of the logits, no separate log-softmax backward. The backward pass only scales the
-gradients already computed.
+slab is all that ever exists: no fp32 copy of the logits, no separate log-softmax backward. The
+backward pass only scales the gradients already computed.
 """
 
 from __future__ import annotations
@@ -14,8 +14,30 @@ import torch
 
 IGNORE = -100    # a target with no loss (a prompt token, padding, the end of a packed example), as in
                  # torch.nn.functional.cross_entropy's default ignore_index
-SLAB = 1 << 25  # logits per slab (128 MB in fp32): 1024 rows for a 32k vocabulary, measured
-                # fastest on a 2-core CPU; smaller slabs make the matrix products less efficient
+SLAB = 1 << 24  # logits per slab (64 MB in fp32): 512 rows for a 32k vocabulary, measured fastest on
+                # a 2-core CPU in fp32 and bf16 (docs/profile-training.md); 256 rows make the matrix
+                # products less efficient, 1024 spill the slab's element-wise passes further from cache
+
+
+def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d logits, minus the summed loss) of a chunk of logits, the gradient in the
+    logits' dtype. In bf16 there is no fp32 copy of the logits: softmax accumulates in fp32 and
+    writes the probabilities in bf16, which is what the head's two backward products take
+    anyway. One softmax pass replaces log-softmax, exp and (in bf16) the cast back, which cost
+    three times as much (docs/profile-training.md).
+
+    The loss needs each row's log-sum-exp in fp32, exactly: the largest logit x_m has the largest
+    probability, exp(x_m - lse), which the softmax gives to within its rounding (2^-9 relative
+    in bf16, so lse to within 0.002) and which is never below 1/vocab, so the log stays finite
+    however confident a mistake (where log(softmax) of the target would be log(0)); then
+    -log p(target) = lse - x_target. (amax, not argmax: argmax over bf16 is not vectorised and
+    cost more than the softmax.)"""
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    probs = torch.softmax(logits, dim=-1)
+    lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).float().log()
+    picked = (logits[rows, targets].float() - lse).sum()
+    probs[rows, targets] -= 1.0
+    return probs, picked
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,14 +54,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         fp32 = compute_dtype == torch.float32
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
-            rows = torch.arange(tc.shape[0], device=tc.device)
-            # log-softmax, not log(softmax): a confident wrong answer must give a large finite
-            # loss, not log(0)
-            probs = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # [chunk, vocab]
-            loss -= probs[rows, tc].sum()
-            probs.exp_()
-            probs[rows, tc] -= 1.0                                               # d loss / d logits
-            g = probs if fp32 else probs.to(compute_dtype)
+            # the logits [chunk, vocab] are bound only inside the softmax: its gradient replaces them
+            g, chunk_loss = _softmax_grad(hc @ w.t(), tc)
+            loss -= chunk_loss
             torch.mm(g, w, out=grad_h[start:start + chunk])
             if want_w and fp32:
                 grad_w.addmm_(g.t(), hc)
@@ -62,8 +79,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """sum over rows of cross_entropy(hidden @ weight.T, targets), for hidden [N, d], weight [V, d].
     Rows whose target is IGNORE add nothing and get a zero gradient.
 
-    Under autocast the product runs in the autocast dtype, as F.linear would; the softmax and
-    the loss are always fp32."""
+    Under autocast the products run in the autocast dtype, as F.linear would; the softmax
+    accumulates and the loss sums in fp32, and in bf16 the probabilities (the logits' gradient)
+    are bf16, as autocast's backward of F.linear would have them."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     keep = targets != IGNORE
