@@ -34,9 +34,10 @@ class QuantizedDecodeBlock(TransformerBlock):
         layers = [self.get_submodule(name) for name in PRODUCTS]
         int4 = isinstance(layers[0], Int4Linear)
         return torch.ops.camelid.decode_block(
-            x, self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps,
+            x.contiguous(), self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps,
             [m.weight for m in layers], [m.scales for m in layers], [m.mins for m in layers] if int4 else [],
-            [m.group_size for m in layers], True, rotation, cache.k, cache.v, positions, self.attention.n_heads)
+            [m.group_size for m in layers], True, rotation.contiguous(), cache.k, cache.v, positions.contiguous(),
+            self.attention.n_heads)
 
 
 def fusable(block: torch.nn.Module) -> bool:

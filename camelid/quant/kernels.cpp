@@ -380,6 +380,34 @@ void run(const Activations& a, const std::vector<Weight>& weights, Kernel kernel
   }
 }
 
+// y = W x for each weight, x [rows, in] float: the kernels for the CPU (checks are the caller's)
+void run_int8(const float* x, int64_t rows, int64_t in, int64_t group, const std::vector<Weight>& weights) {
+  const Activations a(x, rows, in, group, false, false);
+  run(a, weights, [&](auto M, const Weight& w, int64_t m0, int64_t lo, int64_t hi) {
+    int8_rows<decltype(M)::value>(a, w, m0, lo, hi);
+  });
+}
+
+void run_int4(const float* x, int64_t rows, int64_t in, int64_t group, const std::vector<Weight>& weights,
+              bool int8_activations) {
+#ifdef CAMELID_VNNI
+  const bool int8 = int8_activations;
+#else
+  const bool int8 = false;
+#endif
+  const Activations a(x, rows, in, group, true, int8);
+  run(a, weights, [&](auto M, const Weight& w, int64_t m0, int64_t lo, int64_t hi) {
+    constexpr int rows = decltype(M)::value;
+#ifdef CAMELID_VNNI_WIDE
+    if (a.wide) return int4_rows_vnni_wide<rows>(a, w, m0, lo, hi);
+#endif
+#ifdef CAMELID_VNNI
+    if (int8) return int4_rows_vnni<rows>(a, w, m0, lo, hi);
+#endif
+    int4_rows<rows>(a, w, m0, lo, hi);
+  });
+}
+
 // Each conversion is skipped when the tensor already is as stored: a decode step makes these
 // calls hundreds of times per token, and every dispatched no-op costs a fraction of a microsecond.
 at::Tensor as(const at::Tensor& t, at::ScalarType type) {
@@ -448,10 +476,7 @@ std::vector<at::Tensor> int8_gemv_many(const at::Tensor& x, at::TensorList codes
   const int64_t in = codes[0].size(1);
   Call call(x, in, group, kLanes);
   for (size_t i = 0; i < codes.size(); ++i) call.add(codes[i], scales[i], nullptr, at::kChar, at::kFloat, in);
-  const Activations a(call.x.data_ptr<float>(), call.x.size(0), in, group, false, false);
-  run(a, call.weights, [&](auto M, const Weight& w, int64_t m0, int64_t lo, int64_t hi) {
-    int8_rows<decltype(M)::value>(a, w, m0, lo, hi);
-  });
+  run_int8(call.x.data_ptr<float>(), call.x.size(0), in, group, call.weights);
   return call.results(x);
 }
 
@@ -463,22 +488,7 @@ std::vector<at::Tensor> int4_gemv_many(const at::Tensor& x, at::TensorList codes
   const int64_t in = codes[0].size(1) * 2;
   Call call(x, in, group, 2 * kLanes);
   for (size_t i = 0; i < codes.size(); ++i) call.add(codes[i], scales[i], &mins[i], at::kByte, at::kHalf, in);
-#ifdef CAMELID_VNNI
-  const bool int8 = int8_activations;
-#else
-  const bool int8 = false;
-#endif
-  const Activations a(call.x.data_ptr<float>(), call.x.size(0), in, group, true, int8);
-  run(a, call.weights, [&](auto M, const Weight& w, int64_t m0, int64_t lo, int64_t hi) {
-    constexpr int rows = decltype(M)::value;
-#ifdef CAMELID_VNNI_WIDE
-    if (a.wide) return int4_rows_vnni_wide<rows>(a, w, m0, lo, hi);
-#endif
-#ifdef CAMELID_VNNI
-    if (int8) return int4_rows_vnni<rows>(a, w, m0, lo, hi);
-#endif
-    int4_rows<rows>(a, w, m0, lo, hi);
-  });
+  run_int4(call.x.data_ptr<float>(), call.x.size(0), in, group, call.weights, int8_activations);
   return call.results(x);
 }
 
@@ -571,31 +581,22 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const s
 // static shape reads the whole cache. The same math as camelid/model/transformer.py, in fp32:
 // RMSNorm, rotation of adjacent pairs, softmax over the positions seen, SwiGLU.
 
-// x [rows, dim] normalised (RMSNorm) and scaled by the gain
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& gain, double eps) {
-  const int64_t rows = x.size(0), dim = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* g = gain.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y [rows, dim]: x normalised (RMSNorm) and scaled by the gain
+void rms_norm(const float* x, const float* gain, float eps, int64_t rows, int64_t dim, float* y) {
   for (int64_t r = 0; r < rows; ++r) {
     float ss = 0.f;
-    for (int64_t i = 0; i < dim; ++i) ss += xp[r * dim + i] * xp[r * dim + i];
-    const float inv = 1.f / std::sqrt(ss / dim + static_cast<float>(eps));
-    for (int64_t i = 0; i < dim; ++i) yp[r * dim + i] = xp[r * dim + i] * inv * g[i];
+    for (int64_t i = 0; i < dim; ++i) ss += x[r * dim + i] * x[r * dim + i];
+    const float inv = 1.f / std::sqrt(ss / dim + eps);
+    for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = x[r * dim + i] * inv * gain[i];
   }
-  return y;
 }
 
 // Rotate adjacent pairs of each head of t [rows, heads * D] by rotation [rows or 1, D / 2, 2].
-void rotate(at::Tensor& t, const at::Tensor& rotation, int64_t heads, int64_t D) {
-  const int64_t rows = t.size(0), shared = rotation.size(0) == 1;
-  float* p = t.data_ptr<float>();
-  const float* rot = rotation.data_ptr<float>();
+void rotate(float* t, const float* rotation, bool shared, int64_t rows, int64_t heads, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* cs = rot + (shared ? 0 : r) * D;
+    const float* cs = rotation + (shared ? 0 : r) * D;
     for (int64_t h = 0; h < heads; ++h) {
-      float* v = p + (r * heads + h) * D;
+      float* v = t + (r * heads + h) * D;
       for (int64_t i = 0; i < D / 2; ++i) {
         const float a = v[2 * i], b = v[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
         v[2 * i] = a * c - b * s;
@@ -605,70 +606,112 @@ void rotate(at::Tensor& t, const at::Tensor& rotation, int64_t heads, int64_t D)
   }
 }
 
-std::vector<at::Tensor> products(const at::Tensor& x, at::TensorList codes, at::TensorList scales, at::TensorList mins,
-                                 std::initializer_list<int> which, at::IntArrayRef groups, bool int8_activations) {
-  // weights sharing an input share a group size (fusable() in block.py checks it)
-  const int64_t group = groups[*which.begin()];
-  std::vector<at::Tensor> c, s, m;
-  for (int i : which) {
-    c.push_back(codes[i]);
-    s.push_back(scales[i]);
-    if (!mins.empty()) m.push_back(mins[i]);
-  }
-  return mins.empty() ? int8_gemv_many(x, c, s, group) : int4_gemv_many(x, c, s, m, group, int8_activations);
-}
+// The seven products of a block (wq, wk, wv, wo, w1, w3, w2), checked once per call.
+struct BlockWeights {
+  Weight w[7];
+  int64_t in[7], group[7];
+  bool int4;
 
-at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
+  BlockWeights(at::TensorList codes, at::TensorList scales, at::TensorList mins, at::IntArrayRef groups) {
+    TORCH_CHECK(codes.size() == 7 && scales.size() == 7 && groups.size() == 7 && (mins.empty() || mins.size() == 7),
+                "decode_block: wq, wk, wv, wo, w1, w3, w2");
+    int4 = !mins.empty();
+    for (int i = 0; i < 7; ++i) {
+      const at::Tensor &c = codes[i], &s = scales[i];
+      TORCH_CHECK(c.dim() == 2 && c.is_contiguous() && c.scalar_type() == (int4 ? at::kByte : at::kChar) &&
+                      s.is_contiguous() && s.scalar_type() == (int4 ? at::kHalf : at::kFloat),
+                  "decode_block: contiguous codes and scales as the layers store them");
+      in[i] = c.size(1) * (int4 ? 2 : 1);
+      group[i] = groups[i];
+      TORCH_CHECK(group[i] > 0 && in[i] % group[i] == 0 && group[i] % (int4 ? 2 * kLanes : kLanes) == 0,
+                  "decode_block: group size ", group[i], " does not suit ", in[i], " columns");
+      check_group_shapes(c, s, int4 ? &mins[i] : nullptr, in[i] / group[i]);
+      if (int4) TORCH_CHECK(mins[i].is_contiguous() && mins[i].scalar_type() == at::kHalf, "decode_block: fp16 mins");
+      w[i] = {c.data_ptr(), s.data_ptr(), int4 ? mins[i].data_ptr<at::Half>() : nullptr, c.size(0), nullptr};
+    }
+  }
+
+  // y_i = W_i x for the weights `which` (sharing an input, so one group size), into `outs`
+  void products(const float* x, int64_t rows, std::initializer_list<int> which, std::initializer_list<float*> outs,
+                bool int8_activations) const {
+    std::vector<Weight> ws;
+    auto out = outs.begin();
+    for (int i : which) {
+      ws.push_back(w[i]);
+      ws.back().y = *out++;
+    }
+    const int first = *which.begin();
+    if (int4)
+      run_int4(x, rows, in[first], group[first], ws, int8_activations);
+    else
+      run_int8(x, rows, in[first], group[first], ws);
+  }
+};
+
+at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps_,
                         at::TensorList codes, at::TensorList scales, at::TensorList mins, at::IntArrayRef groups,
-                        bool int8_activations, const at::Tensor& rotation_, const at::Tensor& cache_k,
-                        const at::Tensor& cache_v, const at::Tensor& positions_, int64_t n_heads) {
-  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.size(-2) == 1, "decode_block: one float32 token per row");
-  TORCH_CHECK(codes.size() == 7 && scales.size() == 7 && groups.size() == 7 && (mins.empty() || mins.size() == 7),
-              "decode_block: wq, wk, wv, wo, w1, w3, w2");
+                        bool int8_activations, const at::Tensor& rotation, const at::Tensor& cache_k,
+                        const at::Tensor& cache_v, const at::Tensor& positions, int64_t n_heads) {
+  const BlockWeights weights(codes, scales, mins, groups);
+  const int64_t rows = x_.size(0), dim = x_.size(-1), K = cache_k.size(1), slots = cache_k.size(2), D = cache_k.size(3);
+  const int64_t H = n_heads, per_kv = H / K, ffn = weights.w[4].out;
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.is_contiguous() && x_.numel() == rows * dim,
+              "decode_block: one contiguous float32 token per row");
+  for (const at::Tensor* t : {&attention_norm, &ffn_norm, &rotation})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "decode_block: contiguous float32 norms and rotation");
+  TORCH_CHECK(attention_norm.numel() == dim && ffn_norm.numel() == dim, "decode_block: norms of ", dim);
   TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_v.scalar_type() == at::kFloat && cache_k.dim() == 4 &&
               cache_k.sizes() == cache_v.sizes() && cache_k.strides() == cache_v.strides() && cache_k.stride(3) == 1,
               "decode_block: float32 caches [rows, kv heads, slots, head dim]");
-  const int64_t rows = x_.size(0), dim = x_.size(-1), K = cache_k.size(1), slots = cache_k.size(2), D = cache_k.size(3);
-  const int64_t H = n_heads, per_kv = H / K;
-  TORCH_CHECK(cache_k.size(0) >= rows && H % K == 0 && D % 2 == 0, "decode_block: cache and heads do not fit");
-  const at::Tensor x = x_.reshape({rows, dim}).contiguous();
-  const at::Tensor positions = positions_.to(at::kLong).reshape({-1}).contiguous();
-  const at::Tensor rotation = rotation_.to(at::kFloat).reshape({-1, D}).contiguous();  // [rows or 1, D/2 * 2]
-  TORCH_CHECK(positions.numel() == rows || positions.numel() == 1, "decode_block: one position per row");
+  TORCH_CHECK(cache_k.size(0) >= rows && H % K == 0 && D % 2 == 0 && weights.w[0].out == H * D &&
+              weights.w[1].out == K * D && weights.in[0] == dim && weights.in[3] == H * D && weights.in[6] == ffn,
+              "decode_block: the cache, heads and weights do not fit");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+              (positions.numel() == rows || positions.numel() == 1), "decode_block: one int64 position per row");
+  TORCH_CHECK(rotation.numel() == positions.numel() * D, "decode_block: one rotation per position");
   const int64_t* pos = positions.data_ptr<int64_t>();
   auto position = [&](int64_t r) { return pos[positions.numel() == 1 ? 0 : r]; };
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(position(r) >= 0 && position(r) < slots, "decode_block: position ", position(r), " outside the cache's ",
                 slots, " slots");
+  const float eps = static_cast<float>(eps_);
+
+  // every intermediate in one allocation: the normed input, q, k, v, the attention's output, w1 x, w3 x
+  at::Tensor out = at::empty_like(x_);
+  at::Tensor scratch = at::empty({rows * (dim + 2 * H * D + 2 * K * D + 2 * ffn)}, x_.options());
+  float* normed = scratch.data_ptr<float>();
+  float* q = normed + rows * dim;
+  float* k = q + rows * H * D;
+  float* v = k + rows * K * D;
+  float* attended = v + rows * K * D;
+  float* gate = attended + rows * H * D;
+  float* up = gate + rows * ffn;
+  const float* x = x_.data_ptr<float>();
+  float* h = out.data_ptr<float>();
 
   // attention
-  auto qkv = products(rms_norm(x, attention_norm, eps), codes, scales, mins, {0, 1, 2}, groups, int8_activations);
-  at::Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
-  q = q.reshape({rows, H * D}).contiguous();
-  k = k.reshape({rows, K * D}).contiguous();
-  v = v.reshape({rows, K * D}).contiguous();
-  rotate(q, rotation, H, D);
-  rotate(k, rotation, K, D);
+  rms_norm(x, attention_norm.data_ptr<float>(), eps, rows, dim, normed);
+  weights.products(normed, rows, {0, 1, 2}, {q, k, v}, int8_activations);
+  const bool shared = positions.numel() == 1;
+  rotate(q, rotation.data_ptr<float>(), shared, rows, H, D);
+  rotate(k, rotation.data_ptr<float>(), shared, rows, K, D);
   float* ck = cache_k.data_ptr<float>();
   float* cv = cache_v.data_ptr<float>();
   const int64_t s0 = cache_k.stride(0), s1 = cache_k.stride(1), s2 = cache_k.stride(2);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t h = 0; h < K; ++h) {
-      const int64_t at_ = r * s0 + h * s1 + position(r) * s2;
-      std::memcpy(ck + at_, k.data_ptr<float>() + (r * K + h) * D, D * sizeof(float));
-      std::memcpy(cv + at_, v.data_ptr<float>() + (r * K + h) * D, D * sizeof(float));
+    for (int64_t kh = 0; kh < K; ++kh) {
+      const int64_t slot = r * s0 + kh * s1 + position(r) * s2;
+      std::memcpy(ck + slot, k + (r * K + kh) * D, D * sizeof(float));
+      std::memcpy(cv + slot, v + (r * K + kh) * D, D * sizeof(float));
     }
-  at::Tensor attended = at::empty({rows, H * D}, x.options());
-  const float* qp = q.data_ptr<float>();
-  float* op = attended.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, rows * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> w(slots);
     for (int64_t rh = begin; rh < end; ++rh) {
-      const int64_t r = rh / H, h = rh % H, seen = position(r) + 1;
-      const float* qh = qp + rh * D;
-      const float* kb = ck + r * s0 + (h / per_kv) * s1;
-      const float* vb = cv + r * s0 + (h / per_kv) * s1;
+      const int64_t r = rh / H, seen = position(r) + 1;
+      const float* qh = q + rh * D;
+      const float* kb = ck + r * s0 + (rh % H / per_kv) * s1;
+      const float* vb = cv + r * s0 + (rh % H / per_kv) * s1;
       float top = -INFINITY;
       for (int64_t s = 0; s < seen; ++s) {
         float dot = 0.f;
@@ -678,24 +721,24 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
       }
       float total = 0.f;
       for (int64_t s = 0; s < seen; ++s) total += (w[s] = std::exp(w[s] - top));
-      float* out = op + rh * D;
-      std::fill(out, out + D, 0.f);
+      float* o = attended + rh * D;
+      std::fill(o, o + D, 0.f);
       for (int64_t s = 0; s < seen; ++s) {
         const float ws = w[s] / total;
-        for (int64_t d = 0; d < D; ++d) out[d] += ws * vb[s * s2 + d];
+        for (int64_t d = 0; d < D; ++d) o[d] += ws * vb[s * s2 + d];
       }
     }
   });
-  at::Tensor h = x + products(attended, codes, scales, mins, {3}, groups, int8_activations)[0].reshape({rows, dim});
+  weights.products(attended, rows, {3}, {h}, int8_activations);
+  for (int64_t i = 0; i < rows * dim; ++i) h[i] += x[i];
 
   // feed-forward (SwiGLU)
-  auto gate_up = products(rms_norm(h, ffn_norm, eps), codes, scales, mins, {4, 5}, groups, int8_activations);
-  at::Tensor a = gate_up[0].reshape({rows, -1}).contiguous(), b = gate_up[1].reshape({rows, -1}).contiguous();
-  float* ap = a.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
-  for (int64_t i = 0; i < a.numel(); ++i) ap[i] = ap[i] / (1.f + std::exp(-ap[i])) * bp[i];
-  h += products(a, codes, scales, mins, {6}, groups, int8_activations)[0].reshape({rows, dim});
-  return h.view(x_.sizes());
+  rms_norm(h, ffn_norm.data_ptr<float>(), eps, rows, dim, normed);
+  weights.products(normed, rows, {4, 5}, {gate, up}, int8_activations);
+  for (int64_t i = 0; i < rows * ffn; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  weights.products(gate, rows, {6}, {normed}, int8_activations);
+  for (int64_t i = 0; i < rows * dim; ++i) h[i] += normed[i];
+  return out;
 }
 
 bool has_int8_activations() {
