@@ -13,6 +13,7 @@ floor (every weight byte read once, at the machine's measured read speed) is pri
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import time
 from collections import defaultdict
@@ -98,7 +99,7 @@ def main() -> None:
     decoder = CompiledDecoder(model, cache_dir=None, background=False)
     for option in args.inductor:
         name, value = option.split("=", 1)
-        decoder.options[name] = eval(value)  # a developer's own command line
+        decoder.options[name] = ast.literal_eval(value)
     cache = llm.engine.allocate(1, args.slots)
     tokens = torch.tensor([[1]])
     with torch.inference_mode():
