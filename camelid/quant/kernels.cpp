@@ -115,7 +115,6 @@ inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(
 //   activations of their low nibbles, then the 32 of their high nibbles (the order the bytes
 //   unpack to in a 512-bit register without a shuffle), and 16 scales;
 // - "units" (AVX-VNNI, or an odd number of groups of 32): the same for each 16 bytes, in 256 bits.
-
 struct Activations {
   const float* x;
   int64_t rows, in, group;
@@ -142,8 +141,8 @@ struct Activations {
     d.resize(rows * in / 4);
     std::vector<int8_t> xq(in);
     for (int64_t r = 0; r < rows; ++r) {
-      const float* scale = &dg[r * in / 32];
-      round_row(x + r * in, xq.data(), &dg[r * in / 32]);
+      float* scale = &dg[r * in / 32];
+      round_row(x + r * in, xq.data(), scale);
       int8_t* qr = &q[r * in];
       float* dr = &d[r * in / 4];
       // code byte b holds column (b / half) * group + b % half (low nibble), and half more (high);
