@@ -24,6 +24,7 @@ from camelid.model import KVCache
 from camelid.quant import block as block_module
 from camelid.quant import kernels
 from camelid.quant import layers as quant_layers
+from camelid.quant import tiles
 from camelid.quant.blocks import QuantizedTensor, from_ggml, quantize, quantize_int4, quantize_int8, unpack_int4
 from camelid.quant.layers import layer_for
 from test_model import tiny
@@ -166,7 +167,8 @@ def test_compiled_step_runs_each_block_as_one_call(tiny_checkpoint, tmp_path, mo
     assert step.count("torch.ops.camelid.decode_block.default(") == n_layers
     # the block's products are inside its call, the head's alone outside; the cache is written
     # in place (no copy of it for the functional graph)
-    assert "int4_gemv_many" not in step and step.count("torch.ops.camelid.int8_gemv.default(") == 1
+    head = "gemv_tiles" if tiles.available() else "int8_gemv"
+    assert "int4_gemv_many" not in step and step.count(f"torch.ops.camelid.{head}.default(") == 1
     assert "copy_" not in step and "clone" not in step
     assert text == camelid.load(path, quantize="int4", compile=False).generate("Shall I compare thee",
                                                                                  max_new_tokens=4, temperature=0)

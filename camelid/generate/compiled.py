@@ -44,6 +44,7 @@ from torch import nn
 
 from camelid.model import KVCache, PagedKVCache, RotaryTable, Transformer
 from camelid.model.inductor import use_inductor_layers
+from camelid.quant import tiles
 from camelid.quant.block import use_decode_blocks
 from camelid.quant.fuse import FuseSharedInputProducts
 
@@ -170,8 +171,9 @@ class CompiledDecoder:
 
     def matches(self, model: Transformer) -> bool:
         """Whether `model` is still the model this decoder copied: no layer swapped (quantized),
-        no weight cast or moved since."""
-        return _fingerprint(model) == self.fingerprint
+        no weight cast or moved since, no quantized weight changed in place since its tiles were
+        made (camelid/quant/tiles.py)."""
+        return _fingerprint(model) == self.fingerprint and not tiles.stale(self.model)
 
     # ---- using the steps ---------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -510,7 +512,7 @@ def _structure_key(model: nn.Module, mode: str | None) -> str:
     parts += [f"{name}:{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules()]
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}:{t.device}" for n, t in tensors]
-    files = {Path(module.__file__) for module in (transformer, kv_cache, inductor, block, fuse, layers, kernels)}
+    files = {Path(module.__file__) for module in (transformer, kv_cache, inductor, block, fuse, layers, kernels, tiles)}
     # and the code of any other camelid module swapped into the model (camelid.lora's LoRALinear)
     files |= {Path(sys.modules[type(m).__module__].__file__) for m in model.modules()
               if type(m).__module__.startswith("camelid.")}

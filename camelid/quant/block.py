@@ -19,6 +19,7 @@ import torch
 
 from camelid.model.kv_cache import LayerKVCache
 from camelid.model.transformer import Attention, FeedForward, Rotary, TransformerBlock
+from camelid.quant import tiles
 from camelid.quant.layers import Int4Linear, Int8Linear
 
 PRODUCTS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -33,10 +34,15 @@ class QuantizedDecodeBlock(TransformerBlock):
             return super().forward(x, rotation, cache, positions, mask)
         layers = [self.get_submodule(name) for name in PRODUCTS]
         int4 = isinstance(layers[0], Int4Linear)
+        if tiles.has_tiles(layers[0]):
+            codes, scales = [m.tile_codes for m in layers], [m.tile_scales for m in layers]
+            mins = [m.tile_mins for m in layers] if int4 else []
+        else:
+            codes, scales = [m.weight for m in layers], [m.scales for m in layers]
+            mins = [m.mins for m in layers] if int4 else []
         return torch.ops.camelid.decode_block(
-            x.contiguous(), self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps,
-            [m.weight for m in layers], [m.scales for m in layers], [m.mins for m in layers] if int4 else [],
-            [m.group_size for m in layers], True, rotation.contiguous(), cache.k, cache.v, positions.contiguous(),
+            x.contiguous(), self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps, codes, scales,
+            mins, [m.group_size for m in layers], True, rotation.contiguous(), cache.k, cache.v, positions.contiguous(),
             self.attention.n_heads)
 
 
@@ -54,8 +60,13 @@ def fusable(block: torch.nn.Module) -> bool:
 
 
 def use_decode_blocks(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every block that can take it the one-call form, in place (its class only)."""
+    """Give every block that can take it the one-call form, in place, and its products tiles
+    where the CPU and their shapes take them (camelid/quant/tiles.py)."""
+    products = []
     for module in model.modules():
         if type(module) is TransformerBlock and fusable(module):
             module.__class__ = QuantizedDecodeBlock
-    return model
+            layers = [module.get_submodule(name) for name in PRODUCTS]
+            if all(tiles.tileable(m) for m in layers):
+                products += layers
+    return tiles.use_tiles(model, products)

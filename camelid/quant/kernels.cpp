@@ -16,6 +16,10 @@
 // weight j + g/2 in its high one (ggml's Q4_0/Q4_1 order), fp16 scales and minimums [out, in / g].
 
 #include <ATen/ATen.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstdlib>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -104,6 +108,19 @@ inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(
 #define CAMELID_VNNI_WIDE 1  // 64 codes per 512-bit register
 #endif
 
+// x's `in` columns rounded to int8 in blocks of 32, each with its scale (amax / 127)
+void round_blocks(const float* xr, int64_t in, int8_t* xq, float* scale) {
+  for (int64_t b = 0; b < in / 32; ++b) {
+    float amax = 0.f;
+    for (int k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xr[b * 32 + k]));
+    // (a block of denormals rounds to zero rather than overflow 127 / amax)
+    const float inv = amax > 1e-30f ? 127.f / amax : 0.f;
+    scale[b] = amax / 127.f;
+    for (int k = 0; k < 32; ++k)
+      xq[b * 32 + k] = static_cast<int8_t>(std::clamp(std::nearbyint(xr[b * 32 + k] * inv), -127.f, 127.f));
+  }
+}
+
 // ---- what one call shares among its weights -----------------------------------------------------
 
 // x [rows, in] and what the kernels derive from it once per call: per-group sums (for int4's
@@ -142,7 +159,7 @@ struct Activations {
     std::vector<int8_t> xq(in);
     for (int64_t r = 0; r < rows; ++r) {
       float* scale = &dg[r * in / 32];
-      round_row(x + r * in, xq.data(), scale);
+      round_blocks(x + r * in, in, xq.data(), scale);
       int8_t* qr = &q[r * in];
       float* dr = &d[r * in / 4];
       // code byte b holds column (b / half) * group + b % half (low nibble), and half more (high);
@@ -156,18 +173,6 @@ struct Activations {
             std::memcpy(qr + i, &xq[column], 16);
             for (int k = 0; k < 4; ++k) dr[i / 4 + k] = scale[column / 32];
           }
-    }
-  }
-
-  void round_row(const float* xr, int8_t* xq, float* scale) const {
-    for (int64_t b = 0; b < in / 32; ++b) {
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xr[b * 32 + k]));
-      // (a block of denormals rounds to zero rather than overflow 127 / amax)
-      const float inv = amax > 1e-30f ? 127.f / amax : 0.f;
-      scale[b] = amax / 127.f;
-      for (int k = 0; k < 32; ++k)
-        xq[b * 32 + k] = static_cast<int8_t>(std::clamp(std::nearbyint(xr[b * 32 + k] * inv), -127.f, 127.f));
     }
   }
 };
@@ -349,6 +354,177 @@ void int4_rows_vnni_wide(const Activations& a, const Weight& w, int64_t m0, int6
 
 #endif
 
+// ---- tiles: 16 output rows interleaved, for decoding (AVX-512 VNNI) ------------------------------
+// The layouts above keep a row's codes together, so a row's dot product ends in a horizontal sum
+// and every group's scale is applied per row: about ten vector operations per 64 codes, which is
+// what bounds those kernels on this class of CPU (docs/profile-decode.md). The tiles (llama.cpp's
+// repacked Q4_0/Q8_0 "interleaved" formats do the same) put 4 consecutive code bytes of each of 16
+// rows in one 64-byte line, so one vpdpbusd with 4 activations broadcast adds a 4-term dot product
+// to each of 16 rows at once, each lane of the accumulator is one output, and a group's scales are
+// one vector for 16 rows: 2-3 operations per 64 codes.
+// - codes [out / 16, in / 4 (int8) or in / 8 (int4), 16, 4] bytes: line j of tile t holds bytes
+//   4j .. 4j+3 of the stored rows 16t .. 16t+15 (int4: the stored nibble order, so a byte still
+//   holds column c in its low nibble and c + g/2 in its high one); int8 codes are stored plus
+//   128 (the sign bit flipped: vpdpbusd multiplies unsigned by signed bytes), which adds
+//   128 * sum(x) to each product, taken back out per block of 32 activations;
+// - scales (and int4's minimums) [out / 16, in / g, 16], in the layers' float32 (int8) or float16 (int4).
+// Activations are rounded to int8 in blocks of 32 columns, as the int4 kernels above do.
+struct Tiles {
+  const uint8_t* codes;
+  const void* scales;     // float32 (int8) or float16 (int4)
+  const at::Half* mins;   // int4 only
+  int64_t out;
+  float* y;  // [rows, out]
+};
+
+#ifdef CAMELID_VNNI_WIDE
+struct TileActivations {
+  int64_t rows, in, group;
+  std::vector<int8_t> q;      // [rows, in]
+  std::vector<float> d;       // [rows, in / 32]: each block's scale
+  std::vector<int32_t> bias;  // [rows, in / 32]: 128 * the block's sum of q (int8 codes)
+  std::vector<float> xsum;    // [rows, in / group]: sum of x per group (int4's minimums)
+
+  TileActivations(const float* x, int64_t rows_, int64_t in_, int64_t group_, bool int4)
+      : rows(rows_), in(in_), group(group_), q(rows_ * in_), d(rows_ * in_ / 32), bias(rows_ * in_ / 32) {
+    for (int64_t r = 0; r < rows; ++r) round_blocks(x + r * in, in, &q[r * in], &d[r * in / 32]);
+    for (int64_t b = 0; b < rows * in / 32; ++b) {
+      int32_t sum = 0;
+      for (int k = 0; k < 32; ++k) sum += q[b * 32 + k];
+      bias[b] = 128 * sum;
+    }
+    if (!int4) return;
+    xsum.assign(rows * (in / group), 0.f);
+    for (int64_t g = 0; g < rows * (in / group); ++g)
+      for (int64_t k = 0; k < group; ++k) xsum[g] += x[g * group + k];
+  }
+
+  // 4 activations of row m from column c, as one 32-bit lane to broadcast
+  __m512i four(int64_t m, int64_t c) const {
+    int32_t v;
+    std::memcpy(&v, &q[m * in + c], 4);
+    return _mm512_set1_epi32(v);
+  }
+};
+
+inline __m512 half16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int M>
+void int8_tiles(const TileActivations& a, const Tiles& w, int64_t m0, int64_t begin, int64_t end) {
+  const int64_t in = a.in, blocks = in / 32, per_group = a.group / 32, groups = in / a.group;
+  for (int64_t t = begin; t < end; ++t) {
+    const uint8_t* lines = w.codes + t * (in / 4) * 64;
+    __m512 acc[M], part[M];
+    for (int m = 0; m < M; ++m) acc[m] = part[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i even[M], odd[M];  // two chains, so that each product need not wait for the last
+      for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_si512();
+      for (int j = 0; j < 8; j += 2) {
+        const __m512i w0 = _mm512_loadu_si512(lines + (b * 8 + j) * 64);
+        const __m512i w1 = _mm512_loadu_si512(lines + (b * 8 + j + 1) * 64);
+        for (int m = 0; m < M; ++m) {
+          even[m] = _mm512_dpbusd_epi32(even[m], w0, a.four(m0 + m, b * 32 + 4 * j));
+          odd[m] = _mm512_dpbusd_epi32(odd[m], w1, a.four(m0 + m, b * 32 + 4 * j + 4));
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const int64_t mb = (m0 + m) * blocks + b;
+        const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(even[m], odd[m]), _mm512_set1_epi32(a.bias[mb]));
+        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[mb]), part[m]);
+      }
+      if ((b + 1) % per_group == 0) {
+        const __m512 s = _mm512_loadu_ps(static_cast<const float*>(w.scales) + (t * groups + b / per_group) * 16);
+        for (int m = 0; m < M; ++m) {
+          acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
+          part[m] = _mm512_setzero_ps();
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(w.y + (m0 + m) * w.out + t * 16, acc[m]);
+  }
+}
+
+// int4: a group's line j holds columns 4j.. (low nibbles) and g/2 + 4j.. (high); each run of up
+// to 8 lines covers one block of 32 activations with its low nibbles and one with its high ones
+// (the same block when g = 32).
+template <int M>
+void int4_tiles(const TileActivations& a, const Tiles& w, int64_t m0, int64_t begin, int64_t end) {
+  const int64_t in = a.in, group = a.group, groups = in / group, blocks = in / 32, run = std::min<int64_t>(8, group / 8);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t t = begin; t < end; ++t) {
+    const uint8_t* lines = w.codes + t * (in / 8) * 64;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 part[M];
+      for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
+      for (int64_t j0 = 0; j0 < group / 8; j0 += run) {
+        const int64_t lo = g * group + 4 * j0, hi = lo + group / 2;
+        __m512i sum_lo[M], sum_hi[M];
+        for (int m = 0; m < M; ++m) sum_lo[m] = sum_hi[m] = _mm512_setzero_si512();
+        for (int64_t j = 0; j < run; ++j) {
+          const __m512i v = _mm512_loadu_si512(lines + (g * group / 8 + j0 + j) * 64);
+          const __m512i vl = _mm512_and_si512(v, low4), vh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          for (int m = 0; m < M; ++m) {
+            sum_lo[m] = _mm512_dpbusd_epi32(sum_lo[m], vl, a.four(m0 + m, lo + 4 * j));
+            sum_hi[m] = _mm512_dpbusd_epi32(sum_hi[m], vh, a.four(m0 + m, hi + 4 * j));
+          }
+        }
+        for (int m = 0; m < M; ++m) {
+          const float* d = &a.d[(m0 + m) * blocks];
+          if (lo / 32 == hi / 32) {
+            part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(sum_lo[m], sum_hi[m])),
+                                      _mm512_set1_ps(d[lo / 32]), part[m]);
+          } else {
+            part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lo[m]), _mm512_set1_ps(d[lo / 32]), part[m]);
+            part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_hi[m]), _mm512_set1_ps(d[hi / 32]), part[m]);
+          }
+        }
+      }
+      const __m512 s = half16(static_cast<const at::Half*>(w.scales) + (t * groups + g) * 16);
+      const __m512 mn = half16(w.mins + (t * groups + g) * 16);
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
+        acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.xsum[(m0 + m) * groups + g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(w.y + (m0 + m) * w.out + t * 16, acc[m]);
+  }
+}
+
+// y = W x for each weight in tiles, x [rows, in] float; the tiles of all the weights of a call
+// form one range split among threads, as in `run` below.
+void run_tiles(const float* x, int64_t rows, int64_t in, int64_t group, const std::vector<Tiles>& weights, bool int4) {
+  const TileActivations a(x, rows, in, group, int4);
+  int64_t total = 0;
+  for (const Tiles& w : weights) total += w.out / 16;
+  const int64_t grain = std::max<int64_t>(1, total / (4 * at::get_num_threads()));
+  for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+    const int64_t block = std::min<int64_t>(kMaxRows, rows - m0);
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      int64_t first = 0;
+      for (const Tiles& w : weights) {
+        const int64_t lo = std::max(begin, first) - first, hi = std::min(end, first + w.out / 16) - first;
+        first += w.out / 16;
+        if (lo >= hi) continue;
+        auto go = [&](auto M) {
+          constexpr int n = decltype(M)::value;
+          int4 ? int4_tiles<n>(a, w, m0, lo, hi) : int8_tiles<n>(a, w, m0, lo, hi);
+        };
+        switch (block) {
+          case 1: go(std::integral_constant<int, 1>{}); break;
+          case 2: go(std::integral_constant<int, 2>{}); break;
+          case 3: go(std::integral_constant<int, 3>{}); break;
+          default: go(std::integral_constant<int, 4>{}); break;
+        }
+      }
+    });
+  }
+}
+#endif
+
 // ---- driving a call ------------------------------------------------------------------------------
 
 // Activation rows in blocks of up to kMaxRows, each block one pass over the weights. The outputs
@@ -500,6 +676,70 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return int4_gemv_many(x, {codes}, {scales}, {mins}, group, int8_activations)[0];
 }
 
+// The checks for tiles as `tile` in camelid/quant/tiles.py makes them: codes [out/16, in/4 or
+// in/8, 16, 4] uint8; scales [out/16, in/g, 16], float32 for int8 and float16 for int4 (as the
+// layers store them), with int4's minimums like its scales.
+Tiles checked_tiles(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* mins, int64_t group,
+                    int64_t in) {
+  const bool int4 = mins != nullptr;
+  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == 16 &&
+                  codes.size(3) == 4 && codes.size(1) * (int4 ? 8 : 4) == in,
+              "tiles of codes [out/16, ", in / (int4 ? 8 : 4), ", 16, 4] uint8 expected, got ", codes.sizes());
+  TORCH_CHECK(group > 0 && group % 32 == 0 && in % group == 0, "tiles need groups of a multiple of 32 dividing ", in,
+              ", not ", group);
+  for (const at::Tensor* t : {&scales, mins})
+    if (t)
+      TORCH_CHECK(t->scalar_type() == (int4 ? at::kHalf : at::kFloat) && t->is_contiguous() && t->dim() == 3 &&
+                      t->size(0) == codes.size(0) && t->size(1) == in / group && t->size(2) == 16,
+                  "tiles' scales and minimums must be ", int4 ? "float16" : "float32", " [", codes.size(0), ", ",
+                  in / group, ", 16], got ", t->scalar_type(), " ", t->sizes());
+  return {codes.data_ptr<uint8_t>(), scales.data_ptr(), int4 ? mins->data_ptr<at::Half>() : nullptr,
+          codes.size(0) * 16, nullptr};
+}
+
+bool has_tiles() {
+#ifdef CAMELID_VNNI_WIDE
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor gemv_tiles(const at::Tensor& x_, const at::Tensor& codes, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& mins, int64_t group) {
+  TORCH_CHECK(has_tiles(), "this CPU has no AVX-512 VNNI: tiles are not used here");
+  const int64_t in = x_.size(-1);
+  Tiles w = checked_tiles(codes, scales, mins ? &*mins : nullptr, group, in);
+  TORCH_CHECK(x_.device().is_cpu() && x_.is_floating_point(), "the input must be a floating-point CPU tensor");
+  const at::Tensor x = as(x_, at::kFloat).view({-1, in});
+  at::Tensor y = at::empty({x.size(0), w.out}, x.options());
+  w.y = y.data_ptr<float>();
+#ifdef CAMELID_VNNI_WIDE
+  run_tiles(x.data_ptr<float>(), x.size(0), in, group, {w}, mins.has_value());
+#endif
+  auto shape = x_.sizes().vec();
+  shape.back() = w.out;
+  return x_.scalar_type() == at::kFloat ? y.view(shape) : y.view(shape).to(x_.scalar_type());
+}
+
+// `bytes` of memory for weights that every decode step streams through, on 2 MiB pages where
+// the kernel gives them (Linux's transparent huge pages in "madvise" mode, the common default):
+// with 4 KiB pages the CPU's prefetchers stop at every page boundary and each page costs a TLB
+// miss, which measured as a quarter to a third of the products' read speed
+// (docs/profile-decode.md). Elsewhere, ordinary memory.
+at::Tensor empty_huge(int64_t bytes) {
+#if defined(__linux__)
+  constexpr int64_t kHuge = 2 << 20;
+  const int64_t size = std::max<int64_t>(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, size) == 0) {
+    madvise(p, size, MADV_HUGEPAGE);  // advice: a kernel without it keeps small pages
+    return at::from_blob(p, {bytes}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kByte));
+  }
+#endif
+  return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+}
+
 // ---- dequantization, for products of many rows (prefill) ---------------------------------------
 
 // 16 floats to bfloat16, rounding to nearest even (the weights are finite: no NaN case).
@@ -590,6 +830,58 @@ void rms_norm(const float* x, const float* gain, float eps, int64_t rows, int64_
   }
 }
 
+// e^x for 16 lanes, to a few units in the last place of float32: x = n ln 2 + r with |r| <= ln 2 / 2,
+// e^r by its Taylor series to r^7 (relative error under 2e-7), times 2^n through the exponent bits.
+// Scalar expf in a loop is what the softmax and SwiGLU of a block otherwise spend most of their time on.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 lo = f32x16{} - 87.f, hi = f32x16{} + 88.f;
+  x = x < lo ? lo : (x > hi ? hi : x);
+  const f32x16 t = x * 1.44269504f;
+  const i32x16 n = __builtin_convertvector(t + (t >= 0 ? 0.5f : -0.5f), i32x16);
+  const f32x16 nf = __builtin_convertvector(n, f32x16);
+  const f32x16 r = x - nf * 0.693145752f - nf * 1.42860677e-6f;
+  f32x16 p = f32x16{} + 1.f / 5040;
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = p * r + c;
+  i32x16 bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += n << 23;
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+// Vectors of kLanes with a scalar tail.
+inline float dot(const float* a, const float* b, int64_t n) {
+  f32x16 acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load_f32(a + i) * load_f32(b + i);
+  float total = sum_lanes(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// w[i] = e^(w[i] - top) for i < n, returning their sum (w has room for kLanes more)
+inline float exp_shifted(float* w, int64_t n, float top) {
+  f32x16 sum = {};
+  for (int64_t i = 0; i < n; i += kLanes) {
+    f32x16 e = exp16(load_f32(w + i) - top);
+    for (int64_t k = n - i; k < kLanes; ++k) e[k] = 0.f;  // lanes past the end
+    std::memcpy(w + i, &e, sizeof e);
+    sum += e;
+  }
+  return sum_lanes(sum);
+}
+
+// gate = silu(gate) * up
+inline void swiglu(float* gate, const float* up, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const f32x16 g = load_f32(gate + i);
+    const f32x16 y = g / (1.f + exp16(-g)) * load_f32(up + i);
+    std::memcpy(gate + i, &y, sizeof y);
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
 // Rotate adjacent pairs of each head of t [rows, heads * D] by rotation [rows or 1, D / 2, 2].
 void rotate(float* t, const float* rotation, bool shared, int64_t rows, int64_t heads, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -605,23 +897,33 @@ void rotate(float* t, const float* rotation, bool shared, int64_t rows, int64_t 
   }
 }
 
-// The seven products of a block (wq, wk, wv, wo, w1, w3, w2), checked once per call.
+// The seven products of a block (wq, wk, wv, wo, w1, w3, w2), checked once per call: codes as
+// the layers store them, or as tiles (camelid/quant/tiles.py) where the CPU has them.
 struct BlockWeights {
   Weight w[7];
+  Tiles tiles[7];
   int64_t in[7], group[7];
-  bool int4;
+  bool int4, tiled;
 
   BlockWeights(at::TensorList codes, at::TensorList scales, at::TensorList mins, at::IntArrayRef groups) {
     TORCH_CHECK(codes.size() == 7 && scales.size() == 7 && groups.size() == 7 && (mins.empty() || mins.size() == 7),
                 "decode_block: wq, wk, wv, wo, w1, w3, w2");
     int4 = !mins.empty();
+    tiled = codes[0].dim() == 4;
+    TORCH_CHECK(!tiled || has_tiles(), "decode_block: this CPU has no AVX-512 VNNI for tiles");
     for (int i = 0; i < 7; ++i) {
       const at::Tensor &c = codes[i], &s = scales[i];
+      group[i] = groups[i];
+      if (tiled) {
+        in[i] = c.size(1) * (int4 ? 8 : 4);
+        tiles[i] = checked_tiles(c, s, int4 ? &mins[i] : nullptr, group[i], in[i]);
+        w[i].out = tiles[i].out;
+        continue;
+      }
       TORCH_CHECK(c.dim() == 2 && c.is_contiguous() && c.scalar_type() == (int4 ? at::kByte : at::kChar) &&
                       s.is_contiguous() && s.scalar_type() == (int4 ? at::kHalf : at::kFloat),
-                  "decode_block: contiguous codes and scales as the layers store them");
+                  "decode_block: contiguous codes and scales as the layers store them, or tiles of all seven");
       in[i] = c.size(1) * (int4 ? 2 : 1);
-      group[i] = groups[i];
       TORCH_CHECK(group[i] > 0 && in[i] % group[i] == 0 && group[i] % (int4 ? 2 * kLanes : kLanes) == 0,
                   "decode_block: group size ", group[i], " does not suit ", in[i], " columns");
       check_group_shapes(c, s, int4 ? &mins[i] : nullptr, in[i] / group[i]);
@@ -633,13 +935,23 @@ struct BlockWeights {
   // y_i = W_i x for the weights `which` (sharing an input, so one group size), into `outs`
   void products(const float* x, int64_t rows, std::initializer_list<int> which, std::initializer_list<float*> outs,
                 bool int8_activations) const {
-    std::vector<Weight> ws;
+    const int first = *which.begin();
     auto out = outs.begin();
+#ifdef CAMELID_VNNI_WIDE
+    if (tiled) {
+      std::vector<Tiles> ts;
+      for (int i : which) {
+        ts.push_back(tiles[i]);
+        ts.back().y = *out++;
+      }
+      return run_tiles(x, rows, in[first], group[first], ts, int4);
+    }
+#endif
+    std::vector<Weight> ws;
     for (int i : which) {
       ws.push_back(w[i]);
       ws.back().y = *out++;
     }
-    const int first = *which.begin();
     if (int4)
       run_int4(x, rows, in[first], group[first], ws, int8_activations);
     else
@@ -705,7 +1017,7 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
     }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, rows * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(slots);
+    std::vector<float> w(slots + kLanes);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / H, seen = position(r) + 1;
       const float* qh = q + rh * D;
@@ -713,13 +1025,10 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
       const float* vb = cv + r * s0 + (rh % H / per_kv) * s1;
       float top = -INFINITY;
       for (int64_t s = 0; s < seen; ++s) {
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += qh[d] * kb[s * s2 + d];
-        w[s] = dot * scale;
+        w[s] = dot(qh, kb + s * s2, D) * scale;
         top = std::max(top, w[s]);
       }
-      float total = 0.f;
-      for (int64_t s = 0; s < seen; ++s) total += (w[s] = std::exp(w[s] - top));
+      const float total = exp_shifted(w.data(), seen, top);
       float* o = attended + rh * D;
       std::fill(o, o + D, 0.f);
       for (int64_t s = 0; s < seen; ++s) {
@@ -734,7 +1043,7 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
   // feed-forward (SwiGLU)
   rms_norm(h, ffn_norm.data_ptr<float>(), eps, rows, dim, normed);
   weights.products(normed, rows, {4, 5}, {gate, up}, int8_activations);
-  for (int64_t i = 0; i < rows * ffn; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  swiglu(gate, up, rows * ffn);
   weights.products(gate, rows, {6}, {normed}, int8_activations);
   for (int64_t i = 0; i < rows * dim; ++i) h[i] += normed[i];
   return out;
@@ -761,6 +1070,11 @@ TORCH_LIBRARY(camelid, m) {
   m.def("int4_gemv_many(Tensor x, Tensor[] codes, Tensor[] scales, Tensor[] mins, int group_size, "
         "bool int8_activations) -> Tensor[]");
   m.def("has_int8_activations() -> bool");
+  // y = W x with W as tiles (camelid/quant/tiles.py; mins for int4), where has_tiles()
+  m.def("gemv_tiles(Tensor x, Tensor codes, Tensor scales, Tensor? mins, int group_size) -> Tensor");
+  m.def("has_tiles() -> bool");
+  // uninitialised bytes on huge pages where the OS gives them, for tiles
+  m.def("empty_huge(int bytes) -> Tensor");
   // a transformer block for one new token per row over a static float32 cache (written at the
   // rows' positions): the compiled decode step's one call per layer (camelid/quant/block.py);
   // weights in the order wq, wk, wv, wo, w1, w3, w2, mins empty for int8
@@ -778,8 +1092,11 @@ TORCH_LIBRARY_IMPL(camelid, CPU, m) {
   m.impl("int4_gemv_many", &int4_gemv_many);
   m.impl("dequantize", &dequantize);
   m.impl("decode_block", &decode_block);
+  m.impl("gemv_tiles", &gemv_tiles);
 }
 
 TORCH_LIBRARY_IMPL(camelid, CompositeExplicitAutograd, m) {
   m.impl("has_int8_activations", &has_int8_activations);
+  m.impl("has_tiles", &has_tiles);
+  m.impl("empty_huge", &empty_huge);
 }

@@ -82,6 +82,10 @@ def _register_fakes() -> None:
     def dequantize_like(codes, scales, mins, group_size, dtype):
         return codes.new_empty((codes.shape[0], codes.shape[1] * (2 if mins is not None else 1)), dtype=dtype)
 
+    @torch.library.register_fake("camelid::gemv_tiles")
+    def tiles_like(x, codes, *_):
+        return x.new_empty((*x.shape[:-1], codes.shape[0] * 16))
+
     @torch.library.register_fake("camelid::decode_block")
     def block_like(x, *_):
         return torch.empty_like(x)

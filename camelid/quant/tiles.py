@@ -1,0 +1,127 @@
+"""Quantized weights as tiles of 16 output rows: the layout camelid's decode kernels read on CPUs
+with AVX-512 VNNI.
+
+Decoding one token reads every weight once, so a product's speed is how few instructions each
+code costs. Stored as the layers keep them (a row's codes together, GGUF's block order), each row
+ends in a horizontal sum and applies its groups' scales itself; interleaving 16 rows, four code
+bytes of each per 64-byte line, lets one byte product serve 16 outputs at once with a group's
+scales one vector for all of them (llama.cpp's repacked Q4_0/Q8_0 formats do the same;
+`kernels.cpp` has the layout and docs/profile-decode.md the measurements).
+
+The tiles are a copy made for the compiled decoder (its copy of the model holds them as
+buffers, beside the stored codes that prefill, saving, dequantization and LoRA read), so a
+decoded model holds its quantized weights twice. A layer's tiles remember the versions of the
+buffers they were made from: `stale` tells when the stored codes were changed in place since.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from camelid.quant import kernels
+from camelid.quant.layers import FUSED_ROWS, Int4Linear, Int8Linear, QuantizedLinear
+
+NAMES = ("tile_codes", "tile_scales", "tile_mins")
+
+
+def available() -> bool:
+    return kernels.available() and torch.ops.camelid.has_tiles()
+
+
+def tileable(layer: nn.Module) -> bool:
+    """Whether `layer` is a quantized layer whose shape the tile kernels take: whole tiles of 16
+    outputs, groups of a multiple of 32 columns (GGUF's 32; camelid's per-channel int8)."""
+    return (isinstance(layer, (Int4Linear, Int8Linear)) and layer.fused and layer.out_features % 16 == 0
+            and layer.group_size % 32 == 0 and layer.weight.device.type == "cpu")
+
+
+def tile(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes, scales, mins) as tiles: codes [out/16, bytes per row / 4, 16, 4] uint8 (int8's with
+    the sign bit flipped, that is plus 128), scales and mins [out/16, groups, 16] in the layer's
+    dtypes (float32 for int8, float16 for int4)."""
+    out = layer.out_features
+    codes = layer.weight
+    if isinstance(layer, Int8Linear):
+        codes = codes.view(torch.uint8) ^ 0x80
+    tiles = codes.reshape(out // 16, 16, -1, 4).transpose(1, 2).contiguous()
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(out // 16, 16, -1).transpose(1, 2).contiguous()
+
+    mins = getattr(layer, "mins", None)
+    return tiles, per_tile(layer.scales), None if mins is None else per_tile(mins)
+
+
+def _source(layer: QuantizedLinear) -> tuple:
+    return tuple((id(b), b._version) for b in layer.buffers(recurse=False) if not _is_tile(layer, b))
+
+
+def _is_tile(layer: QuantizedLinear, b: torch.Tensor) -> bool:
+    return any(getattr(layer, name, None) is b for name in NAMES)
+
+
+def add_tiles(layers: list[QuantizedLinear]) -> None:
+    """Give each layer its tiles as buffers that are not saved with it, all in one allocation on
+    huge pages where the OS gives them (`camelid::empty_huge`: the decode step streams through
+    them, and 4 KiB pages slow that stream down). Tiles take the bytes of the stored buffers."""
+    stored = [b for m in layers for b in (m.weight, m.scales, getattr(m, "mins", None)) if b is not None]
+    meta = any(b.is_meta for b in stored)   # a skeleton, compiled in another process
+    arena = None if meta or not stored else torch.ops.camelid.empty_huge(sum(_aligned(b.nbytes) for b in stored))
+    offset = 0
+    for layer in layers:   # one layer's temporaries at a time
+        for name, t in zip(NAMES, tile(layer)):
+            if t is None:
+                continue
+            if arena is not None:
+                t = arena[offset:offset + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+                offset += _aligned(t.nbytes)
+            layer.register_buffer(name, t, persistent=False)
+        layer.tiled_from = None if meta else _source(layer)
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + 63) // 64 * 64   # each tensor starts on a cache line
+
+
+def has_tiles(layer: nn.Module) -> bool:
+    return hasattr(layer, "tile_codes")
+
+
+def stale(model: nn.Module) -> bool:
+    """Whether any layer's stored codes, scales or minimums changed since its tiles were made."""
+    return any(has_tiles(m) and m.tiled_from is not None and m.tiled_from != _source(m) for m in model.modules())
+
+
+class TiledHead:
+    """The forward of a quantized layer that holds tiles (the output head of the compiled
+    decoder's copy): a few rows take the tile kernel, anything else the layer's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels(x) and x.numel() <= FUSED_ROWS * self.in_features \
+                and not (torch.is_grad_enabled() and x.requires_grad):
+            return torch.ops.camelid.gemv_tiles(x, self.tile_codes, self.tile_scales, getattr(self, "tile_mins", None),
+                                                self.group_size)
+        return super().forward(x)
+
+
+class TiledInt8Head(TiledHead, Int8Linear):
+    pass
+
+
+class TiledInt4Head(TiledHead, Int4Linear):
+    pass
+
+
+def use_tiles(model: nn.Module, layers: list[QuantizedLinear]) -> nn.Module:
+    """Give `layers` (the products of the blocks that run as one call) and the model's output
+    head tiles, in place, where the CPU and their shapes take them; the head also gets the
+    forward that reads them."""
+    if not available():
+        return model
+    head = getattr(model, "output", None)
+    heads = [head] if type(head) in (Int8Linear, Int4Linear) and tileable(head) else []
+    add_tiles([m for m in layers if tileable(m)] + heads)
+    for h in heads:
+        h.__class__ = TiledInt8Head if type(h) is Int8Linear else TiledInt4Head
+    return model

@@ -1,0 +1,138 @@
+"""Tiles (camelid/quant/tiles.py): the 16-row layout of quantized weights that the decode kernels
+read on CPUs with AVX-512 VNNI, against a reference computed here from the stored codes."""
+
+import copy
+
+import pytest
+import torch
+
+import camelid
+from camelid.model import KVCache
+from camelid.quant import block as block_module
+from camelid.quant import quantize_model, tiles
+from camelid.quant.blocks import quantize, unpack_int4
+from camelid.quant.layers import layer_for
+from test_model import tiny
+from test_quant import tiny_checkpoint  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.skipif(not tiles.available(), reason="tiles need a CPU with AVX-512 VNNI")
+
+
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: rounded to int8 in blocks of 32 columns, one scale (max / 127) each."""
+    blocks = x.unflatten(-1, (-1, 32))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.clamp(torch.round(blocks / torch.where(scale > 0, scale, 1)), -127, 127) * scale).flatten(-2)
+
+
+def reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """The product with rounded activations: int8 w = q s; int4 w = q s + min, whose minimums
+    meet the unrounded activations' group sums, as in the kernels."""
+    q = layer.stored()
+    if q.scheme == "int8":
+        return rounded(x) @ q.dequantize(torch.float32).T
+    codes = unpack_int4(q.weight, q.group_size).flatten(1).float()
+    scales = q.scales.float().repeat_interleave(q.group_size, 1)
+    mins = q.mins.float().repeat_interleave(q.group_size, 1)
+    return rounded(x) @ (codes * scales).T + x @ mins.T
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64),
+                                          ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_tile_product_equals_the_reference(scheme, group, rows):
+    gen = torch.Generator().manual_seed(rows)
+    layer = layer_for(quantize(torch.randn(48, 256, generator=gen), scheme, group))
+    codes, scales, mins = tiles.tile(layer)
+    x = torch.randn(rows, 256, generator=gen)
+    got = torch.ops.camelid.gemv_tiles(x, codes, scales, mins, layer.group_size)
+    torch.testing.assert_close(got, reference(layer, x), atol=2e-4, rtol=1e-5)
+
+
+def test_tiles_are_a_permutation_of_the_stored_codes():
+    layer = layer_for(quantize(torch.randn(32, 64), "int8", 32))
+    codes, scales, _ = tiles.tile(layer)
+    # tile 1, line 3: bytes 12..15 of rows 16..31, plus 128
+    expected = (layer.weight[16:32, 12:16].view(torch.uint8) ^ 0x80)
+    assert torch.equal(codes[1, 3], expected)
+    assert torch.equal(scales[1, 1], layer.scales[16:32, 1])
+
+
+def test_tiles_share_one_allocation_on_huge_pages():
+    layers = [layer_for(quantize(torch.randn(64, 128), "int4", 32)) for _ in range(3)]
+    tiles.add_tiles(layers)
+    bases = {m.tile_codes.untyped_storage().data_ptr() for m in layers} | {
+        m.tile_scales.untyped_storage().data_ptr() for m in layers}
+    assert len(bases) == 1 and layers[0].tile_codes.data_ptr() % (2 << 20) == 0
+    assert all(t.data_ptr() % 64 == 0 for m in layers for t in (m.tile_codes, m.tile_scales, m.tile_mins))
+    x = torch.randn(2, 128)
+    for m in layers:  # each view holds its own layer's tiles
+        torch.testing.assert_close(torch.ops.camelid.gemv_tiles(x, m.tile_codes, m.tile_scales, m.tile_mins, 32),
+                                   reference(m, x), atol=2e-4, rtol=1e-5)
+    assert "tile_codes" not in layers[0].state_dict()
+
+
+def test_stale_tiles_are_noticed():
+    model = quantize_model(tiny("tiny"), "int8")
+    layers = [model.layers[0].get_submodule(n) for n in block_module.PRODUCTS]
+    tiles.add_tiles(layers)
+    assert not tiles.stale(model)
+    layers[2].scales.mul_(2)   # changed in place: the tiles no longer match
+    assert tiles.stale(model)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_decode_block_on_tiles_equals_the_stored_layout(scheme):
+    """int4: the same arithmetic in another order; int8: the stored layout keeps float
+    activations, tiles round them, so the bound is the rounding's (a few thousandths)."""
+    model = quantize_model(tiny("tiny"), scheme)
+    block, config = model.layers[1], model.config
+    layers = [block.get_submodule(n) for n in block_module.PRODUCTS]
+    tiles.add_tiles(layers)
+    rows, slots = 2, 16
+    gen = torch.Generator().manual_seed(5)
+    cache = KVCache(config, rows, slots)
+    for buffer in cache.buffers():
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    tiled_cache = copy.deepcopy(cache)
+    x = torch.randn(rows, 1, config.dim, generator=gen)
+    positions = torch.tensor([[3], [11]])
+    rotation = model.rope.rotation(positions)
+    int4 = scheme == "int4"
+
+    def run(codes, scales, mins, c):
+        return torch.ops.camelid.decode_block(
+            x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps, codes, scales, mins,
+            [m.group_size for m in layers], True, rotation, c.layers[1].k, c.layers[1].v, positions, config.n_heads)
+
+    stored = run([m.weight for m in layers], [m.scales for m in layers], [m.mins for m in layers] if int4 else [], cache)
+    tiled = run([m.tile_codes for m in layers], [m.tile_scales for m in layers],
+                [m.tile_mins for m in layers] if int4 else [], tiled_cache)
+    tol = 1e-5 if int4 else 2e-2
+    torch.testing.assert_close(tiled, stored, atol=tol, rtol=tol)
+    torch.testing.assert_close(tiled_cache.layers[1].k, cache.layers[1].k, atol=tol, rtol=tol)
+    if not int4:
+        assert not torch.equal(tiled, stored)   # the int8 tiles did round the activations
+
+
+def test_tiles_refuse_a_wrong_shape():
+    layer = layer_for(quantize(torch.randn(32, 64), "int4", 32))
+    codes, scales, mins = tiles.tile(layer)
+    with pytest.raises(RuntimeError, match="tiles of codes"):
+        torch.ops.camelid.gemv_tiles(torch.randn(1, 128), codes, scales, mins, 32)
+    with pytest.raises(RuntimeError, match="float16"):
+        torch.ops.camelid.gemv_tiles(torch.randn(1, 64), codes, scales.float(), mins, 32)
+
+
+def test_compiled_decoder_tiles_its_blocks_and_head(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint
+    llm = camelid.load(path, quantize="int8", compile=False).compile(background=False, cache_dir=tmp_path)
+    copy_ = llm.engine.compiled.model   # the decoder's copy of the model
+    assert isinstance(copy_.output, tiles.TiledInt8Head)
+    assert all(tiles.has_tiles(b.get_submodule(n)) for b in copy_.layers for n in block_module.PRODUCTS)
+    # the caller's model is not touched: no tiles, its own class, nothing more to save
+    assert not any(tiles.has_tiles(m) for m in llm.model.modules())
+    eager = camelid.load(path, quantize="int8", compile=False)
+    prompt = "Shall I compare thee"
+    assert llm.generate(prompt, max_new_tokens=8, temperature=0) == eager.generate(prompt, max_new_tokens=8,
+                                                                                temperature=0)
