@@ -8,6 +8,7 @@ step's wall time minus the calls: dispatch, Python, waiting). The step's memory-
 floor (every weight byte read once, at the machine's measured read speed) is printed beside it.
 
     python benchmarks/profile_decode.py [--quantize int4|int8|none] [--threads 2] [--steps 64]
+                                        [--no-blocks | --no-tiles | --graph]  (the step as it was)
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=256, help="the first step's position (a prompt of this many tokens)")
     parser.add_argument("--slots", type=int, default=512, help="the KV cache's length (decode.py's 384 tokens take 512)")
     parser.add_argument("--no-blocks", action="store_true", help="leave quantized blocks as separate calls (before/after)")
+    parser.add_argument("--no-tiles", action="store_true", help="products on the stored codes, not on tiles (before/after)")
+    parser.add_argument("--graph", action="store_true",
+                        help="a compiled graph around the blocks even where every block is one call (before/after)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="an inductor option for this compilation, e.g. cpp_wrapper=True (to try one out)")
     parser.add_argument("--events", action="store_true", help="also list every profiled event by name")
@@ -96,7 +100,13 @@ def main() -> None:
         import camelid.generate.compiled as compiled
 
         compiled.use_decode_blocks = lambda m: m
+    if args.no_tiles:
+        from camelid.quant import tiles
+
+        tiles.available = lambda: False
     decoder = CompiledDecoder(model, cache_dir=None, background=False)
+    if args.graph:
+        decoder.direct = None
     for option in args.inductor:
         name, value = option.split("=", 1)
         decoder.options[name] = ast.literal_eval(value)
@@ -126,9 +136,11 @@ def main() -> None:
     # self times exclude nested calls, so the families add up to the time spent inside calls
     gbs = read_bandwidth()
     floor = weight_bytes(model) / gbs / 1e3  # microseconds
-    print(f"{args.quantize} decode step of {path.name}{' (blocks as separate calls)' if args.no_blocks else ''}, "
+    how = [what for what, on in (("blocks as separate calls", args.no_blocks), ("stored codes", args.no_tiles),
+                                 ("in a graph", args.graph), ("no graph", decoder.direct is not None)) if on]
+    print(f"{args.quantize} decode step of {path.name} ({', '.join(how) or 'one call per block, in a graph'}), "
           f"{args.threads} threads, positions {args.start}-{args.start + args.steps} of {args.slots} cache slots, "
-          f"compiled in {compile_s:.0f}s")
+          f"ready in {compile_s:.0f}s")
     print(f"step: {plain * 1e6:.0f} us unprofiled ({1 / plain:.1f} tokens/s), {profiled * 1e6:.0f} us profiled; "
           f"weights read per token {weight_bytes(model) / 1e6:.1f} MB, at the measured {gbs:.0f} GB/s "
           f"a floor of {floor:.0f} us ({1e6 / floor:.0f} tokens/s)")

@@ -157,19 +157,19 @@ def test_dequantize_kernel_equals_the_formula(scheme, group):
 
 
 def test_compiled_step_runs_each_block_as_one_call(tiny_checkpoint, tmp_path, monkeypatch):
+    """Every block fused: the step is one call for all the blocks plus the head's, made directly
+    with no graph to compile, and decodes as the eager model does."""
     path, _ = tiny_checkpoint
-    # a fresh camelid and inductor cache: the code is generated here, not found compiled
     llm = camelid.load(path, quantize="int4", compile=False).compile(background=False, cache_dir=tmp_path / "camelid")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    text, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
-    step = code[-1]
-    n_layers = llm.model.config.n_layers
-    assert step.count("torch.ops.camelid.decode_block.default(") == n_layers
-    # the block's products are inside its call, the head's alone outside; the cache is written
-    # in place (no copy of it for the functional graph)
-    head = "gemv_tiles" if tiles.available() else "int8_gemv"
-    assert "int4_gemv_many" not in step and step.count(f"torch.ops.camelid.{head}.default(") == 1
-    assert "copy_" not in step and "clone" not in step
+    with torch.profiler.profile() as prof:
+        text, code = run_and_get_code(lambda: llm.generate("Shall I compare thee", max_new_tokens=4, temperature=0))
+    assert code == [] and llm.engine.compiled.direct is not None and not list(tmp_path.glob("camelid/*.bin"))
+    steps = llm.engine.decode_steps["compiled"]
+    calls = [e.name for e in prof.events()]
+    assert steps >= 3 and calls.count("camelid::decode_blocks") == steps and "camelid::decode_block" not in calls
+    head = "camelid::gemv_tiles" if tiles.available() else "camelid::int8_gemv"
+    assert calls.count(head) == steps
     assert text == camelid.load(path, quantize="int4", compile=False).generate("Shall I compare thee",
                                                                                  max_new_tokens=4, temperature=0)
 
@@ -186,6 +186,8 @@ def test_blocks_run_as_separate_products_where_a_block_cannot_be_one_call(tiny_c
     n_layers = llm.model.config.n_layers
     assert code[-1].count("torch.ops.camelid.decode_block.default(") == n_layers - 1
     assert code[-1].count("torch.ops.camelid.int4_gemv_many.default(") == 2  # layer 0's q, k, v and w1, w3
+    # the blocks write the cache in place: no copy of it for the functional graph
+    assert "copy_" not in code[-1] and "clone" not in code[-1]
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

@@ -136,3 +136,48 @@ def test_compiled_decoder_tiles_its_blocks_and_head(tiny_checkpoint, tmp_path):
     prompt = "Shall I compare thee"
     assert llm.generate(prompt, max_new_tokens=8, temperature=0) == eager.generate(prompt, max_new_tokens=8,
                                                                                 temperature=0)
+
+
+def test_decode_blocks_is_decode_block_layer_after_layer():
+    model = quantize_model(tiny("tiny"), "int4")
+    config = model.config
+    block_module.use_decode_blocks(model)
+    gen = torch.Generator().manual_seed(9)
+    cache = KVCache(config, 2, 16)
+    for buffer in cache.buffers():
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    again = copy.deepcopy(cache)
+    x = torch.randn(2, 1, config.dim, generator=gen)
+    positions = torch.tensor([[4], [9]])
+    rotation = model.rope.rotation(positions).contiguous()
+    h = x
+    for block, layer in zip(model.layers, cache.layers):
+        h = block.step(h, rotation, layer, positions)
+    step = block_module.DirectStep(model)
+    got = torch.ops.camelid.decode_blocks(x, step.norms, step.eps, step.codes, step.scales, step.mins, step.groups,
+                                          True, rotation, [c.k for c in again.layers], [c.v for c in again.layers],
+                                          positions, step.heads)
+    assert torch.equal(got, h)
+    assert all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(cache.layers, again.layers))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_direct_step_gives_the_models_logits(scheme):
+    """Rows at different positions, against the eager model's forward over the same cache."""
+    model = quantize_model(tiny("tiny"), scheme)
+    decoder_copy = block_module.use_decode_blocks(copy.deepcopy(model))
+    step = block_module.DirectStep(decoder_copy)
+    config = model.config
+    gen = torch.Generator().manual_seed(2)
+    cache = KVCache(config, 2, 32)
+    for buffer in cache.buffers():
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    eager_cache = copy.deepcopy(cache)
+    tokens, positions = torch.tensor([[5], [77]]), torch.tensor([[3], [20]])
+    assert step.suits(tokens, cache)
+    with torch.inference_mode():
+        got = step(decoder_copy, tokens, positions, cache)
+        expected = model.head(model.hidden(tokens, positions, eager_cache)[:, -1])
+    # the tiled int8 products (int4's head is int8) round the activations the eager layers keep in float
+    torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=0)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))

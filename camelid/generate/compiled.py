@@ -45,7 +45,7 @@ from torch import nn
 from camelid.model import KVCache, PagedKVCache, RotaryTable, Transformer
 from camelid.model.inductor import use_inductor_layers
 from camelid.quant import tiles
-from camelid.quant.block import use_decode_blocks
+from camelid.quant.block import DirectStep, use_decode_blocks
 from camelid.quant.fuse import FuseSharedInputProducts
 
 BUCKET = 256
@@ -157,6 +157,8 @@ class CompiledDecoder:
         # the layers for inductor go into a copy that shares the weights: the caller's model
         # stays as it was (its state dict, quantize_model, the eager path)
         self.model = use_decode_blocks(use_inductor_layers(use_gemv_linears(_copy_of(model, lambda t: t))))
+        # every block one kernel call: steps on a static cache need no graph (block.DirectStep)
+        self.direct = DirectStep(self.model) if DirectStep.takes(self.model) else None
         self.cache_dir = cache_dir
         self.wait_for_steps = not background  # the caller wants compiled steps from the first token on
         self.background = background and cache_dir is not None and device.type == "cpu" and ahead_of_time()
@@ -184,6 +186,8 @@ class CompiledDecoder:
         would pay) and the caller did not ask to wait for compiled steps."""
         if self.failed:
             return None
+        if self._direct(tokens, cache):
+            return self._run(self.direct, tokens, positions, cache)
         shape = StepShape.of(tokens, cache)
         fn = self.steps.get(shape)
         if fn is None:
@@ -196,6 +200,8 @@ class CompiledDecoder:
     def prepare(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> Callable | None:
         """The compiled step for these inputs' shape, loaded or compiled now if need be (waiting
         for a background build already under way)."""
+        if self._direct(tokens, cache):
+            return self.direct
         shape = StepShape.of(tokens, cache)
         if shape in self.wanted or shape in self.building:
             self.wait()
@@ -205,7 +211,10 @@ class CompiledDecoder:
         return self.steps.get(shape)
 
     def ready(self, tokens: torch.Tensor, cache: KVCache) -> bool:
-        return StepShape.of(tokens, cache) in self.steps
+        return self._direct(tokens, cache) or StepShape.of(tokens, cache) in self.steps
+
+    def _direct(self, tokens: torch.Tensor, cache: KVCache) -> bool:
+        return self.direct is not None and self.direct.suits(tokens, cache)
 
     def wait(self) -> None:
         """Build every step asked for in the background, wait for them, and take them."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from camelid.model.kv_cache import LayerKVCache
-from camelid.model.transformer import Attention, FeedForward, Rotary, TransformerBlock
+from camelid.model.kv_cache import KVCache, LayerKVCache
+from camelid.model.transformer import Attention, FeedForward, RMSNorm, Rotary, Transformer, TransformerBlock
 from camelid.quant import tiles
 from camelid.quant.layers import Int4Linear, Int8Linear
 
@@ -29,9 +29,18 @@ PRODUCTS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
 class QuantizedDecodeBlock(TransformerBlock):
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, cache: LayerKVCache | None,
                 positions: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        if not (torch.compiler.is_compiling() and x.size(1) == 1 and positions is not None
-                and type(cache) is LayerKVCache and x.dtype == cache.k.dtype == torch.float32):
+        if not (torch.compiler.is_compiling() and takes_step(x, cache, positions)):
             return super().forward(x, rotation, cache, positions, mask)
+        return self.step(x, rotation, cache, positions)
+
+    def step(self, x: torch.Tensor, rotation: torch.Tensor, cache: LayerKVCache, positions: torch.Tensor) -> torch.Tensor:
+        codes, scales, mins, groups = self.weights()
+        return torch.ops.camelid.decode_block(
+            x.contiguous(), self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps, codes, scales,
+            mins, groups, True, rotation.contiguous(), cache.k, cache.v, positions.contiguous(), self.attention.n_heads)
+
+    def weights(self) -> tuple[list, list, list, list]:
+        """The products' codes, scales, minimums (int4) and group sizes, as tiles where they have them."""
         layers = [self.get_submodule(name) for name in PRODUCTS]
         int4 = isinstance(layers[0], Int4Linear)
         if tiles.has_tiles(layers[0]):
@@ -40,10 +49,52 @@ class QuantizedDecodeBlock(TransformerBlock):
         else:
             codes, scales = [m.weight for m in layers], [m.scales for m in layers]
             mins = [m.mins for m in layers] if int4 else []
-        return torch.ops.camelid.decode_block(
-            x.contiguous(), self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps, codes, scales,
-            mins, [m.group_size for m in layers], True, rotation.contiguous(), cache.k, cache.v, positions.contiguous(),
-            self.attention.n_heads)
+        return codes, scales, mins, [m.group_size for m in layers]
+
+
+def takes_step(x: torch.Tensor, cache, positions: torch.Tensor | None) -> bool:
+    """Whether a block's input is what decode_block takes: one float32 token per row, a position
+    each, a static float32 cache."""
+    return (x.size(1) == 1 and positions is not None and type(cache) is LayerKVCache
+            and x.dtype == cache.k.dtype == torch.float32)
+
+
+class DirectStep:
+    """A decode step as plain calls, without a compiled graph, for a model whose every block runs
+    as one kernel call: the embedding, one `decode_blocks` call for all the blocks (its weight
+    lists made once, here), the final norm and the head. A graph around those calls adds only its own calling
+    cost (flattening the model's tensors into its inputs and its Python wrapper: about a sixth
+    of a SmolLM2 int4 step, docs/profile-decode.md) and seconds of compiling."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        blocks = list(model.layers)
+        weights = [block.weights() for block in blocks]
+        self.norms = [n for b in blocks for n in (b.attention_norm.weight, b.ffn_norm.weight)]
+        self.codes, self.scales, self.mins, self.groups = ([t for w in weights for t in w[i]] for i in range(4))
+        self.eps, self.heads = blocks[0].attention_norm.eps, blocks[0].attention.n_heads
+
+    @staticmethod
+    def takes(model: torch.nn.Module) -> bool:
+        return (type(model) is Transformer and len(model.layers) > 0
+                and all(type(b) is QuantizedDecodeBlock for b in model.layers)
+                and len({(b.attention_norm.eps, b.ffn_norm.eps, b.attention.n_heads) for b in model.layers}) == 1
+                and type(model.tok_embeddings) is torch.nn.Embedding and type(model.norm) is RMSNorm)
+
+    def suits(self, tokens: torch.Tensor, cache) -> bool:
+        k = cache.layers[0].k
+        return (type(cache) is KVCache and tokens.dim() == 2 and tokens.size(1) == 1 and k.dtype == torch.float32
+                and k.device.type == "cpu")
+
+    def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] for tokens [B, 1] at positions [B, 1] (or [1, 1] for every row)."""
+        m = self.model
+        h = torch.ops.camelid.decode_blocks(
+            m.tok_embeddings(tokens).float(), self.norms, self.eps, self.codes, self.scales, self.mins, self.groups,
+            True, m.rope.rotation(positions).contiguous(), [c.k for c in cache.layers], [c.v for c in cache.layers],
+            positions.contiguous(), self.heads)
+        return m.head(m.norm(h)[:, -1])
 
 
 def fusable(block: torch.nn.Module) -> bool:

@@ -1049,6 +1049,26 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
   return out;
 }
 
+// Every block of a model, one after another, in one call: a step that is nothing but its blocks
+// pays the operator call's fixed cost (parsing its arguments from Python) once, not per layer.
+// Per layer l: norms[2l], norms[2l+1] (attention, feed-forward), the seven products from 7l on
+// in each list, cache_k[l] and cache_v[l].
+at::Tensor decode_blocks(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList codes,
+                         at::TensorList scales, at::TensorList mins, at::IntArrayRef groups, bool int8_activations,
+                         const at::Tensor& rotation, at::TensorList cache_k, at::TensorList cache_v,
+                         const at::Tensor& positions, int64_t n_heads) {
+  const size_t layers = cache_k.size();
+  TORCH_CHECK(layers > 0 && cache_v.size() == layers && norms.size() == 2 * layers && codes.size() == 7 * layers &&
+                  scales.size() == 7 * layers && groups.size() == 7 * layers && (mins.empty() || mins.size() == 7 * layers),
+              "decode_blocks: per layer two norms, seven products and a cache");
+  at::Tensor h = x;
+  for (size_t l = 0; l < layers; ++l)
+    h = decode_block(h, norms[2 * l], norms[2 * l + 1], eps, codes.slice(7 * l, 7), scales.slice(7 * l, 7),
+                     mins.empty() ? mins : mins.slice(7 * l, 7), groups.slice(7 * l, 7), int8_activations, rotation,
+                     cache_k[l], cache_v[l], positions, n_heads);
+  return h;
+}
+
 bool has_int8_activations() {
 #ifdef CAMELID_VNNI
   return true;
@@ -1081,6 +1101,10 @@ TORCH_LIBRARY(camelid, m) {
   m.def("decode_block(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor[] codes, Tensor[] scales, "
         "Tensor[] mins, int[] group_sizes, bool int8_activations, Tensor rotation, Tensor(a!) cache_k, "
         "Tensor(b!) cache_v, Tensor positions, int n_heads) -> Tensor");
+  // decode_block for every layer in turn (per-layer lists flattened in layer order)
+  m.def("decode_blocks(Tensor x, Tensor[] norms, float eps, Tensor[] codes, Tensor[] scales, Tensor[] mins, "
+        "int[] group_sizes, bool int8_activations, Tensor rotation, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, "
+        "Tensor positions, int n_heads) -> Tensor");
   // the float32 or bfloat16 weight of int8 (no mins) or int4 codes
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? mins, int group_size, ScalarType dtype) -> Tensor");
 }
@@ -1093,6 +1117,7 @@ TORCH_LIBRARY_IMPL(camelid, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("decode_block", &decode_block);
   m.impl("gemv_tiles", &gemv_tiles);
+  m.impl("decode_blocks", &decode_blocks);
 }
 
 TORCH_LIBRARY_IMPL(camelid, CompositeExplicitAutograd, m) {

@@ -4,7 +4,7 @@ The source is compiled once per machine with the host's own instruction set (`-m
 by `torch.utils.cpp_extension` into torch's extension cache (~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR) and registered as the operators `torch.ops.camelid.*` (`int8_gemv`,
 `int4_gemv`, their `*_many` forms for several weights sharing one input, `dequantize`, and
-`decode_block`, a whole transformer block for one new token per row), which
+`decode_block`, a whole transformer block for one new token per row, and `decode_blocks`, all of them), which
 `torch.compile` keeps inside a compiled decode step. The
 build takes 10-20 s the first time and needs the C++ compiler that inductor needs anyway;
 where it fails, the quantized layers fall back to their pure-PyTorch formulation with one
@@ -89,6 +89,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("camelid::decode_block")
     def block_like(x, *_):
         return torch.empty_like(x)
+
+    torch.library.register_fake("camelid::decode_blocks")(block_like)
 
     for op in ("camelid::int8_gemv", "camelid::int4_gemv"):
         torch.library.register_fake(op)(gemv_like)
