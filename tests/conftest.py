@@ -83,3 +83,16 @@ weight = 1
 stages = ["normalize"]
 ''')
     return prepare(load_recipe(recipe), progress=False)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, spm_tokenizer):
+    """A tiny tied fp32 model written as a native checkpoint: (its folder, the model)."""
+    from camelid.checkpoint.native import write_native
+    from test_model import tiny
+
+    model = tiny("tiny-tied")
+    path = tmp_path / "fp32"
+    path.mkdir()
+    write_native(path, model.config, spm_tokenizer, model.state_dict().items())
+    return path, model

@@ -16,7 +16,6 @@ from torch._inductor.utils import run_and_get_code
 
 import camelid
 from camelid.checkpoint import convert, read_checkpoint, save_quantized
-from camelid.checkpoint.native import write_native
 from camelid.cli.main import main as cli
 from camelid.errors import CamelidError
 from camelid.quant import Int4Linear, Int8Linear, QuantizedLinear, quantize_model
@@ -250,15 +249,6 @@ def test_quantized_tiny_model_stays_close_to_fp32(name):
         assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
         err = (logits_of(q, tokens) - ref).norm() / ref.norm()
         assert err < bound, (scheme, err)
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path, spm_tokenizer):
-    model = tiny("tiny-tied")
-    path = tmp_path / "fp32"
-    path.mkdir()
-    write_native(path, model.config, spm_tokenizer, model.state_dict().items())
-    return path, model
 
 
 def test_load_quantized_saves_and_loads_back_bit_for_bit(tiny_checkpoint, tmp_path):

@@ -13,7 +13,6 @@ from camelid.quant import quantize_model, tiles
 from camelid.quant.blocks import quantize, unpack_int4
 from camelid.quant.layers import layer_for
 from test_model import tiny
-from test_quant import tiny_checkpoint  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not tiles.available(), reason="tiles need a CPU with AVX-512 VNNI")
 
