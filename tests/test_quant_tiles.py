@@ -180,3 +180,17 @@ def test_direct_step_gives_the_models_logits(scheme):
     # the tiled int8 products (int4's head is int8) round the activations the eager layers keep in float
     torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=0)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_plan_counts_the_decoders_tiles(scheme):
+    from camelid.plan.inference import plan, weight_bytes
+
+    model = quantize_model(tiny("tiny"), scheme)
+    decoder_copy = block_module.use_decode_blocks(copy.deepcopy(model))
+    made = sum(getattr(m, name).nbytes for m in decoder_copy.modules() for name in tiles.NAMES if hasattr(m, name))
+    config = model.config
+    assert made > 0
+    assert weight_bytes(config, scheme, "float32", decoder_tiles=True) - weight_bytes(config, scheme, "float32") == made
+    row = next(r for r in plan(config, activation_dtype="float32", cpu=True) if r.precision == scheme)
+    assert row.weights == weight_bytes(config, scheme, "float32", decoder_tiles=True)  # this CPU has them

@@ -9,6 +9,9 @@ generation is the prefill, taken here as a prompt of all T tokens in one forward
                an fp16 scale and an fp16 minimum per group of G weights, except the output head,
                which int4 models keep in int8. The embedding and the norms stay in the activation
                dtype, and a tied head gets a quantized copy of its own (camelid.quant).
+               On a CPU with AVX-512 VNNI the compiled decoder (the default) also holds its
+               tiles (camelid.quant.tiles): a second copy of the quantized layers' codes, scales
+               and minimums, in another order (`decoder_tiles`).
   KV cache     2 * layers * B * T * kv_heads * head_dim * bytes of the activation dtype.
   activations  the peak of the prefill, the largest of three moments (N = B * T tokens):
                - a feed-forward sub-block: the residual stream (block input, attention sum, its
@@ -42,6 +45,8 @@ what a plan's row leaves of a card beside its weights, activations and overhead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
@@ -83,7 +88,7 @@ def quantized_bytes(out: int, inp: int, precision: str, group_size: int) -> int:
 
 
 def weight_bytes(config: ModelConfig, precision: str, activation_dtype: str = "bfloat16",
-                 group_size: int = 32) -> int:
+                 group_size: int = 32, decoder_tiles: bool = False) -> int:
     if precision in DTYPE_BYTES:
         return config.num_params() * DTYPE_BYTES[precision]
     d, q, kv, f = config.dim, config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.ffn_dim
@@ -91,7 +96,12 @@ def weight_bytes(config: ModelConfig, precision: str, activation_dtype: str = "b
     linear = config.n_layers * sum(quantized_bytes(o, i, precision, group_size) for o, i in block)
     head = quantized_bytes(config.head_size, d, head_precision(precision), group_size)  # a scorer's: num_labels rows
     embedding_and_norms = (config.vocab_size + 2 * config.n_layers + 1) * d * DTYPE_BYTES[activation_dtype]
-    return linear + head + embedding_and_norms
+    return (linear + head) * (2 if decoder_tiles else 1) + embedding_and_norms
+
+
+def tiles_here() -> bool:
+    """Whether this CPU has what camelid's decode tiles need (AVX-512 with VNNI)."""
+    return torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()
 
 
 def _dequantized(out: int, inp: int, precision: str, a: int) -> int:
@@ -151,10 +161,14 @@ def activation_bytes(config: ModelConfig, precision: str, batch: int, context: i
 
 def plan(config: ModelConfig, batch: int = 1, context: int = 2048, activation_dtype: str = "bfloat16",
          group_size: int = 32, overhead: int = DEFAULT_OVERHEAD, attention: str = "fused",
-         all_logits: bool = False, cpu: bool = False) -> list[Row]:
+         all_logits: bool = False, cpu: bool = False, decoder_tiles: bool | None = None) -> list[Row]:
     """One row per precision (int4 only where its groups divide the layers). Float rows compute in
     their own dtype; quantized rows in `activation_dtype` (bfloat16 on a GPU; camelid on CPU
-    keeps float32). `cpu`: for this machine's CPU, where camelid's kernels run the quantized layers."""
+    keeps float32). `cpu`: for this machine's CPU, where camelid's kernels run the quantized
+    layers. `decoder_tiles`: count the compiled decoder's tiles of the quantized layers (by
+    default, on a CPU that has them, with `cpu`)."""
+    if decoder_tiles is None:
+        decoder_tiles = cpu and tiles_here()
     if batch < 1:
         raise CamelidError(f"--batch must be at least 1 (got {batch})")
     if context < 1:
@@ -168,7 +182,7 @@ def plan(config: ModelConfig, batch: int = 1, context: int = 2048, activation_dt
         if precision == "int4" and int4_problem(config, group_size):
             continue
         act = precision if precision in DTYPE_BYTES else activation_dtype
-        result.append(Row(precision, act, weight_bytes(config, precision, act, group_size),
+        result.append(Row(precision, act, weight_bytes(config, precision, act, group_size, decoder_tiles),
                           config.kv_cache_bytes(batch, context, DTYPE_BYTES[act]),
                           activation_bytes(config, precision, batch, context, act, attention, all_logits, cpu),
                           overhead))
