@@ -98,3 +98,27 @@ def test_compiled_training_steps_match_eager(tmp_path):
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_of_rows_far_from_their_target_among_ordinary_rows(dtype):
+    """A row whose target's probability underflows takes its log-sum-exp from the logits; the
+    rows around it keep reading the softmax. Both against F.cross_entropy, row by row."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 16, generator=gen)
+    w = torch.randn(40, 16, generator=gen)
+    t = torch.randint(0, 40, (6,), generator=gen)
+    h[2] *= 200                                # row 2: a confident mistake...
+    t[2] = int(F.linear(h[2], w).argmin())     # ...its target the least likely token, ~1e3 nats away
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        rows = [linear_cross_entropy(h[i:i + 1], w, t[i:i + 1]).item() for i in range(6)]
+        total = linear_cross_entropy(h, w, t).item()
+    logits = F.linear(h, w)
+    if dtype == torch.bfloat16:
+        logits = F.linear(h.bfloat16(), w.bfloat16()).float()
+    ref = F.cross_entropy(logits, t, reduction="none")
+    assert ref[2] > 500
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for got, want in zip(rows, ref.tolist()):
+        assert got == pytest.approx(want, rel=tol, abs=tol)
+    assert total == pytest.approx(sum(rows), rel=1e-5)

@@ -19,6 +19,11 @@ SLAB = 1 << 24  # logits per slab (64 MB in fp32): 512 rows for a 32k vocabulary
                 # products less efficient, 1024 spill the slab's element-wise passes further from cache
 
 
+# A target probability below this (bf16 and fp32 lose relative precision among subnormals, and
+# 0 has no log) takes its row's log-sum-exp from the logits instead.
+TINY = 1e-30
+
+
 def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d loss / d logits, minus the summed loss) of a chunk of logits, the gradient in the
     logits' dtype. In bf16 there is no fp32 copy of the logits: softmax accumulates in fp32 and
@@ -26,18 +31,24 @@ def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     anyway. One softmax pass replaces log-softmax, exp and (in bf16) the cast back, which cost
     three times as much (docs/profile-training.md).
 
-    The loss needs each row's log-sum-exp in fp32, exactly: the largest logit x_m has the largest
-    probability, exp(x_m - lse), which the softmax gives to within its rounding (2^-9 relative
-    in bf16, so lse to within 0.002) and which is never below 1/vocab, so the log stays finite
-    however confident a mistake (where log(softmax) of the target would be log(0)); then
-    -log p(target) = lse - x_target. (amax, not argmax: argmax over bf16 is not vectorised and
-    cost more than the softmax.)"""
+    The loss is -log p(target), read from the softmax: rounded to the probabilities' dtype, which
+    keeps its relative precision at every magnitude down to the smallest normal number (2^-9 in
+    bf16, so the loss to within 0.002 nats, as an fp32 log-softmax rounded to bf16 would give).
+    A target so improbable that its probability falls below TINY (a confident mistake, logits
+    70 nats apart) has its row's log-sum-exp computed from the logits, exactly; such rows are
+    rare, and the common case needs no pass over the logits besides the softmax."""
     rows = torch.arange(targets.shape[0], device=targets.device)
     probs = torch.softmax(logits, dim=-1)
-    lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).float().log()
-    picked = (logits[rows, targets].float() - lse).sum()
+    p = probs[rows, targets].float()
+    far = p < TINY
+    if bool(far.any()):
+        picked = p.clamp_min(TINY).log()
+        lse = torch.logsumexp(logits[far].float(), dim=-1)
+        picked[far] = logits[rows[far], targets[far]].float() - lse
+    else:
+        picked = p.log()
     probs[rows, targets] -= 1.0
-    return probs, picked
+    return probs, picked.sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
