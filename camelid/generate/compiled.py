@@ -17,6 +17,10 @@ saved under the cache directory, keyed by everything its code depends on (the mo
 structure, dtypes and shapes, the step's shape, the compile mode, the CPU's instruction set,
 torch's version and camelid's code that it runs), so the next process loads it in a moment
 instead of compiling again. Should compilation fail, decoding stays eager, with one warning.
+
+A quantized model whose every block runs as one kernel call (camelid.quant.block) needs no
+graph on a static cache: its steps are `DirectStep`'s plain calls from the first token, with
+nothing to compile; a paged cache or any other block still takes the compiled graph.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class QuantizedDecodeBlock(TransformerBlock):
             return super().forward(x, rotation, cache, positions, mask)
         return self.step(x, rotation, cache, positions)
 
-    def step(self, x: torch.Tensor, rotation: torch.Tensor, cache: LayerKVCache, positions: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, rotation: torch.Tensor, cache: LayerKVCache,
+             positions: torch.Tensor) -> torch.Tensor:
         codes, scales, mins, groups = self.weights()
         return torch.ops.camelid.decode_block(
             x.contiguous(), self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps, codes, scales,
@@ -62,9 +63,10 @@ def takes_step(x: torch.Tensor, cache, positions: torch.Tensor | None) -> bool:
 class DirectStep:
     """A decode step as plain calls, without a compiled graph, for a model whose every block runs
     as one kernel call: the embedding, one `decode_blocks` call for all the blocks (its weight
-    lists made once, here), the final norm and the head. A graph around those calls adds only its own calling
-    cost (flattening the model's tensors into its inputs and its Python wrapper: about a sixth
-    of a SmolLM2 int4 step, docs/profile-decode.md) and seconds of compiling."""
+    lists made once, here), the final norm and the head. A graph around those calls adds only
+    its own calling cost (flattening the model's tensors into its inputs, and its Python
+    wrapper: about a sixth of a SmolLM2 int4 step, docs/profile-decode.md) and seconds of
+    compiling."""
 
     def __init__(self, model: Transformer):
         self.model = model
