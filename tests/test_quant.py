@@ -19,7 +19,7 @@ from camelid.checkpoint import convert, read_checkpoint, save_quantized
 from camelid.cli.main import main as cli
 from camelid.errors import CamelidError
 from camelid.quant import Int4Linear, Int8Linear, QuantizedLinear, quantize_model
-from camelid.model import KVCache
+from camelid.model import KVCache, PagedKVCache
 from camelid.quant import block as block_module
 from camelid.quant import kernels
 from camelid.quant import layers as quant_layers
@@ -220,6 +220,43 @@ def test_decode_block_kernel_equals_the_blocks_forward(scheme, name):
         torch.testing.assert_close(cache.layers[1].v, expected_cache.layers[1].v)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_decode_block_over_a_paged_cache_equals_the_blocks_forward(scheme):
+    """Pools of blocks lent through a table (rows sharing a block, scratch block 0 for slots not
+    lent), against the block's own forward over the same paged cache."""
+    model = quantize_model(tiny("tiny"), scheme)
+    block, config = model.layers[1], model.config
+    gen = torch.Generator().manual_seed(6)
+    cache = PagedKVCache(config, num_blocks=9, block_size=4, rows=3, max_blocks=5)
+    for r, blocks in enumerate(([3, 1, 7], [2, 5], [3, 8, 6, 4])):  # row 2 shares row 0's first block
+        cache.assign(r, blocks)
+    for buffer in cache.buffers():
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    expected_cache = copy.deepcopy(cache)
+    x = torch.randn(3, 1, config.dim, generator=gen)
+    positions = torch.tensor([[10], [6], [15]])
+    rotation = model.rope.rotation(positions)
+    mask = (torch.arange(cache.max_len) <= positions.unsqueeze(-1)).unsqueeze(1)
+    with torch.no_grad():
+        expected = block(x, rotation, expected_cache.layers[1], positions, mask)
+    layers = [block.get_submodule(n) for n in block_module.PRODUCTS]
+    got = torch.ops.camelid.decode_block(
+        x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps,
+        [m.weight for m in layers], [m.scales for m in layers], [m.mins for m in layers] if scheme == "int4" else [],
+        [m.group_size for m in layers], True, rotation, cache.layers[1].k, cache.layers[1].v, positions,
+        config.n_heads, cache.table)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.layers[1].k, expected_cache.layers[1].k)
+    torch.testing.assert_close(cache.layers[1].v, expected_cache.layers[1].v)
+    cache.table[1, 0] = 9   # a block the pool does not have
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.camelid.decode_block(
+            x, block.attention_norm.weight, block.ffn_norm.weight, 1e-5, [m.weight for m in layers],
+            [m.scales for m in layers], [m.mins for m in layers] if scheme == "int4" else [],
+            [m.group_size for m in layers], True, rotation, cache.layers[1].k, cache.layers[1].v, positions,
+            config.n_heads, cache.table)
+
+
 def test_decode_block_refuses_a_position_outside_the_cache():
     model = quantize_model(tiny("tiny"), "int8")
     block, config = model.layers[0], model.config
@@ -347,3 +384,32 @@ def test_prefill_uses_the_dequantized_product(monkeypatch):
     torch.testing.assert_close(layer(x), F.linear(x.bfloat16(), w.bfloat16()).float())
     monkeypatch.setattr(quant_layers, "NATIVE_BF16", False)
     torch.testing.assert_close(layer(x), F.linear(x, w))
+
+
+def test_compiled_decoder_steps_a_paged_cache_with_one_call(tiny_checkpoint, tmp_path):
+    """The server's path: decode steps over a paged cache go through the graph-free step, one
+    decode_blocks call each, and give the eager engine's tokens."""
+    from camelid.generate.core import Engine
+
+    path, _ = tiny_checkpoint
+    eager = Engine(camelid.load(path, quantize="int4", compile=False).model)
+    compiled = Engine(camelid.load(path, quantize="int4", compile=False).model)
+    compiled.compile(background=False, cache_dir=tmp_path)
+    config = eager.config
+    caches = [PagedKVCache(config, num_blocks=12, block_size=8, rows=2, max_blocks=4) for _ in range(2)]
+    for cache in caches:
+        cache.assign(0, [4, 2, 9])
+        cache.assign(1, [7, 1])
+    prompt = torch.tensor([[5, 9, 31, 7, 2, 44, 13], [8, 3, 3, 19, 60, 21, 17]])
+    tokens = []
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        for engine, cache in zip((eager, compiled), caches):
+            h = engine.extend(prompt, None, cache)
+            next_tokens, got = engine.head(h[:, -1]).argmax(-1), []
+            for step in range(6):
+                next_tokens = engine.decode(next_tokens, [7 + step] * 2, cache).argmax(-1)
+                got.append(next_tokens.tolist())
+            tokens.append(got)
+    assert tokens[0] == tokens[1]
+    assert compiled.decode_steps == {"compiled": 6, "eager": 0} and eager.decode_steps["compiled"] == 0
+    assert [e.name for e in prof.events()].count("camelid::decode_blocks") == 6

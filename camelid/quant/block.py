@@ -9,7 +9,7 @@ profile before and after). `camelid::decode_block` (kernels.cpp) does the whole 
 call with the same math. The compiled decoder swaps it in, as it swaps in the other layers for
 inductor (`camelid.model.inductor`): only the class of a block changes, and only where every
 product of the block runs on camelid's kernels with one scheme; anything else
-(LoRA layers, a float layer left unquantized, a paged cache, bfloat16 activations, a prefill)
+(LoRA layers, a float layer left unquantized, bfloat16 activations, a prefill)
 takes the block's ordinary forward.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from camelid.model.kv_cache import KVCache, LayerKVCache
+from camelid.model.kv_cache import KVCache, LayerKVCache, PagedKVCache, PagedLayerKVCache
 from camelid.model.transformer import Attention, FeedForward, RMSNorm, Rotary, Transformer, TransformerBlock
 from camelid.quant import tiles
 from camelid.quant.layers import Int4Linear, Int8Linear
@@ -38,7 +38,8 @@ class QuantizedDecodeBlock(TransformerBlock):
         codes, scales, mins, groups = self.weights()
         return torch.ops.camelid.decode_block(
             x.contiguous(), self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps, codes, scales,
-            mins, groups, True, rotation.contiguous(), cache.k, cache.v, positions.contiguous(), self.attention.n_heads)
+            mins, groups, True, rotation.contiguous(), cache.k, cache.v, positions.contiguous(), self.attention.n_heads,
+            table_of(cache, x.size(0)))
 
     def weights(self) -> tuple[list, list, list, list]:
         """The products' codes, scales, minimums (int4) and group sizes, as tiles where they have them."""
@@ -55,9 +56,14 @@ class QuantizedDecodeBlock(TransformerBlock):
 
 def takes_step(x: torch.Tensor, cache, positions: torch.Tensor | None) -> bool:
     """Whether a block's input is what decode_block takes: one float32 token per row, a position
-    each, a static float32 cache."""
-    return (x.size(1) == 1 and positions is not None and type(cache) is LayerKVCache
+    each, a float32 cache, static or paged."""
+    return (x.size(1) == 1 and positions is not None and type(cache) in (LayerKVCache, PagedLayerKVCache)
             and x.dtype == cache.k.dtype == torch.float32)
+
+
+def table_of(cache: LayerKVCache | PagedLayerKVCache, rows: int) -> torch.Tensor | None:
+    """A paged cache's block table for the step's rows (None for a static cache)."""
+    return cache.table[:rows] if isinstance(cache, PagedLayerKVCache) else None
 
 
 class DirectStep:
@@ -85,8 +91,8 @@ class DirectStep:
 
     def suits(self, tokens: torch.Tensor, cache) -> bool:
         k = cache.layers[0].k
-        return (type(cache) is KVCache and tokens.dim() == 2 and tokens.size(1) == 1 and k.dtype == torch.float32
-                and k.device.type == "cpu")
+        return (type(cache) in (KVCache, PagedKVCache) and tokens.dim() == 2 and tokens.size(1) == 1
+                and k.dtype == torch.float32 and k.device.type == "cpu")
 
     def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
                  cache: KVCache) -> torch.Tensor:
@@ -95,7 +101,7 @@ class DirectStep:
         h = torch.ops.camelid.decode_blocks(
             m.tok_embeddings(tokens).float(), self.norms, self.eps, self.codes, self.scales, self.mins, self.groups,
             True, m.rope.rotation(positions).contiguous(), [c.k for c in cache.layers], [c.v for c in cache.layers],
-            positions.contiguous(), self.heads)
+            positions.contiguous(), self.heads, table_of(cache.layers[0], tokens.size(0)))
         return m.head(m.norm(h)[:, -1])
 
 

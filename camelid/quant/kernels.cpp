@@ -959,22 +959,59 @@ struct BlockWeights {
   }
 };
 
+// Where a row's key (or value) of a kv head at a slot lies, in floats from the cache's start: a
+// static cache [rows, K, slots, D] (strides as they are), or a paged one's pools [blocks,
+// block_size, K, D] through the rows' block table [rows, n] (camelid/model/kv_cache.py).
+struct CacheSlots {
+  int64_t K, D, slots, s0 = 0, s1 = 0, s2 = 0;
+  const int64_t* table = nullptr;
+  int64_t t0 = 0, t1 = 0, block = 1;
+
+  CacheSlots(const at::Tensor& cache_k, const at::Tensor& cache_v, const std::optional<at::Tensor>& table_, int64_t rows) {
+    TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_v.scalar_type() == at::kFloat && cache_k.dim() == 4 &&
+                cache_k.sizes() == cache_v.sizes() && cache_k.strides() == cache_v.strides() && cache_k.stride(3) == 1,
+                "decode_block: float32 caches, [rows, kv heads, slots, head dim] or pools of blocks");
+    D = cache_k.size(3);
+    if (!table_) {
+      K = cache_k.size(1), slots = cache_k.size(2);
+      s0 = cache_k.stride(0), s1 = cache_k.stride(1), s2 = cache_k.stride(2);
+      TORCH_CHECK(cache_k.size(0) >= rows, "decode_block: a cache of ", cache_k.size(0), " rows for ", rows);
+      return;
+    }
+    const at::Tensor& t = *table_;
+    TORCH_CHECK(cache_k.is_contiguous() && t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) >= rows,
+                "decode_block: contiguous pools [blocks, block size, kv heads, head dim] and an int64 block table "
+                "[rows, blocks]");
+    K = cache_k.size(2), block = cache_k.size(1), slots = t.size(1) * block;
+    table = t.data_ptr<int64_t>(), t0 = t.stride(0), t1 = t.stride(1);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < t.size(1); ++b)
+        TORCH_CHECK(table[r * t0 + b * t1] >= 0 && table[r * t0 + b * t1] < cache_k.size(0),
+                    "decode_block: the block table names a block outside the pool's ", cache_k.size(0));
+  }
+
+  int64_t at(int64_t r, int64_t kh, int64_t s) const {
+    if (table == nullptr) return r * s0 + kh * s1 + s * s2;
+    return ((table[r * t0 + s / block * t1] * block + s % block) * K + kh) * D;
+  }
+};
+
 at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps_,
                         at::TensorList codes, at::TensorList scales, at::TensorList mins, at::IntArrayRef groups,
                         bool int8_activations, const at::Tensor& rotation, const at::Tensor& cache_k,
-                        const at::Tensor& cache_v, const at::Tensor& positions, int64_t n_heads) {
+                        const at::Tensor& cache_v, const at::Tensor& positions, int64_t n_heads,
+                        const std::optional<at::Tensor>& table) {
   const BlockWeights weights(codes, scales, mins, groups);
-  const int64_t rows = x_.size(0), dim = x_.size(-1), K = cache_k.size(1), slots = cache_k.size(2), D = cache_k.size(3);
+  const int64_t rows = x_.size(0), dim = x_.size(-1);
+  const CacheSlots cache(cache_k, cache_v, table, rows);
+  const int64_t K = cache.K, slots = cache.slots, D = cache.D;
   const int64_t H = n_heads, per_kv = H / K, ffn = weights.w[4].out;
   TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.is_contiguous() && x_.numel() == rows * dim,
               "decode_block: one contiguous float32 token per row");
   for (const at::Tensor* t : {&attention_norm, &ffn_norm, &rotation})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "decode_block: contiguous float32 norms and rotation");
   TORCH_CHECK(attention_norm.numel() == dim && ffn_norm.numel() == dim, "decode_block: norms of ", dim);
-  TORCH_CHECK(cache_k.scalar_type() == at::kFloat && cache_v.scalar_type() == at::kFloat && cache_k.dim() == 4 &&
-              cache_k.sizes() == cache_v.sizes() && cache_k.strides() == cache_v.strides() && cache_k.stride(3) == 1,
-              "decode_block: float32 caches [rows, kv heads, slots, head dim]");
-  TORCH_CHECK(cache_k.size(0) >= rows && H % K == 0 && D % 2 == 0 && weights.w[0].out == H * D &&
+  TORCH_CHECK(H % K == 0 && D % 2 == 0 && weights.w[0].out == H * D &&
               weights.w[1].out == K * D && weights.in[0] == dim && weights.in[3] == H * D && weights.in[6] == ffn,
               "decode_block: the cache, heads and weights do not fit");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
@@ -1008,10 +1045,9 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
   rotate(k, rotation.data_ptr<float>(), shared, rows, K, D);
   float* ck = cache_k.data_ptr<float>();
   float* cv = cache_v.data_ptr<float>();
-  const int64_t s0 = cache_k.stride(0), s1 = cache_k.stride(1), s2 = cache_k.stride(2);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t kh = 0; kh < K; ++kh) {
-      const int64_t slot = r * s0 + kh * s1 + position(r) * s2;
+      const int64_t slot = cache.at(r, kh, position(r));
       std::memcpy(ck + slot, k + (r * K + kh) * D, D * sizeof(float));
       std::memcpy(cv + slot, v + (r * K + kh) * D, D * sizeof(float));
     }
@@ -1021,11 +1057,10 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / H, seen = position(r) + 1;
       const float* qh = q + rh * D;
-      const float* kb = ck + r * s0 + (rh % H / per_kv) * s1;
-      const float* vb = cv + r * s0 + (rh % H / per_kv) * s1;
+      const int64_t kh = rh % H / per_kv;
       float top = -INFINITY;
       for (int64_t s = 0; s < seen; ++s) {
-        w[s] = dot(qh, kb + s * s2, D) * scale;
+        w[s] = dot(qh, ck + cache.at(r, kh, s), D) * scale;
         top = std::max(top, w[s]);
       }
       const float total = exp_shifted(w.data(), seen, top);
@@ -1033,7 +1068,8 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
       std::fill(o, o + D, 0.f);
       for (int64_t s = 0; s < seen; ++s) {
         const float ws = w[s] / total;
-        for (int64_t d = 0; d < D; ++d) o[d] += ws * vb[s * s2 + d];
+        const float* vs = cv + cache.at(r, kh, s);
+        for (int64_t d = 0; d < D; ++d) o[d] += ws * vs[d];
       }
     }
   });
@@ -1056,7 +1092,7 @@ at::Tensor decode_block(const at::Tensor& x_, const at::Tensor& attention_norm, 
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList codes,
                          at::TensorList scales, at::TensorList mins, at::IntArrayRef groups, bool int8_activations,
                          const at::Tensor& rotation, at::TensorList cache_k, at::TensorList cache_v,
-                         const at::Tensor& positions, int64_t n_heads) {
+                         const at::Tensor& positions, int64_t n_heads, const std::optional<at::Tensor>& table) {
   const size_t layers = cache_k.size();
   TORCH_CHECK(layers > 0 && cache_v.size() == layers && norms.size() == 2 * layers && codes.size() == 7 * layers &&
                   scales.size() == 7 * layers && groups.size() == 7 * layers && (mins.empty() || mins.size() == 7 * layers),
@@ -1065,7 +1101,7 @@ at::Tensor decode_blocks(const at::Tensor& x, at::TensorList norms, double eps, 
   for (size_t l = 0; l < layers; ++l)
     h = decode_block(h, norms[2 * l], norms[2 * l + 1], eps, codes.slice(7 * l, 7), scales.slice(7 * l, 7),
                      mins.empty() ? mins : mins.slice(7 * l, 7), groups.slice(7 * l, 7), int8_activations, rotation,
-                     cache_k[l], cache_v[l], positions, n_heads);
+                     cache_k[l], cache_v[l], positions, n_heads, table);
   return h;
 }
 
@@ -1095,16 +1131,17 @@ TORCH_LIBRARY(camelid, m) {
   m.def("has_tiles() -> bool");
   // uninitialised bytes on huge pages where the OS gives them, for tiles
   m.def("empty_huge(int bytes) -> Tensor");
-  // a transformer block for one new token per row over a static float32 cache (written at the
-  // rows' positions): the compiled decode step's one call per layer (camelid/quant/block.py);
-  // weights in the order wq, wk, wv, wo, w1, w3, w2, mins empty for int8
+  // a transformer block for one new token per row over a float32 cache (written at the rows'
+  // positions): static, or a paged cache's pools with its block table; the compiled decode
+  // step's one call per layer (camelid/quant/block.py); weights in the order wq, wk, wv, wo, w1,
+  // w3, w2 (as stored or as tiles), mins empty for int8
   m.def("decode_block(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor[] codes, Tensor[] scales, "
         "Tensor[] mins, int[] group_sizes, bool int8_activations, Tensor rotation, Tensor(a!) cache_k, "
-        "Tensor(b!) cache_v, Tensor positions, int n_heads) -> Tensor");
+        "Tensor(b!) cache_v, Tensor positions, int n_heads, Tensor? table=None) -> Tensor");
   // decode_block for every layer in turn (per-layer lists flattened in layer order)
   m.def("decode_blocks(Tensor x, Tensor[] norms, float eps, Tensor[] codes, Tensor[] scales, Tensor[] mins, "
         "int[] group_sizes, bool int8_activations, Tensor rotation, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, "
-        "Tensor positions, int n_heads) -> Tensor");
+        "Tensor positions, int n_heads, Tensor? table=None) -> Tensor");
   // the float32 or bfloat16 weight of int8 (no mins) or int4 codes
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? mins, int group_size, ScalarType dtype) -> Tensor");
 }
