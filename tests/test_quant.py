@@ -232,6 +232,8 @@ def test_decode_block_over_a_paged_cache_equals_the_blocks_forward(scheme):
         cache.assign(r, blocks)
     for buffer in cache.buffers():
         buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    cache = cache.view(slice(0, 3), 16)   # the batcher's view: the first 4 of 5 blocks, a strided table
+    assert not cache.table.is_contiguous()
     expected_cache = copy.deepcopy(cache)
     x = torch.randn(3, 1, config.dim, generator=gen)
     positions = torch.tensor([[10], [6], [15]])

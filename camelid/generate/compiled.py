@@ -19,8 +19,8 @@ torch's version and camelid's code that it runs), so the next process loads it i
 instead of compiling again. Should compilation fail, decoding stays eager, with one warning.
 
 A quantized model whose every block runs as one kernel call (camelid.quant.block) needs no
-graph on a static cache: its steps are `DirectStep`'s plain calls from the first token, with
-nothing to compile; a paged cache or any other block still takes the compiled graph.
+graph: its steps, on a static or a paged float32 cache, are `DirectStep`'s plain calls from the
+first token, with nothing to compile; any other model or cache takes the compiled graph.
 """
 
 from __future__ import annotations
@@ -154,14 +154,16 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: Transformer, cache_dir: Path | None = None, background: bool = True,
-                 mode: str | None = None):
+                 mode: str | None = None, trace_only: bool = False):
         device = next(model.parameters()).device
         self.fingerprint = _fingerprint(model)
         self.skeleton = _skeleton(model)  # the structure without weights, for a compiling process
         # the layers for inductor go into a copy that shares the weights: the caller's model
         # stays as it was (its state dict, quantize_model, the eager path)
-        self.model = use_decode_blocks(use_inductor_layers(use_gemv_linears(_copy_of(model, lambda t: t))))
-        # every block one kernel call: steps on a static cache need no graph (block.DirectStep)
+        # (`trace_only`: a compiling process's model, whose weights are never read: no copies of them)
+        self.model = use_decode_blocks(use_inductor_layers(use_gemv_linears(_copy_of(model, lambda t: t))),
+                                       copy_weights=not trace_only)
+        # every block one kernel call: decode steps need no graph (block.DirectStep)
         self.direct = DirectStep(self.model) if DirectStep.takes(self.model) else None
         self.cache_dir = cache_dir
         self.wait_for_steps = not background  # the caller wants compiled steps from the first token on
@@ -498,7 +500,7 @@ def _compile_from(job: dict) -> None:
 
     if any(isinstance(m, QuantizedLinear) and m.fused for m in model.modules()):
         kernels.available()  # camelid's operators, registered before tracing meets them
-    decoder = CompiledDecoder(model, mode=job["mode"])
+    decoder = CompiledDecoder(model, mode=job["mode"], trace_only=True)
     cache = rebuild_cache(job["layout"], len(model.layers), job["dtype"])
     tokens = torch.zeros(job["rows"], 1, dtype=torch.long)
     with torch.inference_mode():

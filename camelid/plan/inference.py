@@ -11,7 +11,8 @@ generation is the prefill, taken here as a prompt of all T tokens in one forward
                dtype, and a tied head gets a quantized copy of its own (camelid.quant).
                On a CPU with AVX-512 VNNI the compiled decoder (the default) also holds its
                tiles (camelid.quant.tiles): a second copy of the quantized layers' codes, scales
-               and minimums, in another order (`decoder_tiles`).
+               and minimums, in another order (`decoder_tiles`; counted for every quantized
+               layer, so an upper bound where LoRA or an odd shape leaves a layer untiled).
   KV cache     2 * layers * B * T * kv_heads * head_dim * bytes of the activation dtype.
   activations  the peak of the prefill, the largest of three moments (N = B * T tokens):
                - a feed-forward sub-block: the residual stream (block input, attention sum, its

@@ -118,9 +118,10 @@ def fusable(block: torch.nn.Module) -> bool:
             and block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype == torch.float32)
 
 
-def use_decode_blocks(model: torch.nn.Module) -> torch.nn.Module:
+def use_decode_blocks(model: torch.nn.Module, copy_weights: bool = True) -> torch.nn.Module:
     """Give every block that can take it the one-call form, in place, and its products tiles
-    where the CPU and their shapes take them (camelid/quant/tiles.py)."""
+    where the CPU and their shapes take them (camelid/quant/tiles.py; without `copy_weights`,
+    for a compiling process, empty ones)."""
     products = []
     for module in model.modules():
         if type(module) is TransformerBlock and fusable(module):
@@ -128,4 +129,4 @@ def use_decode_blocks(model: torch.nn.Module) -> torch.nn.Module:
             layers = [module.get_submodule(name) for name in PRODUCTS]
             if all(tiles.tileable(m) for m in layers):
                 products += layers
-    return tiles.use_tiles(model, products)
+    return tiles.use_tiles(model, products, copy_weights)

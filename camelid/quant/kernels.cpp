@@ -685,8 +685,9 @@ Tiles checked_tiles(const at::Tensor& codes, const at::Tensor& scales, const at:
   TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == 16 &&
                   codes.size(3) == 4 && codes.size(1) * (int4 ? 8 : 4) == in,
               "tiles of codes [out/16, ", in / (int4 ? 8 : 4), ", 16, 4] uint8 expected, got ", codes.sizes());
-  TORCH_CHECK(group > 0 && group % 32 == 0 && in % group == 0, "tiles need groups of a multiple of 32 dividing ", in,
-              ", not ", group);
+  // int4: a run of a group's lines meets whole blocks of 32 activations only for 32 or 64k
+  TORCH_CHECK(group > 0 && in % group == 0 && (int4 ? group == 32 || group % 64 == 0 : group % 32 == 0),
+              "tiles need groups dividing ", in, " of 32 or a multiple of ", int4 ? 64 : 32, ", not ", group);
   for (const at::Tensor* t : {&scales, mins})
     if (t)
       TORCH_CHECK(t->scalar_type() == (int4 ? at::kHalf : at::kFloat) && t->is_contiguous() && t->dim() == 3 &&
@@ -733,7 +734,9 @@ at::Tensor empty_huge(int64_t bytes) {
   const int64_t size = std::max<int64_t>(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
   void* p = nullptr;
   if (posix_memalign(&p, kHuge, size) == 0) {
+#ifdef MADV_HUGEPAGE
     madvise(p, size, MADV_HUGEPAGE);  // advice: a kernel without it keeps small pages
+#endif
     return at::from_blob(p, {bytes}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kByte));
   }
 #endif
@@ -1134,7 +1137,7 @@ TORCH_LIBRARY(camelid, m) {
   // a transformer block for one new token per row over a float32 cache (written at the rows'
   // positions): static, or a paged cache's pools with its block table; the compiled decode
   // step's one call per layer (camelid/quant/block.py); weights in the order wq, wk, wv, wo, w1,
-  // w3, w2 (as stored or as tiles), mins empty for int8
+  // w3, w2 (as stored or as tiles: tiles always round the activations to int8), mins empty for int8
   m.def("decode_block(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor[] codes, Tensor[] scales, "
         "Tensor[] mins, int[] group_sizes, bool int8_activations, Tensor rotation, Tensor(a!) cache_k, "
         "Tensor(b!) cache_v, Tensor positions, int n_heads, Tensor? table=None) -> Tensor");

@@ -6,12 +6,18 @@ code costs. Stored as the layers keep them (a row's codes together, GGUF's block
 ends in a horizontal sum and applies its groups' scales itself; interleaving 16 rows, four code
 bytes of each per 64-byte line, lets one byte product serve 16 outputs at once with a group's
 scales one vector for all of them (llama.cpp's repacked Q4_0/Q8_0 formats do the same;
-`kernels.cpp` has the layout and docs/profile-decode.md the measurements).
+`kernels.cpp` has the layout and docs/profile-decode.md the measurements). Products on tiles
+round the activations to int8 in blocks of 32, as the int4 kernels already did; for int8
+weights that is new (the stored layout's kernel keeps float activations) and is what llama.cpp
+does for Q8_0: each activation moves by at most 1/254 of its block's largest, and SmolLM2's
+greedy tokens stayed those of transformers (`benchmarks/decode.py`).
 
 The tiles are a copy made for the compiled decoder (its copy of the model holds them as
 buffers, beside the stored codes that prefill, saving, dequantization and LoRA read), so a
-decoded model holds its quantized weights twice. A layer's tiles remember the versions of the
-buffers they were made from: `stale` tells when the stored codes were changed in place since.
+decoded model holds its quantized weights twice. A layer's tiles remember the buffers they were
+made from and their versions: `stale` tells when the stored codes were changed in place (or
+replaced) since, which the generation engine checks as each generation starts
+(`CompiledDecoder.matches`); a server's running batcher keeps the tiles it started with.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from torch import nn
 
 from camelid.quant import kernels
-from camelid.quant.layers import FUSED_ROWS, Int4Linear, Int8Linear, QuantizedLinear
+from camelid.quant.layers import FUSED_ROWS, Int4Linear, Int8Linear, QuantizedLinear, _version
 
 NAMES = ("tile_codes", "tile_scales", "tile_mins")
 
@@ -31,9 +37,14 @@ def available() -> bool:
 
 def tileable(layer: nn.Module) -> bool:
     """Whether `layer` is a quantized layer whose shape the tile kernels take: whole tiles of 16
-    outputs, groups of a multiple of 32 columns (GGUF's 32; camelid's per-channel int8)."""
-    return (isinstance(layer, (Int4Linear, Int8Linear)) and layer.fused and layer.out_features % 16 == 0
-            and layer.group_size % 32 == 0 and layer.weight.device.type == "cpu")
+    outputs; int8 groups of a multiple of 32 columns (GGUF's 32, camelid's per channel), int4
+    groups of 32 or a multiple of 64 (each run of a group's lines then meets whole blocks of 32
+    activations)."""
+    if not (isinstance(layer, (Int4Linear, Int8Linear)) and layer.fused and layer.out_features % 16 == 0
+            and layer.weight.device.type == "cpu"):
+        return False
+    g = layer.group_size
+    return g % 32 == 0 if isinstance(layer, Int8Linear) else (g == 32 or g % 64 == 0)
 
 
 def tile(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -54,30 +65,48 @@ def tile(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _source(layer: QuantizedLinear) -> tuple:
-    return tuple((id(b), b._version) for b in layer.buffers(recurse=False) if not _is_tile(layer, b))
+    """The stored buffers, with their version counters (None for a tensor made under
+    inference_mode, which has none and cannot be changed in place outside it)."""
+    return tuple((b, _version(b)) for b in layer.buffers(recurse=False) if not _is_tile(layer, b))
 
 
 def _is_tile(layer: QuantizedLinear, b: torch.Tensor) -> bool:
     return any(getattr(layer, name, None) is b for name in NAMES)
 
 
-def add_tiles(layers: list[QuantizedLinear]) -> None:
+def _unchanged(before: tuple, now: tuple) -> bool:
+    return len(before) == len(now) and all(a is b and u == v for (a, u), (b, v) in zip(before, now))
+
+
+def add_tiles(layers: list[QuantizedLinear], copy: bool = True) -> None:
     """Give each layer its tiles as buffers that are not saved with it, all in one allocation on
     huge pages where the OS gives them (`camelid::empty_huge`: the decode step streams through
-    them, and 4 KiB pages slow that stream down). Tiles take the bytes of the stored buffers."""
+    them, and 4 KiB pages slow that stream down). Tiles take the bytes of the stored buffers.
+    Without `copy` (a compiling process, whose weights are never read) the tiles are empty
+    tensors of the right shapes."""
     stored = [b for m in layers for b in (m.weight, m.scales, getattr(m, "mins", None)) if b is not None]
-    meta = any(b.is_meta for b in stored)   # a skeleton, compiled in another process
-    arena = None if meta or not stored else torch.ops.camelid.empty_huge(sum(_aligned(b.nbytes) for b in stored))
+    arena = torch.ops.camelid.empty_huge(sum(_aligned(b.nbytes) for b in stored)) if copy and stored else None
     offset = 0
     for layer in layers:   # one layer's temporaries at a time
-        for name, t in zip(NAMES, tile(layer)):
+        for name, t in zip(NAMES, tile(layer) if copy else _shapes(layer)):
             if t is None:
                 continue
             if arena is not None:
                 t = arena[offset:offset + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
                 offset += _aligned(t.nbytes)
             layer.register_buffer(name, t, persistent=False)
-        layer.tiled_from = None if meta else _source(layer)
+        layer.tiled_from = _source(layer) if copy else None
+
+
+def _shapes(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Uninitialised tensors shaped and typed as `tile(layer)`'s."""
+    out, mins = layer.out_features, getattr(layer, "mins", None)
+    codes = torch.empty(out // 16, layer.weight.nbytes // out // 4, 16, 4, dtype=torch.uint8)
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(out // 16, t.shape[1], 16, dtype=t.dtype)
+
+    return codes, per_tile(layer.scales), None if mins is None else per_tile(mins)
 
 
 def _aligned(nbytes: int) -> int:
@@ -89,8 +118,10 @@ def has_tiles(layer: nn.Module) -> bool:
 
 
 def stale(model: nn.Module) -> bool:
-    """Whether any layer's stored codes, scales or minimums changed since its tiles were made."""
-    return any(has_tiles(m) and m.tiled_from is not None and m.tiled_from != _source(m) for m in model.modules())
+    """Whether any layer's stored codes, scales or minimums were changed in place, or replaced,
+    since its tiles were made."""
+    return any(has_tiles(m) and m.tiled_from is not None and not _unchanged(m.tiled_from, _source(m))
+               for m in model.modules())
 
 
 class TiledHead:
@@ -113,15 +144,15 @@ class TiledInt4Head(TiledHead, Int4Linear):
     pass
 
 
-def use_tiles(model: nn.Module, layers: list[QuantizedLinear]) -> nn.Module:
+def use_tiles(model: nn.Module, layers: list[QuantizedLinear], copy: bool = True) -> nn.Module:
     """Give `layers` (the products of the blocks that run as one call) and the model's output
     head tiles, in place, where the CPU and their shapes take them; the head also gets the
-    forward that reads them."""
+    forward that reads them. (`copy`: as add_tiles.)"""
     if not available():
         return model
     head = getattr(model, "output", None)
     heads = [head] if type(head) in (Int8Linear, Int4Linear) and tileable(head) else []
-    add_tiles([m for m in layers if tileable(m)] + heads)
+    add_tiles([m for m in layers if tileable(m)] + heads, copy)
     for h in heads:
         h.__class__ = TiledInt8Head if type(h) is Int8Linear else TiledInt4Head
     return model

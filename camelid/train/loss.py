@@ -36,9 +36,18 @@ def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     bf16, so the loss to within 0.002 nats, as an fp32 log-softmax rounded to bf16 would give).
     A target so improbable that its probability falls below TINY (a confident mistake, logits
     70 nats apart) has its row's log-sum-exp computed from the logits, exactly; such rows are
-    rare, and the common case needs no pass over the logits besides the softmax."""
+    rare, and the common case needs no pass over the logits besides the softmax. (On an
+    accelerator, where testing for such rows would wait for the device every chunk, the
+    log-sum-exp comes from the largest logit and the largest probability instead.)"""
     rows = torch.arange(targets.shape[0], device=targets.device)
     probs = torch.softmax(logits, dim=-1)
+    if logits.device.type != "cpu":
+        # no wait for the device per chunk: the largest logit has the largest probability, never
+        # below 1/vocab, so it gives each row's log-sum-exp to the probabilities' rounding
+        lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).float().log()
+        picked = logits[rows, targets].float() - lse
+        probs[rows, targets] -= 1.0
+        return probs, picked.sum()
     p = probs[rows, targets].float()
     far = p < TINY
     if bool(far.any()):
