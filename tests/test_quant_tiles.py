@@ -2,6 +2,7 @@
 read on CPUs with AVX-512 VNNI, against a reference computed here from the stored codes."""
 
 import copy
+import io
 import sys
 
 import pytest
@@ -221,3 +222,32 @@ def test_plan_counts_the_decoders_tiles(scheme):
     assert weight_bytes(config, scheme, "float32", decoder_tiles=True) - weight_bytes(config, scheme, "float32") == made
     row = next(r for r in plan(config, activation_dtype="float32", cpu=True) if r.precision == scheme)
     assert row.weights == weight_bytes(config, scheme, "float32", decoder_tiles=True)  # this CPU has them
+
+
+def test_int8_tiles_take_float16_scales_where_they_are_exact():
+    """GGUF's Q8_0 scales are float16 values: the tiles keep them in half the bytes, with the
+    same products; scales that float16 would round stay float32. A skeleton (another process's
+    model, values unknown) makes tiles of the same dtypes."""
+    from camelid.generate.compiled import _skeleton
+
+    exact = layer_for(quantize(torch.randn(32, 128), "int8", 32))
+    exact.scales.copy_(exact.scales.half().float())
+    rounded = layer_for(quantize(torch.randn(32, 128), "int8", 32))
+    assert tiles.tile(exact)[1].dtype == torch.float16 and tiles.tile(rounded)[1].dtype == torch.float32
+    x = torch.randn(2, 128)
+    for layer in (exact, rounded):
+        codes, scales, _ = tiles.tile(layer)
+        torch.testing.assert_close(torch.ops.camelid.gemv_tiles(x, codes, scales, None, 32), reference(layer, x),
+                                   atol=2e-4, rtol=1e-5)
+    model = quantize_model(tiny("tiny"), "int8", 32)
+    for m in model.modules():
+        if isinstance(m, type(exact)) and m is not model.output:
+            m.scales.copy_(m.scales.half().float())
+    skeleton = torch.load(io.BytesIO(_skeleton(model)), weights_only=False)
+    skeleton.to_empty(device="cpu")
+    real, traced = copy.deepcopy(model), skeleton
+    block_module.use_decode_blocks(real)
+    block_module.use_decode_blocks(traced, copy_weights=False)
+    dtypes = [(n, t.dtype, tuple(t.shape)) for n, t in real.named_buffers() if "tile_" in n]
+    assert dtypes == [(n, t.dtype, tuple(t.shape)) for n, t in traced.named_buffers() if "tile_" in n]
+    assert {d for n, d, _ in dtypes if n.endswith("tile_scales")} == {torch.float16, torch.float32}

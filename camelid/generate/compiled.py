@@ -391,6 +391,7 @@ def _skeleton(model: Transformer) -> bytes:
 
     skeleton = _copy_of(model, meta)
     skeleton.rope = RotaryTable(model.config)  # tables are made where they are used
+    tiles.record_scales_dtypes(model, skeleton)  # a choice the weights' values make
     buffer = io.BytesIO()
     torch.save(skeleton, buffer)
     return buffer.getvalue()

@@ -371,10 +371,11 @@ void int4_rows_vnni_wide(const Activations& a, const Weight& w, int64_t m0, int6
 // Activations are rounded to int8 in blocks of 32 columns, as the int4 kernels above do.
 struct Tiles {
   const uint8_t* codes;
-  const void* scales;     // float32 (int8) or float16 (int4)
+  const void* scales;     // float16 (int4; int8 where that is exact) or float32 (int8)
   const at::Half* mins;   // int4 only
   int64_t out;
   float* y;  // [rows, out]
+  bool half_scales;
 };
 
 #ifdef CAMELID_VNNI_WIDE
@@ -435,7 +436,9 @@ void int8_tiles(const TileActivations& a, const Tiles& w, int64_t m0, int64_t be
         part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[mb]), part[m]);
       }
       if ((b + 1) % per_group == 0) {
-        const __m512 s = _mm512_loadu_ps(static_cast<const float*>(w.scales) + (t * groups + b / per_group) * 16);
+        const int64_t at = (t * groups + b / per_group) * 16;
+        const __m512 s = w.half_scales ? half16(static_cast<const at::Half*>(w.scales) + at)
+                                       : _mm512_loadu_ps(static_cast<const float*>(w.scales) + at);
         for (int m = 0; m < M; ++m) {
           acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
           part[m] = _mm512_setzero_ps();
@@ -677,8 +680,8 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 }
 
 // The checks for tiles as `tile` in camelid/quant/tiles.py makes them: codes [out/16, in/4 or
-// in/8, 16, 4] uint8; scales [out/16, in/g, 16], float32 for int8 and float16 for int4 (as the
-// layers store them), with int4's minimums like its scales.
+// in/8, 16, 4] uint8; scales [out/16, in/g, 16] in float16 (int4, with its minimums alike; int8
+// where its scales are exact in float16, as GGUF's Q8_0 are) or float32 (int8).
 Tiles checked_tiles(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* mins, int64_t group,
                     int64_t in) {
   const bool int4 = mins != nullptr;
@@ -690,12 +693,12 @@ Tiles checked_tiles(const at::Tensor& codes, const at::Tensor& scales, const at:
               "tiles need groups dividing ", in, " of 32 or a multiple of ", int4 ? 64 : 32, ", not ", group);
   for (const at::Tensor* t : {&scales, mins})
     if (t)
-      TORCH_CHECK(t->scalar_type() == (int4 ? at::kHalf : at::kFloat) && t->is_contiguous() && t->dim() == 3 &&
-                      t->size(0) == codes.size(0) && t->size(1) == in / group && t->size(2) == 16,
-                  "tiles' scales and minimums must be ", int4 ? "float16" : "float32", " [", codes.size(0), ", ",
-                  in / group, ", 16], got ", t->scalar_type(), " ", t->sizes());
+      TORCH_CHECK((t->scalar_type() == at::kHalf || (!int4 && t->scalar_type() == at::kFloat)) && t->is_contiguous() &&
+                      t->dim() == 3 && t->size(0) == codes.size(0) && t->size(1) == in / group && t->size(2) == 16,
+                  "tiles' scales and minimums must be ", int4 ? "float16" : "float16 or float32", " [", codes.size(0),
+                  ", ", in / group, ", 16], got ", t->scalar_type(), " ", t->sizes());
   return {codes.data_ptr<uint8_t>(), scales.data_ptr(), int4 ? mins->data_ptr<at::Half>() : nullptr,
-          codes.size(0) * 16, nullptr};
+          codes.size(0) * 16, nullptr, scales.scalar_type() == at::kHalf};
 }
 
 bool has_tiles() {

@@ -49,8 +49,8 @@ def tileable(layer: nn.Module) -> bool:
 
 def tile(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes, scales, mins) as tiles: codes [out/16, bytes per row / 4, 16, 4] uint8 (int8's with
-    the sign bit flipped, that is plus 128), scales and mins [out/16, groups, 16] in the layer's
-    dtypes (float32 for int8, float16 for int4)."""
+    the sign bit flipped, that is plus 128), scales and mins [out/16, groups, 16] in float16 (int4;
+    int8 where its float32 scales are exact in float16, as Q8_0's are) or float32."""
     out = layer.out_features
     codes = layer.weight
     if isinstance(layer, Int8Linear):
@@ -61,7 +61,26 @@ def tile(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         return t.reshape(out // 16, 16, -1).transpose(1, 2).contiguous()
 
     mins = getattr(layer, "mins", None)
-    return tiles, per_tile(layer.scales), None if mins is None else per_tile(mins)
+    return tiles, per_tile(layer.scales.to(scales_dtype(layer))), None if mins is None else per_tile(mins)
+
+
+def scales_dtype(layer: QuantizedLinear) -> torch.dtype:
+    """The dtype of the tiles' scales: float16 where the layer's scales are exactly float16
+    values (int4's always; int8 from GGUF's Q8_0), which halves what the kernels read besides the
+    codes, else the layer's own. A model skeleton (compiled in another process, its values
+    unknown) carries the choice made on the real weights (`record_scales_dtypes`)."""
+    recorded = getattr(layer, "tile_scales_dtype", None)
+    if recorded is not None:
+        return recorded
+    s = layer.scales
+    return torch.float16 if s.dtype == torch.float32 and torch.equal(s.half().float(), s) else s.dtype
+
+
+def record_scales_dtypes(model: nn.Module, skeleton: nn.Module) -> None:
+    """Note on `skeleton` (a copy of `model`'s structure) each tileable layer's `scales_dtype`."""
+    for m, k in zip(model.modules(), skeleton.modules()):
+        if isinstance(m, QuantizedLinear) and tileable(m):
+            k.tile_scales_dtype = scales_dtype(m)
 
 
 def _source(layer: QuantizedLinear) -> tuple:
@@ -103,10 +122,10 @@ def _shapes(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.T
     out, mins = layer.out_features, getattr(layer, "mins", None)
     codes = torch.empty(out // 16, layer.weight.nbytes // out // 4, 16, 4, dtype=torch.uint8)
 
-    def per_tile(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(out // 16, t.shape[1], 16, dtype=t.dtype)
+    def per_tile(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(out // 16, t.shape[1], 16, dtype=dtype)
 
-    return codes, per_tile(layer.scales), None if mins is None else per_tile(mins)
+    return codes, per_tile(layer.scales, scales_dtype(layer)), None if mins is None else per_tile(mins, mins.dtype)
 
 
 def _aligned(nbytes: int) -> int:
