@@ -154,8 +154,9 @@ def main() -> None:
                   f"identical to transformers ({same}/{NEW_TOKENS} positions equal)")
     for name in engines:
         if "compiled" in name:
-            counts = engines[name].llm.decoder.counts
-            how = "loaded from camelid's cache" if counts["loaded"] else "compiled"
+            decoder = engines[name].llm.decoder
+            how = ("one call for all the blocks, nothing to compile" if decoder.direct is not None
+                   else "loaded from camelid's cache" if decoder.counts["loaded"] else "compiled")
             print(f"{name} warm-up, the decode step {how}: {warmup[name]:.1f}s")
     if args.json:
         with open(args.json, "w") as f:
