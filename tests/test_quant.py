@@ -189,6 +189,23 @@ def test_blocks_run_as_separate_products_where_a_block_cannot_be_one_call(tiny_c
     assert "copy_" not in code[-1] and "clone" not in code[-1]
 
 
+def random_caches(cache, gen: torch.Generator) -> tuple:
+    """`cache` filled with noise (stale slots everywhere), and a copy of it."""
+    for buffer in cache.buffers():
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    return cache, copy.deepcopy(cache)
+
+
+def stored_decode_block(block, x, rotation, layer_cache, positions, table=None) -> torch.Tensor:
+    """camelid::decode_block over the block's products as its layers store them."""
+    layers = [block.get_submodule(n) for n in block_module.PRODUCTS]
+    int4 = isinstance(layers[0], Int4Linear)
+    return torch.ops.camelid.decode_block(
+        x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps, [m.weight for m in layers],
+        [m.scales for m in layers], [m.mins for m in layers] if int4 else [], [m.group_size for m in layers], True,
+        rotation, layer_cache.k, layer_cache.v, positions, block.attention.n_heads, table)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
 def test_decode_block_kernel_equals_the_blocks_forward(scheme, name):
@@ -200,21 +217,14 @@ def test_decode_block_kernel_equals_the_blocks_forward(scheme, name):
     assert block_module.fusable(block)
     rows, slots = 3, 16
     gen = torch.Generator().manual_seed(3)
-    cache = KVCache(config, rows, slots)
-    for buffer in cache.buffers():
-        buffer.copy_(torch.randn(buffer.shape, generator=gen))
-    expected_cache = copy.deepcopy(cache)
+    cache, expected_cache = random_caches(KVCache(config, rows, slots), gen)
     x = torch.randn(rows, 1, config.dim, generator=gen)
     for positions in (torch.tensor([[0], [5], [15]]), torch.tensor([[7]])):
         rotation = model.rope.rotation(positions)
         mask = (torch.arange(slots) <= positions.unsqueeze(-1)).unsqueeze(1)
         with torch.no_grad():
             expected = block(x, rotation, expected_cache.layers[1], positions, mask)
-        layers = [block.get_submodule(n) for n in block_module.PRODUCTS]
-        got = torch.ops.camelid.decode_block(
-            x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps,
-            [m.weight for m in layers], [m.scales for m in layers], [m.mins for m in layers] if scheme == "int4" else [],
-            [m.group_size for m in layers], True, rotation, cache.layers[1].k, cache.layers[1].v, positions, config.n_heads)
+        got = stored_decode_block(block, x, rotation, cache.layers[1], positions)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache.layers[1].k, expected_cache.layers[1].k)
         torch.testing.assert_close(cache.layers[1].v, expected_cache.layers[1].v)
@@ -230,33 +240,22 @@ def test_decode_block_over_a_paged_cache_equals_the_blocks_forward(scheme):
     cache = PagedKVCache(config, num_blocks=9, block_size=4, rows=3, max_blocks=5)
     for r, blocks in enumerate(([3, 1, 7], [2, 5], [3, 8, 6, 4])):  # row 2 shares row 0's first block
         cache.assign(r, blocks)
-    for buffer in cache.buffers():
-        buffer.copy_(torch.randn(buffer.shape, generator=gen))
-    cache = cache.view(slice(0, 3), 16)   # the batcher's view: the first 4 of 5 blocks, a strided table
+    # the batcher's view: the first 4 of 5 blocks, a strided table
+    cache, expected_cache = random_caches(cache.view(slice(0, 3), 16), gen)
     assert not cache.table.is_contiguous()
-    expected_cache = copy.deepcopy(cache)
     x = torch.randn(3, 1, config.dim, generator=gen)
     positions = torch.tensor([[10], [6], [15]])
     rotation = model.rope.rotation(positions)
     mask = (torch.arange(cache.max_len) <= positions.unsqueeze(-1)).unsqueeze(1)
     with torch.no_grad():
         expected = block(x, rotation, expected_cache.layers[1], positions, mask)
-    layers = [block.get_submodule(n) for n in block_module.PRODUCTS]
-    got = torch.ops.camelid.decode_block(
-        x, block.attention_norm.weight, block.ffn_norm.weight, block.attention_norm.eps,
-        [m.weight for m in layers], [m.scales for m in layers], [m.mins for m in layers] if scheme == "int4" else [],
-        [m.group_size for m in layers], True, rotation, cache.layers[1].k, cache.layers[1].v, positions,
-        config.n_heads, cache.table)
+    got = stored_decode_block(block, x, rotation, cache.layers[1], positions, cache.table)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.layers[1].k, expected_cache.layers[1].k)
     torch.testing.assert_close(cache.layers[1].v, expected_cache.layers[1].v)
     cache.table[1, 0] = 9   # a block the pool does not have
     with pytest.raises(RuntimeError, match="outside the pool"):
-        torch.ops.camelid.decode_block(
-            x, block.attention_norm.weight, block.ffn_norm.weight, 1e-5, [m.weight for m in layers],
-            [m.scales for m in layers], [m.mins for m in layers] if scheme == "int4" else [],
-            [m.group_size for m in layers], True, rotation, cache.layers[1].k, cache.layers[1].v, positions,
-            config.n_heads, cache.table)
+        stored_decode_block(block, x, rotation, cache.layers[1], positions, cache.table)
 
 
 def test_decode_block_refuses_a_position_outside_the_cache():

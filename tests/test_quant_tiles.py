@@ -15,6 +15,7 @@ from camelid.quant import quantize_model, tiles
 from camelid.quant.blocks import quantize, unpack_int4
 from camelid.quant.layers import layer_for
 from test_model import tiny
+from test_quant import random_caches
 
 pytestmark = pytest.mark.skipif(not tiles.available(), reason="tiles need a CPU with AVX-512 VNNI")
 
@@ -117,10 +118,7 @@ def test_decode_block_on_tiles_equals_the_stored_layout(scheme):
     tiles.add_tiles(layers)
     rows, slots = 2, 16
     gen = torch.Generator().manual_seed(5)
-    cache = KVCache(config, rows, slots)
-    for buffer in cache.buffers():
-        buffer.copy_(torch.randn(buffer.shape, generator=gen))
-    tiled_cache = copy.deepcopy(cache)
+    cache, tiled_cache = random_caches(KVCache(config, rows, slots), gen)
     x = torch.randn(rows, 1, config.dim, generator=gen)
     positions = torch.tensor([[3], [11]])
     rotation = model.rope.rotation(positions)
@@ -170,10 +168,7 @@ def test_decode_blocks_is_decode_block_layer_after_layer(scheme):
     config = model.config
     block_module.use_decode_blocks(model)
     gen = torch.Generator().manual_seed(9)
-    cache = KVCache(config, 2, 16)
-    for buffer in cache.buffers():
-        buffer.copy_(torch.randn(buffer.shape, generator=gen))
-    again = copy.deepcopy(cache)
+    cache, again = random_caches(KVCache(config, 2, 16), gen)
     x = torch.randn(2, 1, config.dim, generator=gen)
     positions = torch.tensor([[4], [9]])
     rotation = model.rope.rotation(positions).contiguous()
@@ -196,10 +191,7 @@ def test_direct_step_gives_the_models_logits(scheme):
     step = block_module.DirectStep(decoder_copy)
     config = model.config
     gen = torch.Generator().manual_seed(2)
-    cache = KVCache(config, 2, 32)
-    for buffer in cache.buffers():
-        buffer.copy_(torch.randn(buffer.shape, generator=gen))
-    eager_cache = copy.deepcopy(cache)
+    cache, eager_cache = random_caches(KVCache(config, 2, 32), gen)
     tokens, positions = torch.tensor([[5], [77]]), torch.tensor([[3], [20]])
     assert step.suits(tokens, cache)
     with torch.inference_mode():
