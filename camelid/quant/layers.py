@@ -64,6 +64,11 @@ class QuantizedLinear(nn.Module):
     def stored(self) -> QuantizedTensor:
         return QuantizedTensor.from_buffers(dict(self.named_buffers()))
 
+    def stored_state(self) -> tuple:
+        """The stored buffers (codes, scales, minimums) with their version counters: what a weight
+        derived from them (kept dequantized, or tiles) was made of (`unchanged`)."""
+        return tuple((b, _version(b)) for b in (self.weight, self.scales, getattr(self, "mins", None)) if b is not None)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
@@ -96,10 +101,9 @@ class QuantizedLinear(nn.Module):
         keep between calls of a graph."""
         if torch.compiler.is_compiling():
             return self.dequantize(dtype)
-        state = tuple((b, _version(b)) for b in self.buffers(recurse=False))
+        state = self.stored_state()
         kept = self.kept
-        if kept is not None and kept[1].dtype == dtype and len(kept[0]) == len(state) and all(
-                a is b and u == v for (a, u), (b, v) in zip(kept[0], state)):
+        if kept is not None and kept[1].dtype == dtype and unchanged(kept[0], state):
             return kept[1]
         w = self.dequantize(dtype)
         keep = self.keep and all(v is not None for _, v in state)
@@ -134,6 +138,12 @@ def keep_dequantized(model: nn.Module, budget: int = KEEP_BUDGET) -> Iterator[No
     finally:
         for layer in chosen:
             layer.keep, layer.kept = False, None
+
+
+def unchanged(before: tuple, now: tuple) -> bool:
+    """Whether two `stored_state`s are the same tensors at the same versions (a tensor without a
+    version counter, made under inference_mode, cannot be changed in place outside it)."""
+    return len(before) == len(now) and all(a is b and u == v for (a, u), (b, v) in zip(before, now))
 
 
 def _version(t: torch.Tensor) -> int | None:

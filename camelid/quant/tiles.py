@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from camelid.quant import kernels
-from camelid.quant.layers import FUSED_ROWS, Int4Linear, Int8Linear, QuantizedLinear, _version
+from camelid.quant.layers import Int4Linear, Int8Linear, QuantizedLinear, unchanged
 
 NAMES = ("tile_codes", "tile_scales", "tile_mins")
 
@@ -83,20 +83,6 @@ def record_scales_dtypes(model: nn.Module, skeleton: nn.Module) -> None:
             k.tile_scales_dtype = scales_dtype(m)
 
 
-def _source(layer: QuantizedLinear) -> tuple:
-    """The stored buffers, with their version counters (None for a tensor made under
-    inference_mode, which has none and cannot be changed in place outside it)."""
-    return tuple((b, _version(b)) for b in layer.buffers(recurse=False) if not _is_tile(layer, b))
-
-
-def _is_tile(layer: QuantizedLinear, b: torch.Tensor) -> bool:
-    return any(getattr(layer, name, None) is b for name in NAMES)
-
-
-def _unchanged(before: tuple, now: tuple) -> bool:
-    return len(before) == len(now) and all(a is b and u == v for (a, u), (b, v) in zip(before, now))
-
-
 def add_tiles(layers: list[QuantizedLinear], copy: bool = True) -> None:
     """Give each layer its tiles as buffers that are not saved with it, all in one allocation on
     huge pages where the OS gives them (`camelid::empty_huge`: the decode step streams through
@@ -114,7 +100,7 @@ def add_tiles(layers: list[QuantizedLinear], copy: bool = True) -> None:
                 t = arena[offset:offset + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
                 offset += _aligned(t.nbytes)
             layer.register_buffer(name, t, persistent=False)
-        layer.tiled_from = _source(layer) if copy else None
+        layer.tiled_from = layer.stored_state() if copy else None
 
 
 def _shapes(layer: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -139,20 +125,17 @@ def has_tiles(layer: nn.Module) -> bool:
 def stale(model: nn.Module) -> bool:
     """Whether any layer's stored codes, scales or minimums were changed in place, or replaced,
     since its tiles were made."""
-    return any(has_tiles(m) and m.tiled_from is not None and not _unchanged(m.tiled_from, _source(m))
+    return any(has_tiles(m) and m.tiled_from is not None and not unchanged(m.tiled_from, m.stored_state())
                for m in model.modules())
 
 
 class TiledHead:
-    """The forward of a quantized layer that holds tiles (the output head of the compiled
-    decoder's copy): a few rows take the tile kernel, anything else the layer's own forward."""
+    """A quantized layer that holds tiles (the output head of the compiled decoder's copy): its
+    few-rows product (QuantizedLinear.product) reads them; anything else is the layer's own."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels(x) and x.numel() <= FUSED_ROWS * self.in_features \
-                and not (torch.is_grad_enabled() and x.requires_grad):
-            return torch.ops.camelid.gemv_tiles(x, self.tile_codes, self.tile_scales, getattr(self, "tile_mins", None),
-                                                self.group_size)
-        return super().forward(x)
+    def few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.camelid.gemv_tiles(x, self.tile_codes, self.tile_scales, getattr(self, "tile_mins", None),
+                                            self.group_size)
 
 
 class TiledInt8Head(TiledHead, Int8Linear):

@@ -46,16 +46,12 @@ def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
         # below 1/vocab, so it gives each row's log-sum-exp to the probabilities' rounding
         lse = logits.amax(dim=-1).float() - probs.amax(dim=-1).float().log()
         picked = logits[rows, targets].float() - lse
-        probs[rows, targets] -= 1.0
-        return probs, picked.sum()
-    p = probs[rows, targets].float()
-    far = p < TINY
-    if bool(far.any()):
-        picked = p.clamp_min(TINY).log()
-        lse = torch.logsumexp(logits[far].float(), dim=-1)
-        picked[far] = logits[rows[far], targets[far]].float() - lse
     else:
+        p = probs[rows, targets].float()
         picked = p.log()
+        far = p < TINY
+        if bool(far.any()):
+            picked[far] = logits[rows[far], targets[far]].float() - torch.logsumexp(logits[far].float(), dim=-1)
     probs[rows, targets] -= 1.0
     return probs, picked.sum()
 
