@@ -64,6 +64,35 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
+def products_step_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
+    """Seconds of one step's matrix products alone, at the step's own shapes, for every linear
+    layer and the head, each product in its fastest form: the forward x W^T or (W x^T)^T, the
+    input's gradient g W, the weight's gradient g^T x or (x^T g)^T, and the head on all rows at
+    once or on slabs of 512 rows (camelid's loss), each timed on its own, the fastest of
+    `repeats`. Attention's products (2.5% of the FLOPs) are left out. No step that does these
+    products with torch's matrix products can take less: a ceiling on tokens/s."""
+    n = BATCH * SEQ
+
+    def fastest(*variants) -> float:
+        best = float("inf")
+        for fn in variants:
+            fn()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    def layer(d_in: int, d_out: int, rows: int) -> float:
+        x, w, g = torch.randn(rows, d_in).to(dtype), torch.randn(d_out, d_in).to(dtype), torch.randn(rows, d_out).to(dtype)
+        return n // rows * (fastest(lambda: x @ w.t(), lambda: w @ x.t())
+                            + fastest(lambda: g @ w)
+                            + fastest(lambda: g.t() @ x, lambda: x.t() @ g))
+
+    per_layer = 4 * layer(DIM, DIM, n) + 2 * layer(DIM, FFN, n) + layer(FFN, DIM, n)
+    return LAYERS * per_layer + min(layer(DIM, VOCAB, n), layer(DIM, VOCAB, 512))
+
+
 class CamelidEngine:
     def __init__(self, dtype: str, run_dir: str, overrides: list[str]):
         from camelid.train import Trainer, load_train_config
@@ -254,9 +283,12 @@ def main() -> None:
     if args.profile:
         profile(args.profile, overrides)
         return
-    peaks = {d: matmul_peak(d) for d in (torch.bfloat16, torch.float32)}
-    results = {dtype: measure(dtype, args) for dtype in ("float32", "bfloat16")}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    peaks = {d: matmul_peak(d) for d in dtypes.values()}
+    products = {name: products_step_seconds(d) for name, d in dtypes.items()}
+    results = {dtype: measure(dtype, args) for dtype in dtypes}
     peaks = {d: max(v, matmul_peak(d)) for d, v in peaks.items()}
+    products = {name: min(v, products_step_seconds(dtypes[name])) for name, v in products.items()}
     flops = flops_per_token()
     print(f"stories15M shape, sequence {SEQ}, batch {BATCH}, CPU, {args.threads} threads; fastest of {args.rounds} "
           f"rounds of {args.steps} steps, each engine in its own process, taking turns")
@@ -272,6 +304,11 @@ def main() -> None:
             fp32 = f"{tps * flops / peaks[torch.float32]:9.1%}" if dtype == "float32" else f"{'':9s}"
             print(f"{dtype:10s} {engine:32s} {tps:9.0f} {tps / base:6.2f}x {tps * flops / peaks[torch.bfloat16]:9.1%} "
                   f"{fp32} {m['ready_s']:8.1f}")
+    for dtype, r in results.items():
+        ceiling = BATCH * SEQ / products[dtype]
+        print(f"{dtype}: the step's matrix products alone take {products[dtype] * 1e3:.0f} ms (linear layers and head, "
+              f"attention left out): at most {ceiling:.0f} tokens/s, {ceiling / r['transformers']['tokens_per_s']:.2f}x "
+              f"transformers, {ceiling / r['transformers+allocator']['tokens_per_s']:.2f}x transformers+allocator")
     print("ratio: against transformers out of the box; transformers+allocator: transformers given camelid's allocator "
           "setting (glibc keeps freed memory for reuse instead of page-faulting it back in every step); start s: "
           "seconds from building the engine to the end of 3 warm-up steps (compilation included)")
