@@ -162,7 +162,7 @@ def test_qlora_input_gradient_equals_the_float_reference(scheme, chunk, monkeypa
         float_base.weight.copy_(q.stored().dequantize(torch.float32))
     ours, ref = LoRALinear(q, 4, 8.0), LoRALinear(float_base, 4, 8.0)
     with torch.no_grad():
-        ours.lora_B.weight.normal_()
+        ours.lora_B.weight.normal_(generator=torch.Generator().manual_seed(3))   # not the global RNG: order-free
         ref.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
     g = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(2))
@@ -171,8 +171,9 @@ def test_qlora_input_gradient_equals_the_float_reference(scheme, chunk, monkeypa
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
     # the forward may run the product in bf16 (CPUs that multiply it natively): the float
-    # reference agrees to bf16's precision there; the backward is computed in fp32
-    torch.testing.assert_close(y1, y2, atol=2e-2, rtol=2e-2)
+    # reference agrees to bf16's precision (2^-9 of the largest terms) there; the backward is
+    # computed in fp32
+    torch.testing.assert_close(y1, y2, atol=1e-2 * y2.abs().max().item(), rtol=2e-2)
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.lora_A.weight.grad, ref.lora_A.weight.grad, atol=1e-4, rtol=1e-4)
     assert all(b.grad is None for b in q.buffers())
