@@ -264,7 +264,7 @@ def trainer_for(tmp_path, model: ModelSection, micro_batch: int, seq_len: int, a
 
 def assert_training_plan_matches(trainer, micro_batch: int, seq_len: int, ac: str, dtype: str) -> TrainRow:
     resident, step_peak, compute_peak = measure_training_step(trainer)
-    row = plan_training(trainer.config, Layout(), micro_batch, seq_len, dtype, overhead=0, modes=(ac,), cpu=True)[0]
+    row = plan_training(trainer.config, Layout(), micro_batch, seq_len, dtype, overhead=0, modes=(ac,))[0]
     # weights, gradients and AdamW states exactly, but for AdamW's scalar step counters
     assert 0 <= resident - (row.parameters + row.gradients + row.optimizer) < 1024
     assert row.total == pytest.approx(step_peak, rel=0.15)

@@ -3,8 +3,7 @@ named size (7B, 13B, 33B, 65B, llama2-7B, llama3-8B, smollm2-135M, tiny, ...) or
 GGUF file, a Hugging Face, Meta or camelid directory), of which only the config is read; with
 --train it may also be a training recipe (CONFIG.toml), whose model, data.seq_len, train and
 parallel sections give the defaults; one whose train.device is cpu (or auto, on a machine
-without CUDA) is planned without the CUDA overhead, and with what a CPU step keeps (a bfloat16
-step of short sequences keeps attention's probabilities).
+without CUDA) is planned without the CUDA overhead.
 
 generation (camelid plan MODEL): at each precision (float32, bfloat16, int8, int4) the weights,
 the KV cache for --context tokens (prompt plus generated ones) of --batch rows, the peak

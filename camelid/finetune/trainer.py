@@ -53,7 +53,6 @@ from camelid.lora import (
 )
 from camelid.config import ModelConfig
 from camelid.model import Transformer
-from camelid.model.explicit_attention import explicit_attention_pays, use_explicit_attention
 from camelid.model.inductor import use_inductor_layers
 from camelid.quant import QuantizedLinear
 from camelid.train import run_state
@@ -149,8 +148,6 @@ class FinetuneTrainer(Trainer):
         else:
             apply_lora(model, lora_settings(c), seed=t.seed)
         model.train()
-        if explicit_attention_pays(self.device.type == "cpu", t.dtype, t.activation_checkpointing):
-            use_explicit_attention(model)
         # LoRA dropout draws random masks inside the blocks: a recomputed block must draw the same
         apply_activation_checkpointing(model, t.activation_checkpointing,
                                        preserve_rng_state=c.adapters and c.lora.dropout > 0)

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
-from camelid.model.explicit_attention import keeps_probabilities
 from camelid.plan.budget import DTYPE_BYTES, Budget
 from camelid.plan.inference import _dequantized, weight_bytes
 from camelid.plan.training import (
@@ -60,7 +59,6 @@ from camelid.plan.training import (
     TRAIN_DTYPES,
     Layout,
     block_values,
-    kept_probabilities,
     loss_chunk,
     plan_training,
 )
@@ -194,7 +192,7 @@ def plan_finetune(c: ModelConfig, method: str = "qlora", micro_batch: int = 1, s
     if method == "full":
         return [FinetuneRow("full", r.ac, r.dtype, c.num_params(), r.parameters, 0, r.gradients, r.optimizer,
                             r.gathered, r.activations, r.working, r.update, r.overhead)
-                for r in plan_training(c, layout, micro_batch, seq_len, dtype, overhead, modes, cpu)]
+                for r in plan_training(c, layout, micro_batch, seq_len, dtype, overhead, modes)]
     if layout.devices > 1:
         raise CamelidError(f"--finetune {method} runs in one process: drop --dp-shard, --dp-replicate and --tp")
     plan_training(c, layout, micro_batch, seq_len, dtype, overhead, modes)   # the shared checks
@@ -207,8 +205,6 @@ def plan_finetune(c: ModelConfig, method: str = "qlora", micro_batch: int = 1, s
         saved = c.n_layers * adapter_block_activations(c, mode, n, a, rank, targets, dropout, cpu)
         if mode == "none":                                   # the frozen embedding: no gradient into block 0
             saved -= n * c.dim * FP32 + n * FP32
-        if keeps_probabilities(cpu, dtype, mode, seq_len):
-            saved += c.n_layers * kept_probabilities(c, n, seq_len, a)
         working = _working(c, method, mode, n, seq_len, a, rank, targets, dropout, quantize, group_size, cpu)
         rows.append(FinetuneRow(method, mode, dtype, trainable, weights, trainable * FP32, trainable * FP32,
                                 trainable * ADAPTER_OPTIMIZER, gathered, saved, working, trainable * FP32, overhead))

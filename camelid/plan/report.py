@@ -203,7 +203,7 @@ def training_report(model: str, memory: str, overhead: str | None = None, micro_
         raise CamelidError(f"--seq-len {settings['seq_len']}: {model} has a context of {config.max_seq_len} tokens")
     layout = Layout(settings["dp_replicate"], settings["dp_shard"], settings["tp"])
     rows = plan_training(config, layout, settings["micro_batch"], settings["seq_len"], settings["dtype"],
-                         overhead_bytes, (ac,) if ac else AC_MODES, cpu=settings["device"] == "cpu")
+                         overhead_bytes, (ac,) if ac else AC_MODES)
     recipe_ac = settings["ac"] if source == "recipe" else None
     text = training_verdict(_short_name(model, source), rows, memory_bytes, memory, layout, recipe_ac)
     return TrainingReport(model, source, config, memory_bytes, memory, layout, settings["micro_batch"],
@@ -325,7 +325,7 @@ def finetune_report(model: str, memory: str, overhead: str | None = None, method
     s = settings
     rows = plan_finetune(config, s["method"], s["micro_batch"], s["seq_len"], s["dtype"], s["rank"], s["targets"],
                          s["dropout"], s["quantize"], s["group_size"], overhead_bytes, (ac,) if ac else AC_MODES,
-                         Layout(s["dp_replicate"], s["dp_shard"], s["tp"]), cpu=s["device"] == "cpu")
+                         Layout(s["dp_replicate"], s["dp_shard"], s["tp"]))
     recipe_ac = s["ac"] if source == "finetune recipe" else None
     name = _short_name(model, source)
     what = {"full": "full finetuning", "lora": f"LoRA rank {s['rank']}",

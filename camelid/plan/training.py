@@ -23,9 +23,7 @@ throughout, as they are from the second micro-batch of an accumulated step on. P
                  after attention (4 * N*dim * 4 bytes); the norm outputs the matrix products
                  read (fp32: 2 * N*dim * 4; bf16: a cast per product, 5 * N*dim * 2); rotated q
                  and k, v, the attention output (2 * N*(q+kv) * a) and its logsumexp; SwiGLU's
-                 w1 x, silu(w1 x), w3 x and their product (4 * N*ffn * a). On a CPU (`cpu`)
-                 a bfloat16 step of at most 512 positions keeps attention's probabilities
-                 instead of the logsumexp (N * heads * T * a; camelid.model.explicit_attention).
+                 w1 x, silu(w1 x), w3 x and their product (4 * N*ffn * a).
                - selective: the block input, the outputs of the seven matrix products and of
                  attention (camelid.distributed.activation_checkpoint keeps those, recomputes
                  the rest).
@@ -60,7 +58,6 @@ from dataclasses import dataclass
 from camelid.config import ModelConfig
 from camelid.distributed.activation_checkpoint import MODES as AC_MODES
 from camelid.errors import CamelidError
-from camelid.model.explicit_attention import keeps_probabilities
 from camelid.plan.budget import DTYPE_BYTES, Budget
 from camelid.train.config import DTYPES as TRAIN_DTYPES
 from camelid.train.loss import SLAB as LOSS_SLAB
@@ -170,13 +167,6 @@ def block_activations(c: ModelConfig, ac: str, n: int, a: int, tp: int) -> int:
     return sum(v.values()) - v["wo_w2"]          # rotated q and k: RoPE's backward needs neither input
 
 
-def kept_probabilities(c: ModelConfig, n: int, seq_len: int, a: int) -> int:
-    """Bytes a block's explicit attention (camelid.model.explicit_attention: bfloat16 training on
-    a CPU, short sequences) keeps beyond SDPA's: every head's T x T probabilities for the n
-    tokens, less the logsumexp SDPA would keep."""
-    return n * c.n_heads * (seq_len * a - FP32)
-
-
 def block_recomputed(c: ModelConfig, ac: str, n: int, a: int, tp: int) -> int:
     """Bytes a checkpointed block recomputes for its backward, beside what it saved."""
     v = block_values(c, n, a, tp)
@@ -258,9 +248,8 @@ def check_layout(c: ModelConfig, layout: Layout, micro_batch: int, seq_len: int)
 
 def plan_training(c: ModelConfig, layout: Layout = Layout(), micro_batch: int = 1, seq_len: int = 2048,
                   dtype: str = "bfloat16", overhead: int = TRAIN_OVERHEAD,
-                  modes: tuple[str, ...] = AC_MODES, cpu: bool = False) -> list[TrainRow]:
-    """One row per activation-checkpointing mode: the per-device memory of a training step
-    (`cpu`: on a CPU, where a bfloat16 step of short sequences keeps attention's probabilities)."""
+                  modes: tuple[str, ...] = AC_MODES) -> list[TrainRow]:
+    """One row per activation-checkpointing mode: the per-device memory of a training step."""
     check_layout(c, layout, micro_batch, seq_len)
     if dtype not in TRAIN_DTYPES:
         raise CamelidError(f"--dtype {dtype!r}: training computes in {' or '.join(TRAIN_DTYPES)}")
@@ -273,8 +262,6 @@ def plan_training(c: ModelConfig, layout: Layout = Layout(), micro_batch: int = 
     rows = []
     for mode in modes:
         saved = c.n_layers * block_activations(c, mode, n, a, layout.tp)
-        if keeps_probabilities(cpu, dtype, mode, seq_len):
-            saved += c.n_layers * kept_probabilities(c, n, seq_len, a)
         gathered, working = _moments(c, layout, mode, n, seq_len, a)
         rows.append(TrainRow(mode, dtype, state, state, 2 * state, gathered, saved, working,
                              matrices * FP32, overhead))

@@ -35,7 +35,6 @@ from camelid.distributed.parallelize import gather
 from camelid.distributed.runtime import Runtime, setup
 from camelid.errors import CamelidError
 from camelid.model import Transformer
-from camelid.model.explicit_attention import explicit_attention_pays, use_explicit_attention
 from camelid.model.inductor import use_inductor_layers
 from camelid.platform import keep_freed_memory, native_bf16
 from camelid.tokenizer import Tokenizer, load_tokenizer
@@ -122,8 +121,6 @@ def place_whole(model: Transformer, cfg: TrainConfig, runtime: Runtime) -> None:
     t = cfg.train
     model.to_empty(device=runtime.device)
     model.init_weights(seed=t.seed, std=cfg.model.init_std)
-    if explicit_attention_pays(runtime.device.type == "cpu", t.dtype, t.activation_checkpointing):
-        use_explicit_attention(model)
     apply_activation_checkpointing(model, t.activation_checkpointing)
     if t.compile:  # block by block, as torchtitan does: one graph, compiled once, reused per layer
         use_inductor_layers(model)
